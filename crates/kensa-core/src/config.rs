@@ -1,0 +1,418 @@
+//! Kensa's configuration.
+//!
+//! Layering: built-in defaults → the TOML file → environment variables
+//! `KENSA__SECTION__KEY` (e.g. `KENSA__KAFKA__BROKERS=host:9092`). Unknown keys are errors
+//! (`deny_unknown_fields`), and [`KensaConfig::validate`] reports every problem at once.
+//! Relative paths (banks, image folders, video files, the backbone) are resolved against the
+//! config file's folder.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Load { path: PathBuf, source: config::ConfigError },
+    #[error("invalid config {path}:\n  - {}", problems.join("\n  - "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KensaConfig {
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Products by name: each has a memory bank made by `kensa enroll`.
+    #[serde(default)]
+    pub products: BTreeMap<String, ProductConfig>,
+    #[serde(default)]
+    pub cameras: Vec<CameraConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// TorchScript backbone; default `$KENSA_BACKBONE`, else `$KENSA_CACHE/models/efficientnet-lite0.pt`.
+    pub backbone: Option<PathBuf>,
+    /// `auto` (CUDA when present), `cpu` or `cuda`.
+    pub device: String,
+    /// Side of the square model input, in pixels.
+    pub input_size: u32,
+    /// libtorch intra-op threads; 0 leaves libtorch's default.
+    pub threads: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { backbone: None, device: "auto".into(), input_size: 256, threads: 0 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Largest batch sent to the model (on this 2-core CPU bigger batches are not faster).
+    pub max_size: usize,
+    /// Longest a frame waits for a batch to fill, from the batch's first frame.
+    pub max_wait_ms: u64,
+    /// Frames queued between the cameras and the batcher (all cameras together).
+    pub queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_size: 4, max_wait_ms: 10, queue: 64 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// Every frame's event goes here.
+    pub topic: String,
+    /// Anomalous frames' events also go here.
+    pub defects_topic: String,
+    /// How long start-up retries to reach the brokers before giving up with an error.
+    pub connect_timeout_s: u64,
+    /// librdkafka `message.timeout.ms`: how long an event may wait for an acknowledgement.
+    pub message_timeout_ms: u64,
+    /// Extra librdkafka properties passed through verbatim (TLS, SASL, ...).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "kensa.results".into(),
+            defects_topic: "kensa.defects".into(),
+            connect_timeout_s: 30,
+            message_timeout_ms: 30_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of `/metrics` and `/healthz`; localhost unless set otherwise.
+    pub listen: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9898".into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    /// Memory bank file written by `kensa enroll`.
+    pub bank: PathBuf,
+}
+
+/// What a camera does when the scoring queue is full.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Wait (files, folders, the synthetic line: nothing is lost).
+    Block,
+    /// Drop the newest frame and count it (live cameras).
+    Drop,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    /// Unique id: the Kafka key and the `camera` metric label.
+    pub id: String,
+    /// Product name (a key of `[products]`).
+    pub product: String,
+    pub source: SourceConfig,
+    /// Frame size delivered by the pipeline (the appsink's fixed caps).
+    #[serde(default = "default_side")]
+    pub width: u32,
+    #[serde(default = "default_side")]
+    pub height: u32,
+    /// Appsink `max-buffers`.
+    #[serde(default = "default_camera_queue")]
+    pub queue: u32,
+    /// Full-queue policy; default `drop` for live sources, `block` for the others.
+    #[serde(default)]
+    pub policy: Option<FullPolicy>,
+}
+
+fn default_side() -> u32 {
+    256
+}
+fn default_camera_queue() -> u32 {
+    4
+}
+
+impl CameraConfig {
+    pub fn effective_policy(&self) -> FullPolicy {
+        self.policy.unwrap_or(if self.source.is_live() { FullPolicy::Drop } else { FullPolicy::Block })
+    }
+}
+
+/// A camera's source; each kind has a pipeline template in `pipelines/`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Kensa's seeded synthetic production line (appsrc).
+    Synthetic {
+        #[serde(default)]
+        seed: u64,
+        /// Frames to produce; 0 runs until stopped.
+        #[serde(default)]
+        count: u64,
+        /// Frames per second; 0 is as fast as the pipeline takes them.
+        #[serde(default)]
+        fps: f64,
+        #[serde(default = "default_defect_rate")]
+        defect_rate: f64,
+    },
+    /// Every image in a folder, in name order (appsrc).
+    ImageFolder {
+        path: PathBuf,
+        #[serde(default)]
+        fps: f64,
+    },
+    /// A video file (filesrc ! decodebin).
+    VideoFile { path: PathBuf },
+    /// A V4L2 USB camera.
+    V4l2 { device: String },
+    /// An RTSP H.264 camera.
+    Rtsp {
+        url: String,
+        #[serde(default = "default_latency")]
+        latency_ms: u32,
+    },
+    /// A GigE Vision camera through aravissrc.
+    Gige { camera: String },
+}
+
+fn default_defect_rate() -> f64 {
+    0.2
+}
+fn default_latency() -> u32 {
+    200
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Synthetic { .. } => "synthetic",
+            SourceConfig::ImageFolder { .. } => "image_folder",
+            SourceConfig::VideoFile { .. } => "video_file",
+            SourceConfig::V4l2 { .. } => "v4l2",
+            SourceConfig::Rtsp { .. } => "rtsp",
+            SourceConfig::Gige { .. } => "gige",
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self, SourceConfig::V4l2 { .. } | SourceConfig::Rtsp { .. } | SourceConfig::Gige { .. })
+    }
+}
+
+impl KensaConfig {
+    /// Loads defaults → `path` → `KENSA__*` environment, resolves relative paths against the
+    /// file's folder, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+            .add_source(
+                config::Environment::with_prefix("KENSA")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })?;
+        let mut cfg: KensaConfig =
+            built.try_deserialize().map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.resolve_paths(&base);
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
+        }
+    }
+
+    /// Parses TOML text (no environment layer, no path resolution): for tests and tools.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|source| ConfigError::Load { path: PathBuf::from("<string>"), source })?;
+        Ok(built)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(b) = self.model.backbone.as_mut() {
+            fix(b);
+        }
+        for p in self.products.values_mut() {
+            fix(&mut p.bank);
+        }
+        for c in &mut self.cameras {
+            match &mut c.source {
+                SourceConfig::ImageFolder { path, .. } | SourceConfig::VideoFile { path } => fix(path),
+                _ => {}
+            }
+        }
+    }
+
+    /// Every problem with this config, each naming the key it is about. Empty when valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !matches!(self.model.device.as_str(), "auto" | "cpu" | "cuda") {
+            p.push(format!("model.device: `{}` is not one of auto, cpu, cuda", self.model.device));
+        }
+        if !(32..=4096).contains(&self.model.input_size) {
+            p.push(format!("model.input_size: {} is outside 32..=4096", self.model.input_size));
+        }
+        if self.batch.max_size == 0 || self.batch.max_size > 256 {
+            p.push(format!("batch.max_size: {} is outside 1..=256", self.batch.max_size));
+        }
+        if self.batch.queue == 0 {
+            p.push("batch.queue: must be at least 1".into());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            p.push("kafka.brokers: empty".into());
+        }
+        for (key, topic) in [("kafka.topic", &self.kafka.topic), ("kafka.defects_topic", &self.kafka.defects_topic)] {
+            if !valid_topic(topic) {
+                p.push(format!("{key}: `{topic}` is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"));
+            }
+        }
+        if self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!("telemetry.listen: `{}` is not an address like 127.0.0.1:9898", self.telemetry.listen));
+        }
+        for (name, prod) in &self.products {
+            if !prod.bank.is_file() {
+                p.push(format!(
+                    "products.{name}.bank: bank file not found: {} (make one with `kensa enroll`)",
+                    prod.bank.display()
+                ));
+            }
+        }
+        if self.cameras.is_empty() {
+            p.push("cameras: no camera configured (add a [[cameras]] table)".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.cameras.iter().enumerate() {
+            let at = format!("cameras[{i}] ({})", c.id);
+            if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+                p.push(format!("{at}.id: `{}` must be non-empty [A-Za-z0-9._-]", c.id));
+            }
+            if !seen.insert(c.id.clone()) {
+                p.push(format!("{at}.id: duplicate camera id `{}`", c.id));
+            }
+            if !self.products.contains_key(&c.product) {
+                p.push(format!("{at}.product: unknown product `{}` (not in [products])", c.product));
+            }
+            if !(16..=8192).contains(&c.width) || !(16..=8192).contains(&c.height) {
+                p.push(format!("{at}: frame size {}x{} is outside 16..=8192", c.width, c.height));
+            }
+            if c.queue == 0 {
+                p.push(format!("{at}.queue: must be at least 1"));
+            }
+            match &c.source {
+                SourceConfig::Synthetic { fps, defect_rate, .. } => {
+                    if !(0.0..=1.0).contains(defect_rate) {
+                        p.push(format!("{at}.source.defect_rate: {defect_rate} is outside 0..=1"));
+                    }
+                    if !(*fps >= 0.0 && fps.is_finite()) {
+                        p.push(format!("{at}.source.fps: {fps} must be >= 0"));
+                    }
+                }
+                SourceConfig::ImageFolder { fps, .. } if !(*fps >= 0.0 && fps.is_finite()) => {
+                    p.push(format!("{at}.source.fps: {fps} must be >= 0"));
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[kafka]
+brokers = "127.0.0.1:1"
+[products.widget]
+bank = "/nonexistent/widget.kbank"
+[[cameras]]
+id = "cam-1"
+product = "widget"
+source = { kind = "synthetic", seed = 3, count = 10 }
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = KensaConfig::from_toml_str(GOOD).unwrap();
+        assert_eq!(c.batch.max_size, 4);
+        assert_eq!(c.cameras[0].width, 256);
+        assert_eq!(c.cameras[0].effective_policy(), FullPolicy::Block);
+        assert!(matches!(c.cameras[0].source, SourceConfig::Synthetic { seed: 3, count: 10, .. }));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = GOOD.replace("[kafka]", "[kafka]\nbrokerz = \"x\"");
+        let err = KensaConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("brokerz"), "{err}");
+        let text = GOOD.replace("count = 10", "count = 10, colour = 1");
+        let err = KensaConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let text = GOOD.replace("product = \"widget\"", "product = \"gadget\"").replace("[kafka]", "[batch]\nmax_size = 0\n[kafka]");
+        let c = KensaConfig::from_toml_str(&text).unwrap();
+        let p = c.problems();
+        assert!(p.iter().any(|s| s.contains("products.widget.bank") && s.contains("/nonexistent/widget.kbank")), "{p:?}");
+        assert!(p.iter().any(|s| s.contains("unknown product `gadget`")), "{p:?}");
+        assert!(p.iter().any(|s| s.starts_with("batch.max_size")), "{p:?}");
+    }
+
+    #[test]
+    fn live_sources_drop_by_default() {
+        let text = GOOD.replace("{ kind = \"synthetic\", seed = 3, count = 10 }", "{ kind = \"rtsp\", url = \"rtsp://x\" }");
+        let c = KensaConfig::from_toml_str(&text).unwrap();
+        assert_eq!(c.cameras[0].effective_policy(), FullPolicy::Drop);
+    }
+}

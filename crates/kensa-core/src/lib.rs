@@ -1,0 +1,25 @@
+//! Plain types shared by every Kensa stage.
+//!
+//! # Layout
+//! - [`config`]: the daemon's configuration (serde, `deny_unknown_fields`), layered loading
+//!   (defaults → file → `KENSA__SECTION__KEY` environment) and validation that reports every
+//!   problem at once.
+//! - [`frame`]: a captured frame and its identity.
+//! - [`map`]: anomaly maps.
+//! - [`grid`]: the 3×3 location grid and AnomalyGPT's exact answer grammar.
+//! - [`batch`]: the cross-camera batcher (flush on size, on max wait, on shutdown).
+//! - [`metrics`]: every metric name Kensa exports, in one place.
+//!
+//! Nothing here depends on GStreamer, libtorch or librdkafka, so the logic is testable alone.
+
+pub mod batch;
+pub mod config;
+pub mod frame;
+pub mod grid;
+pub mod map;
+pub mod metrics;
+pub mod npy;
+
+pub use frame::Frame;
+pub use grid::Cell;
+pub use map::AnomalyMap;

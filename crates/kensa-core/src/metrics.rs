@@ -1,0 +1,47 @@
+//! Every metric name Kensa exports, in one place. Labels: `camera`, `product`, `reason`,
+//! `topic`, `stage` only (never frame ids).
+
+pub const FRAMES_CAPTURED: &str = "kensa_frames_captured_total";
+pub const FRAMES_DROPPED: &str = "kensa_frames_dropped_total";
+pub const FRAMES_SCORED: &str = "kensa_frames_scored_total";
+pub const ANOMALIES: &str = "kensa_anomalies_total";
+pub const EVENTS_PUBLISHED: &str = "kensa_events_published_total";
+pub const PUBLISH_ERRORS: &str = "kensa_publish_errors_total";
+pub const END_TO_END_LATENCY: &str = "kensa_end_to_end_latency_seconds";
+pub const SCORE_LATENCY: &str = "kensa_score_batch_seconds";
+pub const BATCH_SIZE: &str = "kensa_batch_size";
+pub const IMAGE_SCORE: &str = "kensa_image_score";
+pub const CAMERA_UP: &str = "kensa_camera_up";
+pub const CAMERA_ERRORS: &str = "kensa_camera_errors_total";
+
+/// Drop reasons (the `reason` label of [`FRAMES_DROPPED`]).
+pub mod reason {
+    /// The scoring queue was full and the camera's policy is `drop`.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// An image file in a folder camera could not be decoded.
+    pub const CORRUPT_IMAGE: &str = "corrupt_image";
+    /// A frame whose size or format did not match the caps.
+    pub const BAD_FRAME: &str = "bad_frame";
+    /// The model failed on the batch that held the frame.
+    pub const SCORING_FAILED: &str = "scoring_failed";
+    /// The camera's product has no loaded bank.
+    pub const NO_BANK: &str = "no_bank";
+    /// Kensa was shutting down before the frame could be scored.
+    pub const SHUTDOWN: &str = "shutdown";
+}
+
+/// (name, description, unit) of every metric, registered with `describe_*` at start-up.
+pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
+    (FRAMES_CAPTURED, "Frames pulled from a camera's appsink.", "count"),
+    (FRAMES_DROPPED, "Frames dropped before scoring, by reason.", "count"),
+    (FRAMES_SCORED, "Frames scored by the model.", "count"),
+    (ANOMALIES, "Frames judged anomalous.", "count"),
+    (EVENTS_PUBLISHED, "Events acknowledged by Kafka, by topic.", "count"),
+    (PUBLISH_ERRORS, "Events Kafka did not acknowledge, by reason.", "count"),
+    (END_TO_END_LATENCY, "Capture to Kafka acknowledgement.", "seconds"),
+    (SCORE_LATENCY, "Model time for one batch (backbone and scoring).", "seconds"),
+    (BATCH_SIZE, "Frames per scored batch.", "count"),
+    (IMAGE_SCORE, "Image-level anomaly score, per product.", "score"),
+    (CAMERA_UP, "1 while the camera's pipeline is running, 0 otherwise.", "bool"),
+    (CAMERA_ERRORS, "Camera pipeline errors.", "count"),
+];
