@@ -1,1 +1,434 @@
+//! GStreamer capture.
+//!
+//! Each camera is a pipeline built from a template in `pipelines/` (compiled in; overridable
+//! with `KENSA_PIPELINES=DIR`), ending in an appsink with fixed RGB caps. The appsink's
+//! `new-sample` callback copies each frame out (honouring the row stride), numbers it, and hands
+//! it to the scoring queue under the camera's full-queue policy: `block` (files, folders, the
+//! synthetic line: nothing lost) or `drop` (live cameras: the frame is dropped and counted with
+//! reason `queue_full`). A pipeline error stops that camera only; it is logged with the element
+//! that failed and counted, and the other cameras go on.
 
+pub mod images;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use kensa_core::config::{CameraConfig, FullPolicy, SourceConfig};
+use kensa_core::metrics as m;
+use kensa_core::Frame;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("camera {camera}: GStreamer is not usable: {msg}")]
+    Init { camera: String, msg: String },
+    #[error("camera {camera}: cannot build pipeline `{pipeline}`: {msg}")]
+    Build { camera: String, pipeline: String, msg: String },
+    #[error("camera {camera}: pipeline failed to start: {msg}")]
+    Start { camera: String, msg: String },
+    #[error("camera {camera}: {element}: {msg}")]
+    Runtime { camera: String, element: String, msg: String },
+}
+
+/// Template text for a source kind: `$KENSA_PIPELINES/<kind>.pipeline` if set, else built in.
+pub fn template(kind: &str) -> String {
+    if let Ok(dir) = std::env::var("KENSA_PIPELINES") {
+        let p = std::path::Path::new(&dir).join(format!("{kind}.pipeline"));
+        if let Ok(t) = std::fs::read_to_string(&p) {
+            return t.trim().to_string();
+        }
+    }
+    match kind {
+        "synthetic" => include_str!("../../../pipelines/synthetic.pipeline"),
+        "image_folder" => include_str!("../../../pipelines/image_folder.pipeline"),
+        "video_file" => include_str!("../../../pipelines/video_file.pipeline"),
+        "v4l2" => include_str!("../../../pipelines/v4l2.pipeline"),
+        "rtsp" => include_str!("../../../pipelines/rtsp.pipeline"),
+        "gige" => include_str!("../../../pipelines/gige.pipeline"),
+        _ => "",
+    }
+    .trim()
+    .to_string()
+}
+
+/// Quotes a value for gst-launch syntax.
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The full pipeline description for a camera.
+pub fn describe(cam: &CameraConfig) -> String {
+    let drop = cam.effective_policy() == FullPolicy::Drop;
+    let sink = format!(
+        "videoconvert ! videoscale ! video/x-raw,format=RGB,width={},height={},pixel-aspect-ratio=1/1 ! appsink name=sink max-buffers={} drop={} sync=false",
+        cam.width, cam.height, cam.queue, drop
+    );
+    let mut t = template(cam.source.kind()).replace("{sink}", &sink);
+    let fill = |t: &mut String, k: &str, v: String| *t = t.replace(&format!("{{{k}}}"), &v);
+    match &cam.source {
+        SourceConfig::VideoFile { path } => fill(&mut t, "path", quote(&path.display().to_string())),
+        SourceConfig::V4l2 { device } => fill(&mut t, "device", quote(device)),
+        SourceConfig::Rtsp { url, latency_ms } => {
+            fill(&mut t, "url", quote(url));
+            fill(&mut t, "latency_ms", latency_ms.to_string());
+        }
+        SourceConfig::Gige { camera } => fill(&mut t, "camera", quote(camera)),
+        SourceConfig::Synthetic { .. } | SourceConfig::ImageFolder { .. } => {}
+    }
+    fill(&mut t, "width", cam.width.to_string());
+    fill(&mut t, "height", cam.height.to_string());
+    fill(&mut t, "queue", cam.queue.to_string());
+    t
+}
+
+fn init(camera: &str) -> Result<(), CaptureError> {
+    gst::init().map_err(|e| CaptureError::Init { camera: camera.into(), msg: e.to_string() })
+}
+
+/// Parses a camera's pipeline without running it (checks that every element exists).
+pub fn check(cam: &CameraConfig) -> Result<(), CaptureError> {
+    init(&cam.id)?;
+    let desc = describe(cam);
+    let p = gst::parse::launch(&desc)
+        .map_err(|e| CaptureError::Build { camera: cam.id.clone(), pipeline: desc.clone(), msg: e.to_string() })?;
+    let _ = p.set_state(gst::State::Null);
+    Ok(())
+}
+
+/// How a camera ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// End of stream (finite sources) or stopped on request.
+    Ended { frames: u64 },
+    /// The pipeline failed; the reason names the element.
+    Failed { frames: u64, reason: String },
+}
+
+/// A running camera.
+pub struct Camera {
+    pub id: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Outcome>>,
+}
+
+impl Camera {
+    /// Asks the camera to stop: its source gets end-of-stream, queued frames still flow.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits for the camera's thread and returns how it ended.
+    pub fn join(mut self) -> Outcome {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(o)) => o,
+            Some(Err(_)) => Outcome::Failed { frames: 0, reason: "capture thread panicked".into() },
+            None => Outcome::Ended { frames: 0 },
+        }
+    }
+}
+
+/// Starts a camera. Frames go to `tx`; the pipeline is built and set playing before this
+/// returns, so a bad template or a missing element is an error here.
+pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>) -> Result<Camera, CaptureError> {
+    init(&cam.id)?;
+    let desc = describe(cam);
+    let build_err = |msg: String| CaptureError::Build { camera: cam.id.clone(), pipeline: desc.clone(), msg };
+    let pipeline = gst::parse::launch(&desc)
+        .map_err(|e| build_err(e.to_string()))?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| build_err("not a pipeline".into()))?;
+    let sink = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+        .ok_or_else(|| build_err("the template has no appsink named `sink`".into()))?;
+    let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok());
+
+    let camera: Arc<str> = Arc::from(cam.id.as_str());
+    let product: Arc<str> = Arc::from(cam.product.as_str());
+    let policy = cam.effective_policy();
+    let seq = Arc::new(AtomicU64::new(0));
+    let labels = [("camera", cam.id.clone())];
+    let captured = metrics::counter!(m::FRAMES_CAPTURED, &labels);
+    let dropped_full = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::QUEUE_FULL);
+    let dropped_bad = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::BAD_FRAME);
+    {
+        let seq = seq.clone();
+        let camera = camera.clone();
+        sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |s| {
+                    let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let n = seq.fetch_add(1, Ordering::SeqCst);
+                    captured.increment(1);
+                    let Some(frame) = frame_from_sample(&sample, &camera, &product, n) else {
+                        dropped_bad.increment(1);
+                        tracing::warn!(camera = %camera, frame = n, "frame with unexpected caps or size dropped");
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
+                    match policy {
+                        FullPolicy::Block => {
+                            if tx.blocking_send(frame).is_err() {
+                                return Err(gst::FlowError::Flushing);
+                            }
+                        }
+                        FullPolicy::Drop => match tx.try_send(frame) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => dropped_full.increment(1),
+                            Err(mpsc::error::TrySendError::Closed(_)) => return Err(gst::FlowError::Flushing),
+                        },
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = match (&cam.source, src) {
+        (SourceConfig::Synthetic { seed, count, fps, defect_rate }, Some(src)) => {
+            let line = kensa_synth::Line::new(*seed, *defect_rate, cam.width, cam.height);
+            let (count, fps, stop) = (*count, *fps, stop.clone());
+            Some(spawn_feeder(cam.id.clone(), src, stop, fps, move |i| {
+                if count != 0 && i >= count {
+                    return Feed::End;
+                }
+                let s = line.sample(i);
+                Feed::Image(s.image)
+            }))
+        }
+        (SourceConfig::ImageFolder { path, fps }, Some(src)) => {
+            let files = images::list_images(path).unwrap_or_else(|e| {
+                tracing::error!(camera = %cam.id, "{e}");
+                Vec::new()
+            });
+            if files.is_empty() {
+                tracing::warn!(camera = %cam.id, folder = %path.display(), "image folder holds no images");
+            }
+            let corrupt = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::CORRUPT_IMAGE);
+            let (fps, stop, id) = (*fps, stop.clone(), cam.id.clone());
+            Some(spawn_feeder(cam.id.clone(), src, stop, fps, move |i| {
+                let Some(p) = files.get(i as usize) else { return Feed::End };
+                match images::load_rgb(p) {
+                    Ok(img) => Feed::Image(img),
+                    Err(e) => {
+                        corrupt.increment(1);
+                        tracing::warn!(camera = %id, "skipped: {e}");
+                        Feed::Skip
+                    }
+                }
+            }))
+        }
+        (SourceConfig::Synthetic { .. } | SourceConfig::ImageFolder { .. }, None) => {
+            return Err(build_err("this source needs an appsrc named `src` in its template".into()));
+        }
+        _ => None,
+    };
+
+    if let Err(e) = pipeline.set_state(gst::State::Playing) {
+        let reason = first_error(&pipeline).unwrap_or_else(|| e.to_string());
+        let _ = pipeline.set_state(gst::State::Null);
+        stop.store(true, Ordering::SeqCst);
+        return Err(CaptureError::Start { camera: cam.id.clone(), msg: reason });
+    }
+    let up = metrics::gauge!(m::CAMERA_UP, &labels);
+    up.set(1.0);
+    let id = cam.id.clone();
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("cam-{id}"))
+        .spawn(move || {
+            let outcome = watch(&id, &pipeline, &stop2, &seq);
+            stop2.store(true, Ordering::SeqCst);
+            let _ = pipeline.set_state(gst::State::Null);
+            if let Some(f) = feeder {
+                let _ = f.join();
+            }
+            up.set(0.0);
+            outcome
+        })
+        .map_err(|e| CaptureError::Start { camera: cam.id.clone(), msg: e.to_string() })?;
+    Ok(Camera { id: cam.id.clone(), stop, thread: Some(thread) })
+}
+
+/// Watches the bus until end of stream, an error, or a stop request.
+fn watch(id: &str, pipeline: &gst::Pipeline, stop: &AtomicBool, seq: &AtomicU64) -> Outcome {
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    let mut eos_sent: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::SeqCst) && eos_sent.is_none() {
+            pipeline.send_event(gst::event::Eos::new());
+            eos_sent = Some(Instant::now());
+        }
+        if eos_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+            tracing::warn!(camera = id, "no end-of-stream 3 s after stop; closing the pipeline");
+            return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
+        }
+        let Some(msg) = bus.timed_pop_filtered(
+            gst::ClockTime::from_mseconds(100),
+            &[gst::MessageType::Eos, gst::MessageType::Error, gst::MessageType::Warning],
+        ) else {
+            continue;
+        };
+        match msg.view() {
+            gst::MessageView::Eos(_) => {
+                tracing::info!(camera = id, frames = seq.load(Ordering::SeqCst), "camera reached end of stream");
+                return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
+            }
+            gst::MessageView::Error(err) => {
+                let element = err.src().map(|s| s.path_string().to_string()).unwrap_or_else(|| "pipeline".into());
+                let reason = format!("{element}: {}", err.error());
+                let detail = err.debug().map(|d| d.to_string()).unwrap_or_default();
+                tracing::error!(camera = id, element = %element, detail = %detail, "camera failed: {}", err.error());
+                metrics::counter!(m::CAMERA_ERRORS, "camera" => id.to_string()).increment(1);
+                return Outcome::Failed { frames: seq.load(Ordering::SeqCst), reason };
+            }
+            gst::MessageView::Warning(w) => {
+                let element = w.src().map(|s| s.path_string().to_string()).unwrap_or_default();
+                tracing::warn!(camera = id, element = %element, "{}", w.error());
+            }
+            _ => {}
+        }
+    }
+}
+
+fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
+    let bus = pipeline.bus()?;
+    while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+        if let gst::MessageView::Error(err) = msg.view() {
+            let element = err.src().map(|s| s.path_string().to_string()).unwrap_or_else(|| "pipeline".into());
+            return Some(format!("{element}: {}", err.error()));
+        }
+    }
+    None
+}
+
+enum Feed {
+    Image(image::RgbImage),
+    Skip,
+    End,
+}
+
+/// Feeds an appsrc from a generator: frame `i` → push, paced at `fps` (0 = as fast as the
+/// pipeline takes them; appsrc `block=true` gives backpressure).
+fn spawn_feeder(
+    id: String,
+    src: gst_app::AppSrc,
+    stop: Arc<AtomicBool>,
+    fps: f64,
+    mut next: impl FnMut(u64) -> Feed + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("feed-{id}"))
+        .spawn(move || {
+            let period = (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps));
+            let start = Instant::now();
+            let mut pushed = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let img = match next(i) {
+                    Feed::End => break,
+                    Feed::Skip => {
+                        i += 1;
+                        continue;
+                    }
+                    Feed::Image(img) => img,
+                };
+                i += 1;
+                if let Some(p) = period {
+                    let due = start + p * pushed as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                let (w, h) = img.dimensions();
+                let caps = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, w, h)
+                    .fps(gst::Fraction::new(0, 1))
+                    .build()
+                    .and_then(|info| info.to_caps());
+                let Ok(caps) = caps else { continue };
+                // appsrc expects rows padded to 4 bytes for RGB.
+                let stride = (w as usize * 3).div_ceil(4) * 4;
+                let raw = img.into_raw();
+                let data = if stride == w as usize * 3 {
+                    raw
+                } else {
+                    let mut v = vec![0u8; stride * h as usize];
+                    for (row, chunk) in raw.chunks_exact(w as usize * 3).enumerate() {
+                        v[row * stride..row * stride + chunk.len()].copy_from_slice(chunk);
+                    }
+                    v
+                };
+                let mut buf = gst::Buffer::from_mut_slice(data);
+                {
+                    let b = buf.get_mut().expect("fresh buffer");
+                    let pts = period.map(|p| p * pushed as u32).unwrap_or_else(|| start.elapsed());
+                    b.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
+                }
+                let sample = gst::Sample::builder().buffer(&buf).caps(&caps).build();
+                if src.push_sample(&sample).is_err() {
+                    break;
+                }
+                pushed += 1;
+            }
+            let _ = src.end_of_stream();
+        })
+        .expect("spawn feeder thread")
+}
+
+/// Copies an appsink sample into a tightly packed RGB frame.
+fn frame_from_sample(sample: &gst::Sample, camera: &Arc<str>, product: &Arc<str>, seq: u64) -> Option<Frame> {
+    let caps = sample.caps()?;
+    let info = gst_video::VideoInfo::from_caps(caps).ok()?;
+    if info.format() != gst_video::VideoFormat::Rgb {
+        return None;
+    }
+    let buffer = sample.buffer()?;
+    let map = buffer.map_readable().ok()?;
+    let (w, h) = (info.width() as usize, info.height() as usize);
+    let stride = info.stride()[0] as usize;
+    let row = w * 3;
+    if stride < row || map.len() < stride * (h - 1) + row {
+        return None;
+    }
+    let mut data = Vec::with_capacity(row * h);
+    for y in 0..h {
+        data.extend_from_slice(&map[y * stride..y * stride + row]);
+    }
+    Some(Frame {
+        camera: camera.clone(),
+        product: product.clone(),
+        seq,
+        capture_time: SystemTime::now(),
+        captured_at: Instant::now(),
+        width: w as u32,
+        height: h as u32,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cam(source: SourceConfig) -> CameraConfig {
+        CameraConfig { id: "c".into(), product: "p".into(), source, width: 64, height: 48, queue: 2, policy: None }
+    }
+
+    #[test]
+    fn describe_quotes_paths_and_sets_caps() {
+        let d = describe(&cam(SourceConfig::VideoFile { path: "/tmp/a \"b\".avi".into() }));
+        assert!(d.starts_with("filesrc location=\"/tmp/a \\\"b\\\".avi\" ! decodebin"), "{d}");
+        assert!(d.contains("width=64,height=48"), "{d}");
+        assert!(d.contains("max-buffers=2 drop=false"), "{d}");
+        let d = describe(&cam(SourceConfig::Rtsp { url: "rtsp://h/s".into(), latency_ms: 50 }));
+        assert!(d.contains("latency=50") && d.contains("drop=true"), "{d}");
+    }
+}

@@ -1,1 +1,69 @@
+//! The model stage: a TorchScript backbone (tch), memory banks, and few-shot patch scoring.
+//!
+//! # Layout
+//! - [`backbone`]: loads a TorchScript feature extractor and its sidecar JSON, turns images
+//!   into locally aggregated, L2-normalised patch features.
+//! - [`bank`]: the memory bank file (safetensors + validated metadata + calibration).
+//! - [`engine`]: scores batches of frames against banks: per layer `1 − max cos`, mean over
+//!   layers, upsampled and smoothed, at each frame's own resolution.
+//! - [`enroll`]: builds a bank from reference images and calibrates the verdict.
+//! - [`pseudo`]: augmentations and synthetic defects used for calibration.
+//!
+//! tch tensors are not `Sync`: an [`engine::Engine`] lives on one OS thread.
 
+pub mod backbone;
+pub mod bank;
+pub mod engine;
+pub mod enroll;
+pub mod pseudo;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("backbone {path}: {msg}")]
+    Backbone { path: PathBuf, msg: String },
+    #[error("bank {path}: {msg}")]
+    Bank { path: PathBuf, msg: String },
+    #[error("image {path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Picks the libtorch device for `auto`, `cpu` or `cuda`.
+pub fn device_from_str(s: &str) -> Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => {
+            if tch::Cuda::is_available() {
+                Ok(tch::Device::Cuda(0))
+            } else {
+                Err(ModelError::Other(
+                    "model.device = cuda, but libtorch sees no CUDA device (is libtorch_cuda linked and a GPU present?)"
+                        .into(),
+                ))
+            }
+        }
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        other => Err(ModelError::Other(format!("unknown device `{other}` (auto, cpu, cuda)"))),
+    }
+}
+
+/// Where the default backbone lives: `$KENSA_BACKBONE`, else
+/// `${KENSA_CACHE:-$HOME/.cache/kensa}/models/efficientnet-lite0.pt`.
+pub fn default_backbone_path() -> PathBuf {
+    if let Ok(p) = std::env::var("KENSA_BACKBONE") {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    let cache = std::env::var("KENSA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/kensa"));
+    cache.join("models/efficientnet-lite0.pt")
+}

@@ -1,0 +1,117 @@
+//! TorchScript backbones.
+//!
+//! Contract: the module takes a normalised float NCHW RGB batch and returns a list (or tuple)
+//! of feature maps, finest first. The sidecar `<file>.json` (written by
+//! `tools/export_backbone.py`) gives its name, weights, strides, channels and normalisation.
+
+use crate::{ModelError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackboneMeta {
+    pub name: String,
+    pub weights: String,
+    pub strides: Vec<u32>,
+    pub channels: Vec<u32>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub sha256: String,
+}
+
+pub struct Backbone {
+    module: CModule,
+    pub meta: BackboneMeta,
+    pub device: Device,
+    pub path: PathBuf,
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl Backbone {
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        let err = |msg: String| ModelError::Backbone { path: path.to_path_buf(), msg };
+        if !path.is_file() {
+            return Err(err("file not found (run scripts/setup.sh, or tools/export_backbone.py)".into()));
+        }
+        let side = PathBuf::from(format!("{}.json", path.display()));
+        let text = std::fs::read_to_string(&side)
+            .map_err(|e| err(format!("cannot read its sidecar {}: {e}", side.display())))?;
+        let meta: BackboneMeta =
+            serde_json::from_str(&text).map_err(|e| err(format!("bad sidecar {}: {e}", side.display())))?;
+        if meta.strides.is_empty() || meta.strides.len() != meta.channels.len() {
+            return Err(err("sidecar strides/channels are empty or of different lengths".into()));
+        }
+        let mut module = CModule::load_on_device(path, device).map_err(|e| err(format!("not loadable TorchScript: {e}")))?;
+        module.set_eval();
+        let mean = Tensor::from_slice(&meta.mean).view([1, 3, 1, 1]).to_device(device);
+        let std = Tensor::from_slice(&meta.std).view([1, 3, 1, 1]).to_device(device);
+        Ok(Self { module, meta, device, path: path.to_path_buf(), mean, std })
+    }
+
+    /// Raw feature maps for a batch of RGB images in [0, 1], `[B, 3, H, W]` on this device.
+    pub fn forward(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        let _g = tch::no_grad_guard();
+        let x = (images - &self.mean) / &self.std;
+        let out = self.module.forward_is(&[IValue::Tensor(x)])?;
+        let maps = match out {
+            IValue::TensorList(v) => v,
+            IValue::Tuple(v) | IValue::GenericList(v) => v
+                .into_iter()
+                .map(|iv| match iv {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(ModelError::Other(format!("backbone returned a non-tensor item: {other:?}"))),
+                })
+                .collect::<Result<_>>()?,
+            IValue::Tensor(t) => vec![t],
+            other => return Err(ModelError::Other(format!("backbone returned {other:?}, expected a list of tensors"))),
+        };
+        if maps.len() != self.meta.strides.len() {
+            return Err(ModelError::Backbone {
+                path: self.path.clone(),
+                msg: format!("returned {} maps, its sidecar declares {}", maps.len(), self.meta.strides.len()),
+            });
+        }
+        Ok(maps)
+    }
+
+    /// Patch features: each map aggregated over a 3×3 neighbourhood and L2-normalised over
+    /// channels. Returns `[B, C_i, h_i, w_i]` per layer.
+    pub fn patch_features(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        let _g = tch::no_grad_guard();
+        Ok(self
+            .forward(images)?
+            .into_iter()
+            .map(|f| {
+                let f = f.to_kind(Kind::Float).avg_pool2d([3, 3], [1, 1], [1, 1], false, false, None::<i64>);
+                let n = f.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-6);
+                f / n
+            })
+            .collect())
+    }
+}
+
+/// Converts RGB8 images (tightly packed) to a `[B, 3, S, S]` float batch in [0, 1] on `device`,
+/// resized (bilinear) to the model's input side `size`.
+pub fn images_to_batch(images: &[(&[u8], u32, u32)], size: i64, device: Device) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let ts: Vec<Tensor> = images
+        .iter()
+        .map(|&(data, w, h)| {
+            let t = Tensor::from_slice(data)
+                .view([1, h as i64, w as i64, 3])
+                .to_device(device)
+                .permute([0, 3, 1, 2])
+                .to_kind(Kind::Float)
+                / 255.0;
+            if w as i64 == size && h as i64 == size {
+                t
+            } else {
+                t.upsample_bilinear2d([size, size], false, None::<f64>, None::<f64>)
+            }
+        })
+        .collect();
+    Tensor::cat(&ts, 0)
+}

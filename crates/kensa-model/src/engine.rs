@@ -1,0 +1,111 @@
+//! Scoring: per layer `s = 1 − max_j cos(f, B[j])`, mean over layers, upsampled to the model
+//! input, smoothed with a Gaussian (σ = 4 px), then resized to each frame's own resolution.
+
+use crate::backbone::{images_to_batch, Backbone};
+use crate::bank::Bank;
+use crate::Result;
+use kensa_core::AnomalyMap;
+use tch::{Device, Kind, Tensor};
+
+/// Bank rows compared at once: bounds the similarity matrix's memory for large banks.
+const BANK_CHUNK: i64 = 16_384;
+const SMOOTH_SIGMA: f64 = 4.0;
+
+pub struct Engine {
+    pub backbone: Backbone,
+    pub input_size: i64,
+    kernel: Tensor,
+}
+
+impl Engine {
+    pub fn new(backbone: Backbone, input_size: u32) -> Self {
+        let kernel = gaussian_kernel(SMOOTH_SIGMA, backbone.device);
+        Self { backbone, input_size: input_size as i64, kernel }
+    }
+
+    pub fn device(&self) -> Device {
+        self.backbone.device
+    }
+
+    /// Patch features of RGB8 images (any sizes).
+    pub fn features(&self, images: &[(&[u8], u32, u32)]) -> Result<Vec<Tensor>> {
+        let batch = images_to_batch(images, self.input_size, self.backbone.device);
+        self.backbone.patch_features(&batch)
+    }
+
+    /// Anomaly maps at model input size, `[B, S, S]`, of features against a bank.
+    pub fn maps_from_features(&self, feats: &[Tensor], bank_layers: &[Tensor]) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let s = self.input_size;
+        let mut acc: Option<Tensor> = None;
+        for (f, b) in feats.iter().zip(bank_layers) {
+            let (bs, c, h, w) = f.size4().expect("4-D features");
+            let q = f.permute([0, 2, 3, 1]).reshape([bs * h * w, c]);
+            let n = b.size()[0];
+            let mut best: Option<Tensor> = None;
+            let mut start = 0;
+            while start < n {
+                let len = BANK_CHUNK.min(n - start);
+                let sim = q.matmul(&b.narrow(0, start, len).transpose(0, 1)).amax([1], false);
+                best = Some(match best {
+                    None => sim,
+                    Some(prev) => prev.maximum(&sim),
+                });
+                start += len;
+            }
+            let best: Tensor = best.expect("non-empty bank");
+            let layer = best.neg().g_add_scalar(1.0).view([bs, 1, h, w]).upsample_bilinear2d(
+                [s, s],
+                false,
+                None::<f64>,
+                None::<f64>,
+            );
+            acc = Some(match acc {
+                None => layer,
+                Some(a) => a + layer,
+            });
+        }
+        let mean = acc.expect("at least one layer") / feats.len() as f64;
+        self.smooth(&mean).squeeze_dim(1)
+    }
+
+    fn smooth(&self, x: &Tensor) -> Tensor {
+        let k = self.kernel.size()[0];
+        let pad = k / 2;
+        let kh = self.kernel.view([1, 1, 1, k]);
+        let kv = self.kernel.view([1, 1, k, 1]);
+        let x = x.reflection_pad2d([pad, pad, 0, 0]).conv2d(&kh, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+        x.reflection_pad2d([0, 0, pad, pad]).conv2d(&kv, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
+    }
+
+    /// Scores RGB8 images against a bank; each map is at its image's own resolution.
+    pub fn score(&self, images: &[(&[u8], u32, u32)], bank: &Bank) -> Result<Vec<AnomalyMap>> {
+        let _g = tch::no_grad_guard();
+        let feats = self.features(images)?;
+        let maps = self.maps_from_features(&feats, &bank.layers);
+        Ok(images.iter().enumerate().map(|(i, &(_, w, h))| to_map(&maps.get(i as i64), w, h)).collect())
+    }
+}
+
+/// Resizes one `[S, S]` map to `w × h` and copies it to the host.
+pub fn to_map(m: &Tensor, w: u32, h: u32) -> AnomalyMap {
+    let (mh, mw) = (m.size()[0], m.size()[1]);
+    let m = if mh == h as i64 && mw == w as i64 {
+        m.shallow_clone()
+    } else {
+        m.view([1, 1, mh, mw])
+            .upsample_bilinear2d([h as i64, w as i64], false, None::<f64>, None::<f64>)
+            .view([h as i64, w as i64])
+    };
+    let v: Vec<f32> = Vec::try_from(m.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1))
+        .expect("float map");
+    AnomalyMap::new(w, h, v)
+}
+
+fn gaussian_kernel(sigma: f64, device: Device) -> Tensor {
+    let radius = (4.0 * sigma).round() as i64;
+    let v: Vec<f32> = (-radius..=radius).map(|i| (-(i as f64).powi(2) / (2.0 * sigma * sigma)).exp() as f32).collect();
+    let sum: f32 = v.iter().sum();
+    let v: Vec<f32> = v.into_iter().map(|x| x / sum).collect();
+    Tensor::from_slice(&v).to_device(device)
+}

@@ -1,0 +1,117 @@
+//! Enrollment: a memory bank from a handful of normal references, with the verdict calibrated
+//! from the references alone (no defect samples, no threshold to set).
+
+use crate::bank::{Bank, BankMeta, BANK_FORMAT};
+use crate::engine::Engine;
+use crate::{pseudo, ModelError, Result};
+use image::RgbImage;
+use kensa_verdict::Calibration;
+use rand::SeedableRng;
+use tch::Tensor;
+
+pub struct EnrollOptions {
+    pub product: String,
+    pub seed: u64,
+}
+
+/// Builds a bank from references (name, image) and calibrates its verdict.
+/// `progress(done, total)` is called as calibration proceeds.
+pub fn enroll(
+    engine: &Engine,
+    refs: &[(String, RgbImage)],
+    opts: &EnrollOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Bank> {
+    if refs.is_empty() {
+        return Err(ModelError::Other("enrollment needs at least one reference image".into()));
+    }
+    let _g = tch::no_grad_guard();
+    let k = refs.len();
+    // Patch features of each reference, flattened to [h*w, C] per layer.
+    let per_ref: Vec<Vec<Tensor>> = refs
+        .iter()
+        .map(|(_, img)| {
+            let f = engine.features(&[(img.as_raw(), img.width(), img.height())])?;
+            Ok(f.into_iter().map(|t| flatten_patches(&t)).collect())
+        })
+        .collect::<Result<_>>()?;
+    let layers_of = |skip: Option<usize>| -> Vec<Tensor> {
+        let n_layers = per_ref[0].len();
+        (0..n_layers)
+            .map(|l| {
+                let parts: Vec<&Tensor> =
+                    per_ref.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(_, v)| &v[l]).collect();
+                Tensor::cat(&parts, 0)
+            })
+            .collect()
+    };
+    let full = layers_of(None);
+
+    // Calibration populations. With K ≥ 2, each reference (augmented) is scored against a bank
+    // of the others (leave-one-out), which is what a new normal part looks like; with K = 1,
+    // augmentation alone stands for the product's variation.
+    let (n_norm, n_anom) = if k == 1 { (12, 12) } else { (4, 5) };
+    let total = k * (n_norm + n_anom);
+    let mut done = 0;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut normal = Vec::new();
+    let mut anomalous = Vec::new();
+    for (i, (_, img)) in refs.iter().enumerate() {
+        let bank_i = if k >= 2 { layers_of(Some(i)) } else { full.iter().map(|t| t.shallow_clone()).collect() };
+        let donor = &refs[(i + 1) % k].1;
+        let mut batch_imgs = Vec::new();
+        for j in 0..n_norm {
+            // With K ≥ 2 the first normal sample is the reference itself, unchanged.
+            let a = if k >= 2 && j == 0 { img.clone() } else { pseudo::augment(img, &mut rng) };
+            batch_imgs.push((a, false));
+        }
+        for _ in 0..n_anom {
+            let a = pseudo::augment(img, &mut rng);
+            let (d, _) = pseudo::defect(&a, donor, &mut rng);
+            batch_imgs.push((d, true));
+        }
+        for chunk in batch_imgs.chunks(4) {
+            let views: Vec<(&[u8], u32, u32)> =
+                chunk.iter().map(|(im, _)| (im.as_raw().as_slice(), im.width(), im.height())).collect();
+            let feats = engine.features(&views)?;
+            let maps = engine.maps_from_features(&feats, &bank_i);
+            let maxes: Vec<f32> = Vec::try_from(maps.flatten(1, -1).amax([1], false).to_device(tch::Device::Cpu))
+                .map_err(ModelError::Torch)?;
+            for ((_, is_anom), s) in chunk.iter().zip(maxes) {
+                if *is_anom {
+                    anomalous.push(s);
+                } else {
+                    normal.push(s);
+                }
+            }
+            done += chunk.len();
+            progress(done, total);
+        }
+    }
+    let calibration = Calibration::fit(&normal, &anomalous);
+    let bb = &engine.backbone.meta;
+    let meta = BankMeta {
+        format: BANK_FORMAT.into(),
+        product: opts.product.clone(),
+        backbone: bb.name.clone(),
+        backbone_weights: bb.weights.clone(),
+        backbone_sha256: bb.sha256.clone(),
+        input_size: engine.input_size as u32,
+        strides: bb.strides.clone(),
+        channels: bb.channels.clone(),
+        references: k,
+        reference_files: refs.iter().map(|(n, _)| n.clone()).collect(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        calibration,
+        content_sha256: String::new(),
+    };
+    Ok(Bank::new(meta, full))
+}
+
+fn flatten_patches(t: &Tensor) -> Tensor {
+    let (b, c, h, w) = t.size4().expect("4-D features");
+    t.permute([0, 2, 3, 1]).reshape([b * h * w, c]).contiguous()
+}
