@@ -108,6 +108,16 @@ pub enum Outcome {
     Failed { frames: u64, reason: String },
 }
 
+/// Stops a camera (see [`Camera::stop`]).
+#[derive(Clone)]
+pub struct Stopper(Arc<AtomicBool>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A running camera.
 pub struct Camera {
     pub id: String,
@@ -119,6 +129,11 @@ impl Camera {
     /// Asks the camera to stop: its source gets end-of-stream, queued frames still flow.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// A handle that stops this camera from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop.clone())
     }
 
     pub fn is_finished(&self) -> bool {

@@ -1,1 +1,122 @@
+//! Prometheus metrics (`/metrics`) and health (`/healthz`) on one small HTTP listener.
 
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use kensa_core::metrics as m;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot install the metrics recorder: {0}")]
+    Recorder(String),
+    #[error("cannot listen on {addr} for /metrics and /healthz: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// Installs the global Prometheus recorder, with buckets by name suffix and every metric
+/// described. Call once, before any metric is touched.
+pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
+    let seconds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0]))
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(m::IMAGE_SCORE.into()),
+                &[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0],
+            )
+        })
+        .map_err(|e| TelemetryError::Recorder(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
+    for (name, desc, _unit) in m::DESCRIPTIONS {
+        if name.ends_with("_total") {
+            metrics::describe_counter!(*name, *desc);
+        } else if name.ends_with("_seconds") || *name == m::BATCH_SIZE || *name == m::IMAGE_SCORE {
+            metrics::describe_histogram!(*name, *desc);
+        } else {
+            metrics::describe_gauge!(*name, *desc);
+        }
+    }
+    metrics::gauge!("kensa_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// What `/healthz` reports: each camera's state and whether the model and broker are ready.
+#[derive(Clone, Default)]
+pub struct Health {
+    inner: Arc<Mutex<HealthState>>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    ready: bool,
+    cameras: BTreeMap<String, String>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.lock().expect("health lock").ready = ready;
+    }
+    pub fn set_camera(&self, id: &str, state: impl Into<String>) {
+        self.inner.lock().expect("health lock").cameras.insert(id.to_string(), state.into());
+    }
+    pub fn snapshot(&self) -> serde_json::Value {
+        let s = self.inner.lock().expect("health lock");
+        serde_json::json!({ "ready": s.ready, "cameras": s.cameras })
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    handle: PrometheusHandle,
+    health: Health,
+}
+
+async fn metrics_page(State(s): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.handle.render())
+}
+
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    let snap = s.health.snapshot();
+    let code = if snap["ready"].as_bool() == Some(true) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], snap.to_string())
+}
+
+/// Binds the listener (errors here name the address) and serves until `shutdown` resolves.
+/// Returns the bound address (port 0 picks a free one).
+pub async fn serve(
+    addr: &str,
+    handle: PrometheusHandle,
+    health: Health,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
+    let local = listener.local_addr().map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(healthz))
+        .with_state(AppState { handle, health });
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!("metrics listener stopped: {e}");
+        }
+    });
+    Ok((local, task))
+}
