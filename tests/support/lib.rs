@@ -1,1 +1,263 @@
+//! Helpers for Kensa's integration tests: the built binary, the test broker, a running daemon,
+//! a Kafka consumer, and a plain HTTP scrape of `/metrics`.
 
+use anyhow::{bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use kensa_publish::InspectionEvent;
+
+/// The `kensa` binary: `$KENSA_BIN`, else next to the test executable's target folder.
+pub fn kensa_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KENSA_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("kensa")
+}
+
+/// Bootstrap servers of the test broker started by scripts/test.sh.
+pub fn brokers() -> String {
+    std::env::var("KENSA_TEST_BROKERS")
+        .expect("KENSA_TEST_BROKERS is not set: run the tests with scripts/test.sh, which starts a tansu broker")
+}
+
+/// `../shared` (read-only test data), if present.
+pub fn shared() -> Option<PathBuf> {
+    let p = std::env::var("KENSA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    p.join("data").is_dir().then_some(p)
+}
+
+/// A fresh temporary folder, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("kensa-test-{name}-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var("KENSA_KEEP_TEST_FILES").is_err() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A process-unique number (for topic names and folders).
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    (t & 0xffff_ffff) * 1000 + N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Runs `kensa ARGS` to completion.
+pub fn kensa(args: &[&str]) -> Output {
+    Command::new(kensa_bin()).args(args).output().expect("run kensa")
+}
+
+/// Runs `kensa ARGS`, failing the test with its stderr if it does not succeed.
+pub fn kensa_ok(args: &[&str]) -> Output {
+    let out = kensa(args);
+    assert!(
+        out.status.success(),
+        "kensa {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes synthetic references and enrolls them; returns the bank path.
+pub fn synthetic_bank(dir: &Path, product: &str) -> PathBuf {
+    let line = dir.join("refs");
+    kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", "4", "--seed", "99"]);
+    let bank = dir.join(format!("{product}.kbank"));
+    kensa_ok(&[
+        "enroll",
+        "--product",
+        product,
+        "--images",
+        line.join("train/good").to_str().unwrap(),
+        "--out",
+        bank.to_str().unwrap(),
+    ]);
+    bank
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `kensa run`, killed when dropped. Its stderr goes to a file.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+    pub metrics: String,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, extra: &[&str], metrics: &str) -> Self {
+        let log = config.with_extension("log");
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(kensa_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn kensa run");
+        Self { child, log, metrics: metrics.to_string() }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit code (None if it had to be killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.wait(within)
+    }
+
+    pub fn wait(&mut self, within: Duration) -> Option<i32> {
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
+    /// Scrapes `/metrics`, retrying until the listener answers.
+    pub fn scrape(&self) -> String {
+        let t0 = Instant::now();
+        loop {
+            match http_get(&self.metrics, "/metrics") {
+                Ok((200, body)) => return body,
+                other if t0.elapsed() > Duration::from_secs(30) => {
+                    panic!("cannot scrape {}: {other:?}\nlog:\n{}", self.metrics, self.log_text())
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header")?;
+    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_string()))
+}
+
+/// The value of a Prometheus sample `name{labels}` whose labels include every `(k, v)` given;
+/// summed over matching series. None if no series matches.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (n, lab) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| lab.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    total
+}
+
+/// Reads events from `topic` from the beginning until `expected` have arrived or `timeout`
+/// passes; returns (key, event) pairs in arrival order.
+pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Result<Vec<(String, InspectionEvent)>> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("kensa-test-{}", unique()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let t0 = Instant::now();
+    // The topic exists once Kensa has produced to it.
+    let parts = loop {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        let parts: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if !parts.is_empty() {
+            break parts;
+        }
+        if t0.elapsed() > timeout {
+            bail!("topic {topic} never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in parts {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    while out.len() < expected && t0.elapsed() < timeout {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                let ev: InspectionEvent = prost::Message::decode(m.payload().unwrap_or_default())
+                    .with_context(|| format!("undecodable event at offset {}", m.offset()))?;
+                out.push((key, ev));
+            }
+            Some(Err(e)) => eprintln!("consumer: {e}"),
+            None => {}
+        }
+    }
+    // Anything beyond `expected` would be a duplicate: look a little longer.
+    let linger = Instant::now();
+    while linger.elapsed() < Duration::from_millis(1500) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let ev: InspectionEvent = prost::Message::decode(m.payload().unwrap_or_default())?;
+            out.push((String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), ev));
+        }
+    }
+    Ok(out)
+}

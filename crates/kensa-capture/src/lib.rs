@@ -299,7 +299,10 @@ fn watch(id: &str, pipeline: &gst::Pipeline, stop: &AtomicBool, seq: &AtomicU64)
             }
             gst::MessageView::Error(err) => {
                 let element = err.src().map(|s| s.path_string().to_string()).unwrap_or_else(|| "pipeline".into());
-                let reason = format!("{element}: {}", err.error());
+                let reason = match err.debug() {
+                    Some(d) => format!("{element}: {} ({d})", err.error()),
+                    None => format!("{element}: {}", err.error()),
+                };
                 let detail = err.debug().map(|d| d.to_string()).unwrap_or_default();
                 tracing::error!(camera = id, element = %element, detail = %detail, "camera failed: {}", err.error());
                 metrics::counter!(m::CAMERA_ERRORS, "camera" => id.to_string()).increment(1);
@@ -319,7 +322,8 @@ fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
     while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
         if let gst::MessageView::Error(err) = msg.view() {
             let element = err.src().map(|s| s.path_string().to_string()).unwrap_or_else(|| "pipeline".into());
-            return Some(format!("{element}: {}", err.error()));
+            let detail = err.debug().map(|d| format!(" ({d})")).unwrap_or_default();
+            return Some(format!("{element}: {}{detail}", err.error()));
         }
     }
     None

@@ -85,6 +85,12 @@ pub struct KafkaConfig {
     pub connect_timeout_s: u64,
     /// librdkafka `message.timeout.ms`: how long an event may wait for an acknowledgement.
     pub message_timeout_ms: u64,
+    /// Create missing topics at start-up (off where topics are managed by the platform team).
+    pub create_topics: bool,
+    /// Partitions of topics Kensa creates.
+    pub partitions: i32,
+    /// Replication factor of topics Kensa creates; -1 takes the broker's default.
+    pub replication_factor: i32,
     /// Extra librdkafka properties passed through verbatim (TLS, SASL, ...).
     pub properties: BTreeMap<String, String>,
 }
@@ -97,6 +103,9 @@ impl Default for KafkaConfig {
             defects_topic: "kensa.defects".into(),
             connect_timeout_s: 30,
             message_timeout_ms: 30_000,
+            create_topics: true,
+            partitions: 3,
+            replication_factor: -1,
             properties: BTreeMap::new(),
         }
     }
@@ -305,6 +314,12 @@ impl KensaConfig {
             if !valid_topic(topic) {
                 p.push(format!("{key}: `{topic}` is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"));
             }
+        }
+        if self.kafka.partitions < 1 {
+            p.push(format!("kafka.partitions: {} must be at least 1", self.kafka.partitions));
+        }
+        if self.kafka.replication_factor == 0 || self.kafka.replication_factor < -1 {
+            p.push(format!("kafka.replication_factor: {} must be -1 (broker default) or at least 1", self.kafka.replication_factor));
         }
         if self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!("telemetry.listen: `{}` is not an address like 127.0.0.1:9898", self.telemetry.listen));

@@ -23,6 +23,8 @@ pub use proto::InspectionEvent;
 pub enum PublishError {
     #[error("Kafka brokers {brokers} unreachable after {waited_s} s: {last}. Check kafka.brokers and that the broker is up")]
     Unreachable { brokers: String, waited_s: u64, last: String },
+    #[error("cannot create Kafka topic {topic}: {msg} (create it yourself, or check kafka.partitions and kafka.replication_factor)")]
+    Topic { topic: String, msg: String },
     #[error("Kafka client config: {0}")]
     Config(String),
     #[error("Kafka did not acknowledge the event for {topic}: {msg}")]
@@ -62,6 +64,32 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Creates the topics that do not exist yet (an existing topic is left as it is).
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[&str]) -> Result<(), PublishError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(cfg).create().map_err(|e| PublishError::Config(e.to_string()))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication_factor)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| PublishError::Topic { topic: topics.join(","), msg: e.to_string() })?;
+    for r in results {
+        match r {
+            Ok(t) => tracing::info!(topic = %t, partitions = cfg.partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(PublishError::Topic { topic: t, msg: format!("{code:?}: {code}") }),
+        }
+    }
+    Ok(())
+}
+
 /// Renders a librdkafka config for logs with secrets redacted.
 pub fn redacted(cfg: &ClientConfig) -> String {
     let mut items: Vec<String> = cfg
@@ -97,7 +125,7 @@ impl Publisher {
         loop {
             attempt += 1;
             let p = producer.clone();
-            let probe = Duration::from_secs(3).min(deadline.max(Duration::from_millis(500)));
+            let probe = Duration::from_secs(1);
             let res = tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, probe).map(|_| ()))
                 .await
                 .expect("metadata probe thread");
@@ -117,6 +145,9 @@ impl Publisher {
             }
         }
         tracing::info!(brokers = %cfg.brokers, "Kafka reachable");
+        if cfg.create_topics {
+            ensure_topics(cfg, &[&cfg.topic, &cfg.defects_topic]).await?;
+        }
         Ok(Self {
             producer,
             topic: cfg.topic.clone(),

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up, starts a tansu broker on a free port, runs every test of the workspace (unit and
+# integration), stops the broker, and exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+source scripts/env.sh
+source scripts/broker.sh
+start_broker
+trap stop_broker EXIT
+export KENSA_TEST_BROKERS="$KENSA_BROKERS"
+export KENSA_BIN="$CARGO_TARGET_DIR/release/kensa"
+if [ -d ../shared/data ]; then export KENSA_SHARED="$(cd ../shared && pwd)"; fi
+echo "[test] broker $KENSA_TEST_BROKERS; shared data: ${KENSA_SHARED:-absent (tests that need it skip)}" >&2
+cargo test --release --workspace -- --test-threads=2
