@@ -10,7 +10,7 @@ mkdir -p "$KENSA_CACHE" "$KENSA_CACHE/logs" "$KENSA_CACHE/models"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. Debian packages: only the missing ones.
-PKGS=(pkg-config g++ cmake protobuf-compiler python3-venv
+PKGS=(pkg-config g++ cmake protobuf-compiler python3-venv curl
       libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
       gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-tools
       libcurl4-openssl-dev libsasl2-dev zlib1g-dev libssl-dev)

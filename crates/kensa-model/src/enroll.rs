@@ -88,6 +88,7 @@ pub fn enroll(
             progress(done, total);
         }
     }
+    tracing::debug!(?normal, ?anomalous, "calibration populations");
     let calibration = Calibration::fit(&normal, &anomalous);
     let bb = &engine.backbone.meta;
     let meta = BankMeta {

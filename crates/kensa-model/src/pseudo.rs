@@ -5,22 +5,27 @@
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand::Rng;
 
-/// A small random change of pose (shift up to 3 % of the side, rotation up to ±3°) and light
-/// (±5 %), with edges replicated.
+/// A small random change of pose (zoom in by 2-8 %, rotation up to ±2°, and a shift within
+/// what the zoom leaves) and light (±5 %). The view always stays inside the image, so no
+/// artificial border appears (a replicated or black border would itself look anomalous).
 pub fn augment<R: Rng>(img: &RgbImage, r: &mut R) -> RgbImage {
     let (w, h) = img.dimensions();
-    let side = w.min(h) as f32;
-    let dx = r.random_range(-0.03..0.03) * side;
-    let dy = r.random_range(-0.03..0.03) * side;
-    let ang = r.random_range(-3.0f32..3.0).to_radians();
+    let zoom: f32 = r.random_range(1.02..1.08);
+    let ang = r.random_range(-2.0f32..2.0).to_radians();
     let gain = r.random_range(0.95..1.05);
-    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
     let (s, c) = ang.sin_cos();
+    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+    // Room left for a shift once the rotated, zoomed view fits inside the image.
+    let reach = (c.abs() + s.abs()) / zoom;
+    let room_x = (cx * (1.0 - reach)).max(0.0);
+    let room_y = (cy * (1.0 - reach)).max(0.0);
+    let dx = if room_x > 0.0 { r.random_range(-room_x..room_x) } else { 0.0 };
+    let dy = if room_y > 0.0 { r.random_range(-room_y..room_y) } else { 0.0 };
     RgbImage::from_fn(w, h, |x, y| {
         // Inverse map: output pixel ← source pixel.
-        let (ox, oy) = (x as f32 + 0.5 - cx - dx, y as f32 + 0.5 - cy - dy);
-        let sx = c * ox + s * oy + cx;
-        let sy = -s * ox + c * oy + cy;
+        let (ox, oy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        let sx = (c * ox + s * oy) / zoom + cx + dx;
+        let sy = (-s * ox + c * oy) / zoom + cy + dy;
         let p = sample_bilinear(img, sx - 0.5, sy - 0.5);
         Rgb(p.map(|v| (v * gain).clamp(0.0, 255.0) as u8))
     })

@@ -329,7 +329,13 @@ pub fn tail(a: TailArgs) -> Result<ExitCode> {
             let p = d.join(format!("{}_{}.png", ev.camera_id, ev.frame_seq));
             std::fs::write(&p, &ev.mask_png).with_context(|| format!("cannot write {}", p.display()))?;
         }
-        println!("{}", kensa_publish::event_to_json(&ev));
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            if writeln!(out, "{}", kensa_publish::event_to_json(&ev)).and_then(|_| out.flush()).is_err() {
+                break; // the reader went away (e.g. `| head`)
+            }
+        }
         n += 1;
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,111 @@
+//! `kensa synth`, `kensa enroll` and `kensa score` as a user runs them.
+
+use kensa_tests::*;
+use std::path::Path;
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+#[test]
+fn score_writes_exact_json_and_a_map_at_image_resolution() {
+    let dir = TempDir::new("score");
+    let data = dir.path().join("line");
+    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "3", "--defect-rate", "0.5", "--seed", "21", "--size", "192"]);
+    // MVTec layout with masks for every defective image.
+    let good = std::fs::read_dir(data.join("test/good")).unwrap().count();
+    let mut defect_imgs = Vec::new();
+    for d in std::fs::read_dir(data.join("test")).unwrap() {
+        let d = d.unwrap().path();
+        if d.file_name().unwrap() == "good" {
+            continue;
+        }
+        for f in std::fs::read_dir(&d).unwrap() {
+            let f = f.unwrap().path();
+            let mask = data.join("ground_truth").join(d.file_name().unwrap()).join(format!(
+                "{}_mask.png",
+                f.file_stem().unwrap().to_str().unwrap()
+            ));
+            assert!(mask.is_file(), "{} has no mask", f.display());
+            defect_imgs.push(f);
+        }
+    }
+    assert_eq!(good + defect_imgs.len(), 16);
+    assert!(!defect_imgs.is_empty() && good > 0);
+
+    let bank = dir.path().join("line.kbank");
+    kensa_ok(&["enroll", "--product", "line", "--images", data.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    let out = dir.path().join("out");
+    let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let test_dirs: Vec<String> = std::fs::read_dir(data.join("test")).unwrap().map(|d| d.unwrap().path().display().to_string()).collect();
+    args.extend(test_dirs.iter().map(|s| s.as_str()));
+    kensa_ok(&args);
+
+    let mut correct = 0;
+    let mut total = 0;
+    for d in &test_dirs {
+        let is_defect = !d.ends_with("/good");
+        for f in std::fs::read_dir(d).unwrap() {
+            let f = f.unwrap().path();
+            let stem = f.file_stem().unwrap().to_str().unwrap();
+            let j = read_json(&out.join(format!("{stem}.json")));
+            let keys: Vec<&String> = j.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["anomalous", "answer", "confidence", "locations", "score"], "exact keys");
+            let anomalous = j["anomalous"].as_bool().unwrap();
+            let cells = kensa_core::grid::parse_answer(j["answer"].as_str().unwrap()).expect("answer in grammar");
+            assert_eq!(cells.is_empty(), !anomalous);
+            assert_eq!(j["locations"].as_array().unwrap().len(), cells.len());
+            let c = j["confidence"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&c));
+            let (rows, cols, map) =
+                kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap();
+            assert_eq!((rows, cols), (192, 192), "map at the image's own resolution");
+            let max = map.iter().copied().fold(f32::MIN, f32::max);
+            assert!((max - j["score"].as_f64().unwrap() as f32).abs() < 1e-4, "score is the map's max");
+            total += 1;
+            if anomalous == is_defect {
+                correct += 1;
+            }
+        }
+    }
+    assert_eq!(total, 16);
+    assert!(correct * 10 >= total * 8, "verdict accuracy {correct}/{total} on the synthetic line");
+}
+
+#[test]
+fn real_bottle_images_one_shot() {
+    let Some(shared) = shared() else {
+        eprintln!("SKIP real_bottle_images_one_shot: ../shared is absent");
+        return;
+    };
+    let data = shared.join("data/mvtec-bottle");
+    let dir = TempDir::new("bottle");
+    let refs = dir.path().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    let first = std::fs::read_dir(data.join("train/good")).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    std::fs::copy(&first, refs.join(first.file_name().unwrap())).unwrap();
+    let bank = dir.path().join("bottle.kbank");
+    kensa_ok(&["enroll", "--product", "bottle", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    let mut scores = Vec::new(); // (score, is_defect, anomalous)
+    for d in std::fs::read_dir(data.join("test")).unwrap() {
+        let d = d.unwrap().path();
+        let out = dir.path().join("out").join(d.file_name().unwrap());
+        kensa_ok(&["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), d.to_str().unwrap()]);
+        for f in std::fs::read_dir(&out).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|e| e == "json") {
+                let j = read_json(&f);
+                scores.push((j["score"].as_f64().unwrap(), d.file_name().unwrap() != "good", j["anomalous"].as_bool().unwrap()));
+            }
+        }
+    }
+    assert_eq!(scores.len(), 29);
+    let pos: Vec<f64> = scores.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let neg: Vec<f64> = scores.iter().filter(|s| !s.1).map(|s| s.0).collect();
+    let wins: f64 = pos.iter().map(|p| neg.iter().map(|n| if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+    let auroc = wins / (pos.len() * neg.len()) as f64;
+    let acc = scores.iter().filter(|s| s.1 == s.2).count() as f64 / scores.len() as f64;
+    eprintln!("mvtec-bottle 1-shot: image AUROC {auroc:.3}, verdict accuracy {acc:.3}");
+    assert!(auroc >= 0.98, "image AUROC {auroc}");
+    assert!(acc >= 0.85, "verdict accuracy {acc}");
+}
