@@ -431,3 +431,19 @@ source = { kind = "synthetic", seed = 3, count = 10 }
         assert_eq!(c.cameras[0].effective_policy(), FullPolicy::Drop);
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    /// The documented example config parses (paths and banks aside).
+    #[test]
+    fn example_config_parses() {
+        for f in ["kensa.example.toml", "demo.toml"] {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config").join(f);
+            let text = std::fs::read_to_string(&p).unwrap();
+            let c = super::KensaConfig::from_toml_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
+            let problems: Vec<String> =
+                c.problems().into_iter().filter(|p| !p.contains("bank file not found")).collect();
+            assert!(problems.is_empty(), "{f}: {problems:?}");
+        }
+    }
+}
