@@ -12,4 +12,11 @@ export KENSA_TEST_BROKERS="$KENSA_BROKERS"
 export KENSA_BIN="$CARGO_TARGET_DIR/release/kensa"
 if [ -d ../shared/data ]; then export KENSA_SHARED="$(cd ../shared && pwd)"; fi
 echo "[test] broker $KENSA_TEST_BROKERS; shared data: ${KENSA_SHARED:-absent (tests that need it skip)}" >&2
-cargo test --release --workspace -- --test-threads=2
+log="$KENSA_CACHE/logs/test-$$.log"
+status=0
+cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "all: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+rm -f "$log"
+exit "$status"
