@@ -243,7 +243,7 @@ pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                let ev: InspectionEvent = prost::Message::decode(m.payload().unwrap_or_default())
+                let ev: InspectionEvent = kensa_publish::decode_event(m.payload().unwrap_or_default())
                     .with_context(|| format!("undecodable event at offset {}", m.offset()))?;
                 out.push((key, ev));
             }
@@ -255,7 +255,7 @@ pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -
     let linger = Instant::now();
     while linger.elapsed() < Duration::from_millis(1500) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let ev: InspectionEvent = prost::Message::decode(m.payload().unwrap_or_default())?;
+            let ev: InspectionEvent = kensa_publish::decode_event(m.payload().unwrap_or_default())?;
             out.push((String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), ev));
         }
     }

@@ -438,7 +438,7 @@ mod tests {
     use super::*;
 
     fn cam(source: SourceConfig) -> CameraConfig {
-        CameraConfig { id: "c".into(), product: "p".into(), source, width: 64, height: 48, queue: 2, policy: None }
+        CameraConfig { id: "c".into(), line: String::new(), station: String::new(), product: "p".into(), source, width: 64, height: 48, queue: 2, policy: None }
     }
 
     #[test]

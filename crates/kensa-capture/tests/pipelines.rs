@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 fn cam(id: &str, source: SourceConfig, w: u32, h: u32) -> CameraConfig {
-    CameraConfig { id: id.into(), product: "p".into(), source, width: w, height: h, queue: 2, policy: None }
+    CameraConfig { id: id.into(), line: String::new(), station: String::new(), product: "p".into(), source, width: w, height: h, queue: 2, policy: None }
 }
 
 fn collect(cfg: &CameraConfig, cap: usize) -> (Vec<Frame>, kensa_capture::Outcome) {

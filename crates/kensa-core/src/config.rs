@@ -29,6 +29,10 @@ pub struct KensaConfig {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub publish: PublishConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
     /// Products by name: each has a memory bank made by `kensa enroll`.
     #[serde(default)]
     pub products: BTreeMap<String, ProductConfig>,
@@ -125,6 +129,53 @@ impl Default for TelemetryConfig {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// Downscale the event's mask PNG so its longer side is at most this (0: frame size).
+    pub mask_max_side: u32,
+    /// Where full-resolution anomaly maps (.npy) and frame snapshots (.png) are written; the
+    /// event carries their paths, not the bytes. Unset: nothing is stored.
+    pub store_dir: Option<PathBuf>,
+    /// Which frames are stored: `anomalous` or `all`.
+    pub store: StoreWhich,
+    /// Wrap payloads in Confluent Schema Registry framing with this schema id (magic byte 0,
+    /// 4-byte id, message index 0). Unset: plain protobuf.
+    pub schema_registry_id: Option<u32>,
+    /// How long shutdown waits for Kafka to acknowledge what is in flight; the rest stays in
+    /// the outbox and is sent at the next start.
+    pub drain_timeout_s: u64,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self { mask_max_side: 0, store_dir: None, store: StoreWhich::Anomalous, schema_registry_id: None, drain_timeout_s: 15 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreWhich {
+    Anomalous,
+    All,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Durable spool: every event is written (fsync per batch) here before it goes to Kafka
+    /// and removed when acknowledged. Default `kensa-outbox` beside the config file.
+    pub dir: PathBuf,
+    /// Disk budget. Past 80 % normal results are dropped (counted); past 100 % defects too.
+    pub max_bytes: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("kensa-outbox"), max_bytes: 1 << 30 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProductConfig {
     /// Memory bank file written by `kensa enroll`.
@@ -146,6 +197,11 @@ pub enum FullPolicy {
 pub struct CameraConfig {
     /// Unique id: the Kafka key and the `camera` metric label.
     pub id: String,
+    /// Production line and station, copied into every event.
+    #[serde(default)]
+    pub line: String,
+    #[serde(default)]
+    pub station: String,
     /// Product name (a key of `[products]`).
     pub product: String,
     pub source: SourceConfig,
@@ -284,6 +340,10 @@ impl KensaConfig {
         for p in self.products.values_mut() {
             fix(&mut p.bank);
         }
+        fix(&mut self.outbox.dir);
+        if let Some(d) = self.publish.store_dir.as_mut() {
+            fix(d);
+        }
         for c in &mut self.cameras {
             match &mut c.source {
                 SourceConfig::ImageFolder { path, .. } | SourceConfig::VideoFile { path } => fix(path),
@@ -320,6 +380,9 @@ impl KensaConfig {
         }
         if self.kafka.replication_factor == 0 || self.kafka.replication_factor < -1 {
             p.push(format!("kafka.replication_factor: {} must be -1 (broker default) or at least 1", self.kafka.replication_factor));
+        }
+        if self.outbox.max_bytes < (1 << 20) {
+            p.push(format!("outbox.max_bytes: {} is below the 1 MiB minimum", self.outbox.max_bytes));
         }
         if self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!("telemetry.listen: `{}` is not an address like 127.0.0.1:9898", self.telemetry.listen));

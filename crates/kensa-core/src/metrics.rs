@@ -9,6 +9,7 @@ pub const EVENTS_PUBLISHED: &str = "kensa_events_published_total";
 pub const PUBLISH_ERRORS: &str = "kensa_publish_errors_total";
 pub const END_TO_END_LATENCY: &str = "kensa_end_to_end_latency_seconds";
 pub const SCORE_LATENCY: &str = "kensa_score_batch_seconds";
+pub const STAGE_LATENCY: &str = "kensa_stage_latency_seconds";
 pub const BATCH_SIZE: &str = "kensa_batch_size";
 pub const IMAGE_SCORE: &str = "kensa_image_score";
 pub const CAMERA_UP: &str = "kensa_camera_up";
@@ -40,6 +41,12 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (PUBLISH_ERRORS, "Events Kafka did not acknowledge, by reason.", "count"),
     (END_TO_END_LATENCY, "Capture to Kafka acknowledgement.", "seconds"),
     (SCORE_LATENCY, "Model time for one batch (backbone and scoring).", "seconds"),
+    (STAGE_LATENCY, "Time per frame in each stage: queue, model, verdict.", "seconds"),
+    ("kensa_outbox_bytes", "Bytes of the durable outbox on disk.", "bytes"),
+    ("kensa_outbox_events", "Events spooled and not yet acknowledged by Kafka.", "count"),
+    ("kensa_outbox_appended_total", "Events written durably to the outbox.", "count"),
+    ("kensa_outbox_dropped_total", "Events dropped because the outbox was over budget, by reason.", "count"),
+    ("kensa_events_rejected_total", "Events Kafka refused for good (kept in the outbox's rejected/ folder), by reason.", "count"),
     (BATCH_SIZE, "Frames per scored batch.", "count"),
     (IMAGE_SCORE, "Image-level anomaly score, per product.", "score"),
     (CAMERA_UP, "1 while the camera's pipeline is running, 0 otherwise.", "bool"),

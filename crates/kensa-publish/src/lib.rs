@@ -9,9 +9,13 @@ use kensa_core::config::KafkaConfig;
 use kensa_core::grid::Cell;
 use kensa_core::metrics as m;
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use std::time::{Duration, Instant};
+
+pub mod outbox;
 
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/kensa.v1.rs"));
@@ -56,6 +60,7 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", "kensa")
         .set("acks", "all")
+        .set("enable.idempotence", "true")
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
         .set("socket.timeout.ms", "10000");
     for (k, v) in &cfg.properties {
@@ -156,37 +161,30 @@ impl Publisher {
         })
     }
 
-    async fn send_one(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), PublishError> {
-        let rec = FutureRecord::to(topic).key(key).payload(payload);
-        match self.producer.send(rec, Timeout::After(self.timeout)).await {
-            Ok(_) => {
-                metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.to_string()).increment(1);
-                Ok(())
-            }
-            Err((e, _)) => {
-                let reason = match e.rdkafka_error_code() {
-                    Some(code) => format!("{code:?}"),
-                    None => "client".to_string(),
-                };
-                metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.to_string(), "reason" => reason).increment(1);
-                Err(PublishError::Delivery { topic: topic.to_string(), msg: e.to_string() })
+    /// Sends one spooled record to each of its topics and waits for the acknowledgements.
+    pub async fn send(&self, rec: &outbox::SpoolRecord) -> Result<(), SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(rec.header_names.len());
+        for (k, v) in rec.header_names.iter().zip(&rec.header_values) {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let sends = rec.topics.iter().map(|topic| {
+            let r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers.clone());
+            async move { (topic, self.producer.send(r, Timeout::After(self.timeout)).await) }
+        });
+        let mut first_err = None;
+        for (topic, res) in futures_join_all(sends).await {
+            match res {
+                Ok(_) => metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.clone()).increment(1),
+                Err((e, _)) => {
+                    let code = e.rdkafka_error_code();
+                    let reason = code.map(|c| format!("{c:?}")).unwrap_or_else(|| "client".into());
+                    metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.clone(), "reason" => reason.clone()).increment(1);
+                    first_err.get_or_insert(SendError { fatal: is_fatal(code), reason, topic: topic.clone(), msg: e.to_string() });
+                }
             }
         }
-    }
-
-    /// Publishes one event (and, if anomalous, its copy on the defects topic), waiting for the
-    /// acknowledgements.
-    pub async fn publish(&self, ev: &InspectionEvent) -> Result<(), PublishError> {
-        let payload = prost::Message::encode_to_vec(ev);
-        if ev.anomalous {
-            let (a, b) = tokio::join!(
-                self.send_one(&self.topic, &ev.camera_id, &payload),
-                self.send_one(&self.defects_topic, &ev.camera_id, &payload)
-            );
-            a.and(b)
-        } else {
-            self.send_one(&self.topic, &ev.camera_id, &payload).await
-        }
+        // A topic that already acknowledged gets the record again on retry; consumers dedupe.
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Waits for everything queued to be delivered (blocking; call off the async runtime).
@@ -195,6 +193,139 @@ impl Publisher {
             .flush(Timeout::After(timeout))
             .map_err(|e| PublishError::Delivery { topic: self.topic.clone(), msg: format!("flush: {e}") })
     }
+}
+
+/// A failed send: `fatal` ones will never succeed (too large, not authorised, invalid topic).
+#[derive(Debug, Clone)]
+pub struct SendError {
+    pub fatal: bool,
+    pub reason: String,
+    pub topic: String,
+    pub msg: String,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.fatal { "rejected for good" } else { "not acknowledged (will retry)" };
+        write!(f, "Kafka {kind} on {}: {}", self.topic, self.msg)
+    }
+}
+
+/// Errors that retrying cannot fix.
+pub fn is_fatal(code: Option<RDKafkaErrorCode>) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidArgument
+                | C::KeySerialization
+                | C::ValueSerialization
+        )
+    )
+}
+
+async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    // Sends were all handed to librdkafka when created; awaiting them in turn is concurrent.
+    let pinned: Vec<_> = fs.map(Box::pin).collect();
+    for f in pinned {
+        out.push(f.await);
+    }
+    out
+}
+
+/// The CloudEvents type of Kensa's events.
+pub const CE_TYPE: &str = "com.kensa.inspection.v1";
+/// The schema name carried in `ce_dataschema`.
+pub const SCHEMA_NAME: &str = "kensa.v1.InspectionEvent";
+
+/// The spool record for an event: payload (optionally in Confluent Schema Registry framing),
+/// key = camera id, CloudEvents binary-mode headers, and its topics.
+pub fn spool_record(
+    ev: &InspectionEvent,
+    topic: &str,
+    defects_topic: &str,
+    schema_registry_id: Option<u32>,
+) -> outbox::SpoolRecord {
+    let body = prost::Message::encode_to_vec(ev);
+    let payload = match schema_registry_id {
+        None => body,
+        Some(id) => {
+            // Magic byte 0, schema id (big endian), message-index list [0] encoded as one 0 byte.
+            let mut v = Vec::with_capacity(body.len() + 6);
+            v.push(0);
+            v.extend_from_slice(&id.to_be_bytes());
+            v.push(0);
+            v.extend_from_slice(&body);
+            v
+        }
+    };
+    let source = format!("/kensa/{}/{}", if ev.line.is_empty() { "default" } else { &ev.line }, ev.camera_id);
+    let secs = ev.capture_time_unix_nanos.div_euclid(1_000_000_000);
+    let nanos = ev.capture_time_unix_nanos.rem_euclid(1_000_000_000) as u32;
+    let headers: Vec<(&str, String)> = vec![
+        ("ce_specversion", "1.0".into()),
+        ("ce_id", ev.event_id.clone()),
+        ("ce_type", CE_TYPE.into()),
+        ("ce_source", source),
+        ("ce_time", rfc3339(secs, nanos)),
+        ("ce_subject", ev.camera_id.clone()),
+        ("ce_dataschema", SCHEMA_NAME.into()),
+        ("content-type", "application/protobuf".into()),
+    ];
+    let mut topics = vec![topic.to_string()];
+    if ev.anomalous {
+        topics.push(defects_topic.to_string());
+    }
+    outbox::SpoolRecord {
+        event_id: ev.event_id.clone(),
+        topics,
+        key: ev.camera_id.clone(),
+        payload,
+        header_names: headers.iter().map(|(k, _)| k.to_string()).collect(),
+        header_values: headers.into_iter().map(|(_, v)| v.into_bytes()).collect(),
+        anomalous: ev.anomalous,
+    }
+}
+
+/// Decodes a payload, plain protobuf or in Schema Registry framing (a protobuf message never
+/// starts with byte 0, so the two cannot be confused).
+pub fn decode_event(payload: &[u8]) -> Result<InspectionEvent, prost::DecodeError> {
+    if payload.first() == Some(&0) && payload.len() >= 6 {
+        // Skip magic + id, then the message-index list (varint count, then that many varints).
+        let mut rest = &payload[5..];
+        let count = prost::encoding::decode_varint(&mut rest)?;
+        for _ in 0..count {
+            prost::encoding::decode_varint(&mut rest)?;
+        }
+        return prost::Message::decode(rest);
+    }
+    prost::Message::decode(payload)
+}
+
+/// RFC 3339 UTC time from Unix seconds and nanoseconds (no date crate needed for this).
+pub fn rfc3339(secs: i64, nanos: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil-from-days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
 /// An event as JSON (for `kensa tail`): every field, cells by name, the mask by size.
@@ -224,6 +355,16 @@ pub fn event_to_json(ev: &InspectionEvent) -> serde_json::Value {
         "bank_version": ev.bank_version,
         "model": ev.model_id,
         "kensa_version": ev.kensa_version,
+        "line": ev.line,
+        "station": ev.station,
+        "stages": ev.stages.iter().map(|s| serde_json::json!({"stage": s.stage, "seconds": s.seconds})).collect::<Vec<_>>(),
+        "verdicts": ev.verdicts.iter().map(|v| serde_json::json!({
+            "judge": v.judge, "anomalous": v.anomalous, "answer": v.answer, "confidence": v.confidence
+        })).collect::<Vec<_>>(),
+        "mask_width": ev.mask_width,
+        "mask_height": ev.mask_height,
+        "map_path": ev.map_path,
+        "snapshot_path": ev.snapshot_path,
     })
 }
 
@@ -248,6 +389,41 @@ mod tests {
         let j = event_to_json(&back);
         assert_eq!(j["locations"][0], "top left");
         assert_eq!(j["camera"], "cam");
+    }
+
+    #[test]
+    fn rfc3339_known_values() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(rfc3339(1_795_607_471, 123_000_000), "2026-11-25T11:51:11.123000000Z");
+    }
+
+    #[test]
+    fn schema_registry_framing_roundtrips_and_headers_are_cloudevents() {
+        let ev = InspectionEvent { event_id: "c/1/0".into(), camera_id: "c".into(), anomalous: true, score: 0.5, ..Default::default() };
+        for id in [None, Some(42)] {
+            let rec = spool_record(&ev, "r", "d", id);
+            assert_eq!(rec.topics, ["r", "d"]);
+            if id.is_some() {
+                assert_eq!(&rec.payload[..6], &[0, 0, 0, 0, 42, 0]);
+            }
+            assert_eq!(decode_event(&rec.payload).unwrap(), ev);
+            let h: std::collections::HashMap<_, _> = rec.header_names.iter().zip(&rec.header_values).collect();
+            assert_eq!(h[&"ce_id".to_string()], b"c/1/0");
+            assert_eq!(h[&"ce_specversion".to_string()], b"1.0");
+            assert_eq!(h[&"content-type".to_string()], b"application/protobuf");
+        }
+        let normal = InspectionEvent { anomalous: false, ..ev };
+        assert_eq!(spool_record(&normal, "r", "d", None).topics, ["r"]);
+    }
+
+    #[test]
+    fn fatal_and_retriable_errors_are_told_apart() {
+        assert!(is_fatal(Some(RDKafkaErrorCode::MessageSizeTooLarge)));
+        assert!(is_fatal(Some(RDKafkaErrorCode::TopicAuthorizationFailed)));
+        assert!(!is_fatal(Some(RDKafkaErrorCode::MessageTimedOut)));
+        assert!(!is_fatal(Some(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(!is_fatal(Some(RDKafkaErrorCode::UnknownTopicOrPartition)));
     }
 
     #[test]

@@ -315,7 +315,7 @@ pub fn tail(a: TailArgs) -> Result<ExitCode> {
         };
         last = Instant::now();
         let Some(payload) = msg.payload() else { continue };
-        let ev: kensa_publish::InspectionEvent = match prost::Message::decode(payload) {
+        let ev: kensa_publish::InspectionEvent = match kensa_publish::decode_event(payload) {
             Ok(ev) => ev,
             Err(e) => {
                 eprintln!("warning: undecodable event at partition {} offset {}: {e}", msg.partition(), msg.offset());

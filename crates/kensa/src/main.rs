@@ -1,6 +1,7 @@
 //! `kensa`: the inspection daemon and its tools. Wiring only; the work is in the crates.
 
 mod commands;
+mod deliver;
 mod run;
 
 use clap::{Parser, Subcommand};

@@ -14,13 +14,15 @@ use kensa_core::Frame;
 use kensa_model::backbone::Backbone;
 use kensa_model::bank::Bank;
 use kensa_model::engine::Engine;
+use crate::deliver::{self, Scored};
+use kensa_core::config::StoreWhich;
+use kensa_publish::outbox::Outbox;
 use kensa_publish::{cell_to_proto, proto, InspectionEvent, Publisher};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -36,14 +38,6 @@ pub struct RunArgs {
     /// Longest an orderly shutdown may take before Kensa exits anyway.
     #[arg(long, default_value_t = 30)]
     shutdown_deadline_s: u64,
-}
-
-/// A scored frame on its way to Kafka.
-struct Scored {
-    event: InspectionEvent,
-    captured_at: Instant,
-    camera: Arc<str>,
-    product: Arc<str>,
 }
 
 pub fn main(a: RunArgs) -> Result<ExitCode> {
@@ -68,7 +62,7 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
 
     // Model thread: loads the backbone and banks first, so a bad bank fails start-up.
     let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Frame>>(1);
-    let (scored_tx, mut scored_rx) = mpsc::channel::<Scored>(256);
+    let (scored_tx, scored_rx) = mpsc::channel::<Scored>(256);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(String, Vec<(String, String)>)>>();
     let model_cfg = cfg.clone();
     let model_thread = std::thread::Builder::new().name("kensa-model".into()).spawn(move || {
@@ -96,7 +90,12 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         let model_id = format!("{}@{}", engine.backbone.meta.name, engine.backbone.meta.weights);
         let versions = banks.iter().map(|(k, b)| (k.clone(), b.meta.version())).collect();
         let _ = ready_tx.send(Ok((format!("{model_id} on {:?}", engine.device()), versions)));
-        model_loop(&engine, &banks, &model_id, &mut batch_rx, &scored_tx);
+        let ctx = ModelCtx {
+            model_id,
+            cameras: model_cfg.cameras.iter().map(|c| (c.id.clone(), (c.line.clone(), c.station.clone()))).collect(),
+            publish: model_cfg.publish.clone(),
+        };
+        model_loop(&engine, &banks, &ctx, &mut batch_rx, &scored_tx);
     })?;
     let (model_desc, versions) = tokio::task::spawn_blocking(move || ready_rx.recv())
         .await?
@@ -107,6 +106,8 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         metrics::gauge!("kensa_bank_info", "product" => product.clone(), "version" => v.clone()).set(1.0);
     }
 
+    let (outbox, pending) = Outbox::open(&cfg.outbox.dir, cfg.outbox.max_bytes)?;
+    tracing::info!(dir = %cfg.outbox.dir.display(), pending = pending.len(), "outbox open");
     let publisher = Publisher::connect(&cfg.kafka).await?;
 
     let mut srx = stop_rx.clone();
@@ -167,51 +168,14 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         }
     });
 
-    // Publisher: bounded in-flight sends; each event waits for its acknowledgement.
-    let publisher_task = tokio::spawn(async move {
-        let inflight = Arc::new(Semaphore::new(512));
-        let mut lost = 0u64;
-        let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<()>();
-        while let Some(s) = scored_rx.recv().await {
-            let permit = inflight.clone().acquire_owned().await.expect("semaphore open");
-            let p = publisher.clone();
-            let lost_tx = lost_tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let mut ev = s.event;
-                let mut attempt = 0;
-                loop {
-                    ev.publish_time_unix_nanos = unix_nanos(SystemTime::now());
-                    match p.publish(&ev).await {
-                        Ok(()) => {
-                            metrics::histogram!(m::END_TO_END_LATENCY, "camera" => s.camera.to_string())
-                                .record(s.captured_at.elapsed().as_secs_f64());
-                            break;
-                        }
-                        Err(e) if attempt < 3 => {
-                            attempt += 1;
-                            tracing::warn!(camera = %s.camera, frame = ev.frame_seq, attempt, "{e}; retrying");
-                            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                        }
-                        Err(e) => {
-                            tracing::error!(camera = %s.camera, product = %s.product, frame = ev.frame_seq, "event lost: {e}");
-                            let _ = lost_tx.send(());
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-        drop(lost_tx);
-        // Wait for every send still in flight.
-        let _ = inflight.acquire_many(512).await;
-        while lost_rx.recv().await.is_some() {
-            lost += 1;
-        }
-        let p = publisher.clone();
-        let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await;
-        lost
-    });
+    // Delivery: outbox, then Kafka, each event acknowledged.
+    let settings = deliver::Settings {
+        topic: cfg.kafka.topic.clone(),
+        defects_topic: cfg.kafka.defects_topic.clone(),
+        schema_registry_id: cfg.publish.schema_registry_id,
+        drain: Duration::from_secs(cfg.publish.drain_timeout_s),
+    };
+    let publisher_task = tokio::spawn(deliver::run(publisher, outbox, pending, scored_rx, settings));
 
     // Wait for a reason to stop.
     let mut cams_done = cams_done;
@@ -233,7 +197,7 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
                 tracing::info!(failed, "all cameras have ended");
             }
             r = &mut publisher_task, if drained_early.is_none() => {
-                drained_early = Some(r.unwrap_or(0));
+                drained_early = Some(r.unwrap_or_default());
                 tracing::info!("all frames scored and published");
                 if a.exit_when_done { break; }
             }
@@ -251,13 +215,13 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             None => cams_done.await.unwrap_or(0),
         };
         let _ = batcher.await;
-        let lost = match drained_early {
+        let summary = match drained_early {
             Some(l) => l,
-            None => publisher_task.await.unwrap_or(0),
+            None => publisher_task.await.unwrap_or_default(),
         };
-        (failed, lost)
+        (failed, summary)
     };
-    let (cam_failed, lost) = match tokio::time::timeout(deadline, drain).await {
+    let (cam_failed, summary) = match tokio::time::timeout(deadline, drain).await {
         Ok(v) => v,
         Err(_) => {
             tracing::error!("shutdown did not finish within {}s; exiting anyway", deadline.as_secs());
@@ -268,11 +232,18 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     let _ = http.await;
     let _ = model_thread.join();
     let failed = cam_failed + failures;
-    if lost > 0 {
-        tracing::error!(lost, "events were not acknowledged by Kafka");
+    if summary.remaining > 0 {
+        tracing::warn!(
+            events = summary.remaining,
+            dir = %cfg.outbox.dir.display(),
+            "events not yet acknowledged by Kafka stay in the outbox and are sent at the next start"
+        );
     }
-    tracing::info!(camera_failures = failed, events_lost = lost, "stopped");
-    Ok(if failed > 0 || lost > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    if summary.dropped > 0 {
+        tracing::error!(events = summary.dropped, "events were dropped because the outbox was over its budget");
+    }
+    tracing::info!(camera_failures = failed, events_dropped = summary.dropped, events_spooled = summary.remaining, "stopped");
+    Ok(if failed > 0 || summary.dropped > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 async fn shutdown_signal() {
@@ -285,11 +256,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// What the model thread needs besides the model.
+struct ModelCtx {
+    model_id: String,
+    /// Camera id → (line, station).
+    cameras: HashMap<String, (String, String)>,
+    publish: kensa_core::config::PublishConfig,
+}
+
 /// The model thread: scores each batch (grouped by product), judges, and builds the events.
 fn model_loop(
     engine: &Engine,
     banks: &HashMap<String, Bank>,
-    model_id: &str,
+    ctx: &ModelCtx,
     batches: &mut mpsc::Receiver<Vec<Frame>>,
     out: &mpsc::Sender<Scored>,
 ) {
@@ -301,6 +280,7 @@ fn model_loop(
         for f in &batch {
             by_product.entry(&f.product).or_default().push(f);
         }
+        let batch_formed = Instant::now();
         for (product, frames) in by_product {
             let Some(bank) = banks.get(product) else {
                 for f in &frames {
@@ -311,6 +291,7 @@ fn model_loop(
                 continue;
             };
             let views: Vec<(&[u8], u32, u32)> = frames.iter().map(|f| (f.data.as_slice(), f.width, f.height)).collect();
+            let t_model = Instant::now();
             let maps = match engine.score(&views, bank) {
                 Ok(m) => m,
                 Err(e) => {
@@ -322,8 +303,17 @@ fn model_loop(
                     continue;
                 }
             };
+            let model_s = t_model.elapsed().as_secs_f64() / frames.len() as f64;
             for (f, map) in frames.iter().zip(maps) {
+                let t_verdict = Instant::now();
                 let (v, mask) = kensa_verdict::judge(&map, &bank.meta.calibration);
+                let (mask, mw, mh) = downscale_mask(&mask, map.width, map.height, ctx.publish.mask_max_side);
+                let (map_path, snapshot_path) = match &ctx.publish.store_dir {
+                    Some(dir) if v.anomalous || ctx.publish.store == StoreWhich::All => store(dir, f, &map),
+                    _ => (String::new(), String::new()),
+                };
+                let (line, station) = ctx.cameras.get(&*f.camera).cloned().unwrap_or_default();
+                let queue_s = batch_formed.saturating_duration_since(f.captured_at).as_secs_f64();
                 metrics::counter!(m::FRAMES_SCORED, "camera" => f.camera.to_string(), "product" => product.to_string())
                     .increment(1);
                 metrics::histogram!(m::IMAGE_SCORE, "product" => product.to_string()).record(v.score as f64);
@@ -357,19 +347,89 @@ fn model_loop(
                         .collect(),
                     confidence: v.confidence,
                     judge: v.judge.to_string(),
-                    mask_png: kensa_verdict::mask_png(&mask, map.width, map.height),
+                    mask_png: kensa_verdict::mask_png(&mask, mw, mh),
                     width: map.width,
                     height: map.height,
                     bank_version: bank.meta.version(),
-                    model_id: model_id.to_string(),
+                    model_id: ctx.model_id.clone(),
                     kensa_version: env!("CARGO_PKG_VERSION").to_string(),
+                    line,
+                    station,
+                    stages: Vec::new(),
+                    verdicts: vec![proto::Judgement {
+                        judge: v.judge.to_string(),
+                        anomalous: v.anomalous,
+                        answer: v.answer.clone(),
+                        confidence: v.confidence,
+                    }],
+                    mask_width: mw,
+                    mask_height: mh,
+                    map_path,
+                    snapshot_path,
                 };
-                let s = Scored { event, captured_at: f.captured_at, camera: f.camera.clone(), product: f.product.clone() };
+                let mut event = event;
+                let verdict_s = t_verdict.elapsed().as_secs_f64();
+                event.stages = [("queue", queue_s), ("model", model_s), ("verdict", verdict_s)]
+                    .into_iter()
+                    .map(|(stage, seconds)| {
+                        metrics::histogram!(m::STAGE_LATENCY, "stage" => stage).record(seconds);
+                        proto::StageLatency { stage: stage.to_string(), seconds }
+                    })
+                    .collect();
+                event.publish_time_unix_nanos = unix_nanos(SystemTime::now());
+                let s = Scored { event, captured_at: f.captured_at };
                 if out.blocking_send(s).is_err() {
                     return;
                 }
             }
         }
         metrics::histogram!(m::SCORE_LATENCY).record(t0.elapsed().as_secs_f64());
+    }
+}
+
+/// Nearest-neighbour downscale of a 0/255 mask so its longer side is at most `max_side`
+/// (0: unchanged).
+fn downscale_mask(mask: &[u8], w: u32, h: u32, max_side: u32) -> (Vec<u8>, u32, u32) {
+    if max_side == 0 || w.max(h) <= max_side {
+        return (mask.to_vec(), w, h);
+    }
+    let scale = max_side as f64 / w.max(h) as f64;
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
+    let mut out = vec![0u8; (nw * nh) as usize];
+    for y in 0..nh {
+        let sy = ((y as f64 + 0.5) / scale) as u32;
+        for x in 0..nw {
+            let sx = ((x as f64 + 0.5) / scale) as u32;
+            out[(y * nw + x) as usize] = mask[(sy.min(h - 1) * w + sx.min(w - 1)) as usize];
+        }
+    }
+    (out, nw, nh)
+}
+
+/// Writes the full-resolution map (.npy) and the frame (.png) under `dir/<camera>/`; returns
+/// their paths (empty strings if writing failed, which is logged).
+fn store(dir: &std::path::Path, f: &Frame, map: &kensa_core::AnomalyMap) -> (String, String) {
+    let d = dir.join(&*f.camera);
+    let stem = format!("{:012}", f.seq);
+    let res = (|| -> std::io::Result<(PathBuf, PathBuf)> {
+        std::fs::create_dir_all(&d)?;
+        let mp = d.join(format!("{stem}_map.npy"));
+        kensa_core::npy::write_f32_2d(
+            std::io::BufWriter::new(std::fs::File::create(&mp)?),
+            map.height as usize,
+            map.width as usize,
+            &map.data,
+        )?;
+        let sp = d.join(format!("{stem}.png"));
+        image::save_buffer(&sp, &f.data, f.width, f.height, image::ExtendedColorType::Rgb8)
+            .map_err(std::io::Error::other)?;
+        Ok((mp, sp))
+    })();
+    match res {
+        Ok((m, s)) => (m.display().to_string(), s.display().to_string()),
+        Err(e) => {
+            tracing::error!(camera = %f.camera, frame = f.seq, dir = %d.display(), "cannot store map and snapshot: {e}");
+            (String::new(), String::new())
+        }
     }
 }

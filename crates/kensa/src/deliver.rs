@@ -1,0 +1,187 @@
+//! Delivery: scored events → durable outbox (fsync per batch) → Kafka → acknowledged and
+//! forgotten. Retriable errors are retried with capped backoff for as long as Kensa runs (the
+//! event stays in the outbox meanwhile); fatal ones move the record to the outbox's
+//! `rejected/` folder with the reason. On shutdown, in-flight sends get `drain` to finish; what
+//! remains stays spooled and is sent at the next start.
+
+use kensa_core::metrics as m;
+use kensa_publish::outbox::{EntryId, Outbox, SpoolRecord};
+use kensa_publish::{spool_record, InspectionEvent, Publisher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// A scored frame on its way to Kafka.
+pub struct Scored {
+    pub event: InspectionEvent,
+    pub captured_at: Instant,
+}
+
+pub const OUTBOX_BYTES: &str = "kensa_outbox_bytes";
+pub const OUTBOX_PENDING: &str = "kensa_outbox_events";
+pub const OUTBOX_APPENDED: &str = "kensa_outbox_appended_total";
+pub const OUTBOX_DROPPED: &str = "kensa_outbox_dropped_total";
+pub const EVENTS_REJECTED: &str = "kensa_events_rejected_total";
+
+pub struct Settings {
+    pub topic: String,
+    pub defects_topic: String,
+    pub schema_registry_id: Option<u32>,
+    pub drain: Duration,
+}
+
+/// What delivery ended with.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Refused by the outbox budget: lost, and counted.
+    pub dropped: u64,
+    /// Still spooled at exit (sent at the next start).
+    pub remaining: u64,
+}
+
+const MAX_INFLIGHT: u32 = 512;
+
+fn gauges(ob: &Outbox) {
+    metrics::gauge!(OUTBOX_BYTES).set(ob.usage() as f64);
+    metrics::gauge!(OUTBOX_PENDING).set(ob.pending() as f64);
+}
+
+/// Runs delivery until `scored` closes and everything is acknowledged or `drain` has passed.
+pub async fn run(
+    publisher: Publisher,
+    outbox: Outbox,
+    pending: Vec<(EntryId, SpoolRecord)>,
+    mut scored: mpsc::Receiver<Scored>,
+    s: Settings,
+) -> Summary {
+    let outbox = Arc::new(Mutex::new(outbox));
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut summary = Summary::default();
+    gauges(&outbox.lock().expect("outbox lock"));
+    if !pending.is_empty() {
+        tracing::info!(events = pending.len(), "resending events left in the outbox by an earlier run");
+    }
+    for (id, rec) in pending {
+        let permit = inflight.clone().acquire_owned().await.expect("semaphore open");
+        let (p, ob, stop) = (publisher.clone(), outbox.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            deliver(&p, &ob, Some(id), rec, None, stop).await;
+            drop(permit);
+        });
+    }
+    while let Some(first) = scored.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 64 {
+            match scored.try_recv() {
+                Ok(x) => batch.push(x),
+                Err(_) => break,
+            }
+        }
+        let recs: Vec<SpoolRecord> = batch
+            .iter()
+            .map(|x| spool_record(&x.event, &s.topic, &s.defects_topic, s.schema_registry_id))
+            .collect();
+        let appended = tokio::task::block_in_place(|| {
+            let mut ob = outbox.lock().expect("outbox lock");
+            let r = ob.append(&recs);
+            gauges(&ob);
+            r
+        });
+        // Each record with its outbox id (None: not spooled because the disk failed);
+        // records refused by the budget are dropped here, counted.
+        let accepted: Vec<(Scored, SpoolRecord, Option<EntryId>)> = match appended {
+            Ok(results) => batch
+                .into_iter()
+                .zip(recs)
+                .zip(results)
+                .filter_map(|((x, rec), r)| match r {
+                    Ok(id) => {
+                        metrics::counter!(OUTBOX_APPENDED).increment(1);
+                        Some((x, rec, Some(id)))
+                    }
+                    Err(refused) => {
+                        summary.dropped += 1;
+                        metrics::counter!(OUTBOX_DROPPED, "reason" => refused.reason()).increment(1);
+                        tracing::warn!(camera = %x.event.camera_id, frame = x.event.frame_seq, reason = refused.reason(),
+                            "outbox over budget: event dropped");
+                        None
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!("{e}; sending this batch without spooling it");
+                batch.into_iter().zip(recs).map(|(x, rec)| (x, rec, None)).collect()
+            }
+        };
+        for (x, rec, id) in accepted {
+            let permit = inflight.clone().acquire_owned().await.expect("semaphore open");
+            let (p, ob, stop) = (publisher.clone(), outbox.clone(), stop_rx.clone());
+            let origin = Some((x.captured_at, x.event.camera_id.clone()));
+            tokio::spawn(async move {
+                deliver(&p, &ob, id, rec, origin, stop).await;
+                drop(permit);
+            });
+        }
+    }
+    // Input closed: give in-flight sends `drain` to finish.
+    let all = tokio::time::timeout(s.drain, inflight.clone().acquire_many_owned(MAX_INFLIGHT)).await;
+    if all.is_err() {
+        let _ = stop_tx.send(true);
+        let _ = inflight.acquire_many(MAX_INFLIGHT).await;
+    }
+    let p = publisher.clone();
+    let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
+    let ob = outbox.lock().expect("outbox lock");
+    gauges(&ob);
+    summary.remaining = ob.pending();
+    summary
+}
+
+async fn deliver(
+    p: &Publisher,
+    outbox: &Arc<Mutex<Outbox>>,
+    id: Option<EntryId>,
+    rec: SpoolRecord,
+    origin: Option<(Instant, String)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let res = tokio::select! {
+            r = p.send(&rec) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match res {
+            Ok(()) => {
+                if let Some(id) = id {
+                    let mut ob = outbox.lock().expect("outbox lock");
+                    ob.ack(id);
+                    gauges(&ob);
+                }
+                if let Some((t, camera)) = origin {
+                    metrics::histogram!(m::END_TO_END_LATENCY, "camera" => camera).record(t.elapsed().as_secs_f64());
+                }
+                return;
+            }
+            Err(e) if e.fatal => {
+                metrics::counter!(EVENTS_REJECTED, "reason" => e.reason.clone()).increment(1);
+                let kept = id.map(|id| outbox.lock().expect("outbox lock").reject(id, &rec, &e.to_string()));
+                tracing::error!(event = %rec.event_id, kept = ?kept, "{e}");
+                return;
+            }
+            Err(e) => {
+                if attempt == 1 || attempt % 20 == 0 {
+                    tracing::warn!(event = %rec.event_id, attempt, "{e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
