@@ -3,46 +3,7 @@
 
 use kensa_tests::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
-
-fn config(
-    dir: &Path,
-    bank: &Path,
-    topic: &str,
-    brokers: &str,
-    metrics: &str,
-    cameras: &str,
-) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[model]
-device = "cpu"
-
-[batch]
-max_size = 4
-max_wait_ms = 20
-
-[kafka]
-brokers = "{brokers}"
-topic = "{topic}"
-defects_topic = "{topic}.defects"
-connect_timeout_s = 10
-
-[telemetry]
-listen = "{metrics}"
-
-[products.disc]
-bank = "{bank}"
-
-{cameras}
-"#,
-        bank = bank.display()
-    );
-    let p = dir.join("kensa.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 #[test]
 fn synthetic_camera_to_kafka_end_to_end() {

@@ -207,24 +207,51 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     total
 }
 
+/// One consumed record.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub key: String,
+    pub event: InspectionEvent,
+    pub headers: std::collections::HashMap<String, String>,
+}
+
 /// Reads events from `topic` from the beginning until `expected` have arrived or `timeout`
 /// passes; returns (key, event) pairs in arrival order.
 pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Result<Vec<(String, InspectionEvent)>> {
+    let mut n = 0;
+    let got = consume_until(brokers, topic, timeout, |r| {
+        n = r.len();
+        n >= expected
+    })?;
+    Ok(got.into_iter().map(|r| (r.key, r.event)).collect())
+}
+
+/// Reads `topic` from the beginning until `done(all so far)` is true or `timeout` passes, then
+/// lingers 1.5 s more (anything extra would be a duplicate).
+pub fn consume_until(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[Received]) -> bool,
+) -> Result<Vec<Received>> {
+    use rdkafka::message::Headers;
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("kensa-test-{}", unique()))
         .set("enable.auto.commit", "false")
         .create()?;
     let t0 = Instant::now();
-    // The topic exists once Kensa has produced to it.
+    // The topic exists once Kensa has created it.
     let parts = loop {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        let parts: Vec<i32> = md
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
+        let parts: Vec<i32> = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         if !parts.is_empty() {
             break parts;
         }
@@ -238,26 +265,146 @@ pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let mut out = Vec::new();
-    while out.len() < expected && t0.elapsed() < timeout {
+    let mut out: Vec<Received> = Vec::new();
+    let mut finished = done(&out);
+    let mut linger: Option<Instant> = None;
+    loop {
+        if finished && linger.is_none() {
+            linger = Some(Instant::now());
+        }
+        if linger.is_some_and(|l| l.elapsed() > Duration::from_millis(1500)) || (linger.is_none() && t0.elapsed() > timeout) {
+            break;
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                let ev: InspectionEvent = kensa_publish::decode_event(m.payload().unwrap_or_default())
+                let event = kensa_publish::decode_event(m.payload().unwrap_or_default())
                     .with_context(|| format!("undecodable event at offset {}", m.offset()))?;
-                out.push((key, ev));
+                let mut headers = std::collections::HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        headers.insert(hd.key.to_string(), String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned());
+                    }
+                }
+                out.push(Received { key, event, headers });
+                if !finished {
+                    finished = done(&out);
+                }
             }
             Some(Err(e)) => eprintln!("consumer: {e}"),
             None => {}
         }
     }
-    // Anything beyond `expected` would be a duplicate: look a little longer.
-    let linger = Instant::now();
-    while linger.elapsed() < Duration::from_millis(1500) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let ev: InspectionEvent = kensa_publish::decode_event(m.payload().unwrap_or_default())?;
-            out.push((String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), ev));
+    Ok(out)
+}
+
+/// A tansu broker of the test's own, with sqlite storage that survives a restart.
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let dir = TempDir::new("broker");
+        let mut b = Broker { child: None, port: free_port(), dir };
+        b.up();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn tansu() -> PathBuf {
+        let cache = std::env::var("KENSA_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kensa"));
+        let p = cache.join("tansu/bin/tansu");
+        if p.is_file() { p } else { PathBuf::from("tansu") }
+    }
+
+    /// Starts (or restarts) the broker on the same port and storage.
+    pub fn up(&mut self) {
+        assert!(self.child.is_none());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
+        let child = Command::new(Self::tansu())
+            .current_dir(self.dir.path())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu (scripts/setup.sh installs it)");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while TcpStream::connect(self.addr()).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "tansu did not come up on {}", self.addr());
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
-    Ok(out)
+
+    /// Stops the broker abruptly (SIGKILL), as a crash or a pulled cable would.
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Creates a topic (sqlite storage does not create topics on first use).
+    pub fn create_topic(&self, name: &str) {
+        let st = Command::new(Self::tansu())
+            .args(["topic", "create", name, "--partitions", "3", "--broker", &format!("tcp://{}", self.addr())])
+            .status()
+            .unwrap();
+        assert!(st.success(), "tansu topic create {name}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Writes a daemon config for tests: product `disc` with `bank`, the given topic (defects on
+/// `<topic>.defects`), brokers, metrics address, `extra` TOML sections and camera tables.
+pub fn config(dir: &Path, bank: &Path, topic: &str, brokers: &str, metrics: &str, cameras: &str) -> PathBuf {
+    config_with(dir, bank, topic, brokers, metrics, "", cameras)
+}
+
+pub fn config_with(dir: &Path, bank: &Path, topic: &str, brokers: &str, metrics: &str, extra: &str, cameras: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+device = "cpu"
+
+[batch]
+max_size = 4
+max_wait_ms = 20
+
+[kafka]
+brokers = "{brokers}"
+topic = "{topic}"
+defects_topic = "{topic}.defects"
+connect_timeout_s = 10
+
+[telemetry]
+listen = "{metrics}"
+
+[products.disc]
+bank = "{bank}"
+
+{extra}
+
+{cameras}
+"#,
+        bank = bank.display()
+    );
+    let p = dir.join("kensa.toml");
+    std::fs::write(&p, text).unwrap();
+    p
 }

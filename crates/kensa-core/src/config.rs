@@ -76,7 +76,7 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma separated.
@@ -89,6 +89,9 @@ pub struct KafkaConfig {
     pub connect_timeout_s: u64,
     /// librdkafka `message.timeout.ms`: how long an event may wait for an acknowledgement.
     pub message_timeout_ms: u64,
+    /// Largest event (payload and headers) Kensa sends; a larger one is rejected, counted and
+    /// kept in the outbox's `rejected/` folder. Kafka's own default limit is 1 000 000.
+    pub max_message_bytes: usize,
     /// Create missing topics at start-up (off where topics are managed by the platform team).
     pub create_topics: bool,
     /// Partitions of topics Kensa creates.
@@ -99,6 +102,32 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// Secrets in passthrough properties never reach logs or debug output.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_key(k) { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("defects_topic", &self.defects_topic)
+            .field("connect_timeout_s", &self.connect_timeout_s)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("create_topics", &self.create_topics)
+            .field("properties", &props)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a librdkafka property holds a secret (passwords, keys, tokens).
+pub fn is_secret_key(k: &str) -> bool {
+    ["password", "secret", "key.pem", "token", "sasl.oauthbearer.config"].iter().any(|s| k.contains(s))
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
@@ -107,6 +136,7 @@ impl Default for KafkaConfig {
             defects_topic: "kensa.defects".into(),
             connect_timeout_s: 30,
             message_timeout_ms: 30_000,
+            max_message_bytes: 1_000_000,
             create_topics: true,
             partitions: 3,
             replication_factor: -1,
@@ -485,6 +515,15 @@ source = { kind = "synthetic", seed = 3, count = 10 }
         assert!(p.iter().any(|s| s.contains("products.widget.bank") && s.contains("/nonexistent/widget.kbank")), "{p:?}");
         assert!(p.iter().any(|s| s.contains("unknown product `gadget`")), "{p:?}");
         assert!(p.iter().any(|s| s.starts_with("batch.max_size")), "{p:?}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let mut k = KafkaConfig::default();
+        k.properties.insert("sasl.password".into(), "hunter2".into());
+        k.properties.insert("sasl.username".into(), "kensa".into());
+        let d = format!("{k:?}");
+        assert!(!d.contains("hunter2") && d.contains("<redacted>") && d.contains("kensa"), "{d}");
     }
 
     #[test]

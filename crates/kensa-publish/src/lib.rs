@@ -101,7 +101,7 @@ pub fn redacted(cfg: &ClientConfig) -> String {
         .config_map()
         .iter()
         .map(|(k, v)| {
-            let secret = ["password", "secret", "key.pem", "token"].iter().any(|s| k.contains(s));
+            let secret = kensa_core::config::is_secret_key(k);
             format!("{k}={}", if secret { "<redacted>".to_string() } else { v.to_string() })
         })
         .collect();
@@ -152,6 +152,20 @@ impl Publisher {
         tracing::info!(brokers = %cfg.brokers, "Kafka reachable");
         if cfg.create_topics {
             ensure_topics(cfg, &[&cfg.topic, &cfg.defects_topic]).await?;
+        } else {
+            for topic in [cfg.topic.clone(), cfg.defects_topic.clone()] {
+                let p = producer.clone();
+                let t = topic.clone();
+                let md = tokio::task::spawn_blocking(move || p.client().fetch_metadata(Some(&t), Duration::from_secs(5)))
+                    .await
+                    .expect("metadata thread");
+                let exists = md.is_ok_and(|m| {
+                    m.topics().iter().any(|x| x.name() == topic && x.error().is_none() && !x.partitions().is_empty())
+                });
+                if !exists {
+                    tracing::error!(topic = %topic, "Kafka topic {topic} does not exist and kafka.create_topics is false: events wait in the outbox until it is created");
+                }
+            }
         }
         Ok(Self {
             producer,

@@ -229,13 +229,21 @@ impl Outbox {
 
     /// Moves a record Kafka refused for good to `rejected/`, and acknowledges it.
     pub fn reject(&mut self, id: EntryId, rec: &SpoolRecord, reason: &str) -> PathBuf {
+        let path = self.keep_rejected(rec, reason);
+        self.ack(id);
+        path
+    }
+
+    /// Keeps a record that will never be sent in `rejected/<event id>.bin`, with its reason
+    /// beside it, so nothing disappears silently.
+    pub fn keep_rejected(&self, rec: &SpoolRecord, reason: &str) -> PathBuf {
         let dir = self.dir.join("rejected");
-        let safe: String = rec.event_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let safe: String =
+            rec.event_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         let path = dir.join(format!("{safe}.bin"));
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(&path, rec.encode_to_vec());
         let _ = std::fs::write(path.with_extension("reason.txt"), reason);
-        self.ack(id);
         path
     }
 

@@ -28,6 +28,7 @@ pub struct Settings {
     pub defects_topic: String,
     pub schema_registry_id: Option<u32>,
     pub drain: Duration,
+    pub max_message_bytes: usize,
 }
 
 /// What delivery ended with.
@@ -78,10 +79,28 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let recs: Vec<SpoolRecord> = batch
-            .iter()
-            .map(|x| spool_record(&x.event, &s.topic, &s.defects_topic, s.schema_registry_id))
-            .collect();
+        let (batch, recs): (Vec<Scored>, Vec<SpoolRecord>) = batch
+            .into_iter()
+            .map(|x| {
+                let rec = spool_record(&x.event, &s.topic, &s.defects_topic, s.schema_registry_id);
+                (x, rec)
+            })
+            .filter(|(x, rec)| {
+                let size = rec.payload.len() + rec.header_values.iter().map(Vec::len).sum::<usize>();
+                if size <= s.max_message_bytes {
+                    return true;
+                }
+                let reason = format!("event is {size} bytes, over kafka.max_message_bytes = {}", s.max_message_bytes);
+                let kept = outbox.lock().expect("outbox lock").keep_rejected(rec, &reason);
+                metrics::counter!(EVENTS_REJECTED, "reason" => "too_large").increment(1);
+                tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq, kept = %kept.display(),
+                    "{reason}; not sent (lower publish.mask_max_side or raise the limit)");
+                false
+            })
+            .unzip();
+        if batch.is_empty() {
+            continue;
+        }
         let appended = tokio::task::block_in_place(|| {
             let mut ob = outbox.lock().expect("outbox lock");
             let r = ob.append(&recs);

@@ -174,6 +174,7 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         defects_topic: cfg.kafka.defects_topic.clone(),
         schema_registry_id: cfg.publish.schema_registry_id,
         drain: Duration::from_secs(cfg.publish.drain_timeout_s),
+        max_message_bytes: cfg.kafka.max_message_bytes,
     };
     let publisher_task = tokio::spawn(deliver::run(publisher, outbox, pending, scored_rx, settings));
 
