@@ -51,11 +51,13 @@ pub struct ModelConfig {
     pub input_size: u32,
     /// libtorch intra-op threads; 0 leaves libtorch's default.
     pub threads: usize,
+    /// How often bank files are checked for changes (hot reload); 0 turns polling off.
+    pub bank_poll_s: u64,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { backbone: None, device: "auto".into(), input_size: 256, threads: 0 }
+        Self { backbone: None, device: "auto".into(), input_size: 256, threads: 0, bank_poll_s: 2 }
     }
 }
 
@@ -92,6 +94,9 @@ pub struct KafkaConfig {
     /// Largest event (payload and headers) Kensa sends; a larger one is rejected, counted and
     /// kept in the outbox's `rejected/` folder. Kafka's own default limit is 1 000 000.
     pub max_message_bytes: usize,
+    /// Optional topic of changeover commands (JSON): `{"camera": "c1", "product": "p"}` or
+    /// `{"product": "p", "bank": "/path/p.kbank"}`.
+    pub control_topic: Option<String>,
     /// Create missing topics at start-up (off where topics are managed by the platform team).
     pub create_topics: bool,
     /// Partitions of topics Kensa creates.
@@ -137,6 +142,7 @@ impl Default for KafkaConfig {
             connect_timeout_s: 30,
             message_timeout_ms: 30_000,
             max_message_bytes: 1_000_000,
+            control_topic: None,
             create_topics: true,
             partitions: 3,
             replication_factor: -1,

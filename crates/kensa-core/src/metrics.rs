@@ -13,6 +13,7 @@ pub const STAGE_LATENCY: &str = "kensa_stage_latency_seconds";
 pub const BATCH_SIZE: &str = "kensa_batch_size";
 pub const IMAGE_SCORE: &str = "kensa_image_score";
 pub const CAMERA_UP: &str = "kensa_camera_up";
+pub const QUEUE_DEPTH: &str = "kensa_queue_depth";
 pub const CAMERA_ERRORS: &str = "kensa_camera_errors_total";
 
 /// Drop reasons (the `reason` label of [`FRAMES_DROPPED`]).
@@ -49,6 +50,11 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ("kensa_events_rejected_total", "Events Kafka refused for good (kept in the outbox's rejected/ folder), by reason.", "count"),
     (BATCH_SIZE, "Frames per scored batch.", "count"),
     (IMAGE_SCORE, "Image-level anomaly score, per product.", "score"),
+    (QUEUE_DEPTH, "Items waiting in each stage's queue: capture (frames), model (batches), publish (events).", "count"),
+    ("kensa_model_info", "The loaded backbone and device.", "info"),
+    ("kensa_bank_info", "Bank version per product: 1 for the active one.", "info"),
+    ("kensa_bank_reloads_total", "Bank reloads by product and result (ok, rejected).", "count"),
+    ("kensa_control_errors_total", "Rejected reloads and changeover commands, by reason.", "count"),
     (CAMERA_UP, "1 while the camera's pipeline is running, 0 otherwise.", "bool"),
     (CAMERA_ERRORS, "Camera pipeline errors.", "count"),
 ];

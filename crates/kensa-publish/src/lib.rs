@@ -201,6 +201,11 @@ impl Publisher {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Whether the brokers answer a metadata request (blocking; call off the async runtime).
+    pub fn reachable(&self, timeout: Duration) -> bool {
+        self.producer.client().fetch_metadata(Some(&self.topic), timeout).is_ok()
+    }
+
     /// Waits for everything queued to be delivered (blocking; call off the async runtime).
     pub fn flush(&self, timeout: Duration) -> Result<(), PublishError> {
         self.producer

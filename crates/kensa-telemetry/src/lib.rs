@@ -57,7 +57,10 @@ pub struct Health {
 
 #[derive(Default)]
 struct HealthState {
+    /// Model and banks loaded.
     ready: bool,
+    /// The last periodic metadata request to Kafka succeeded.
+    broker: bool,
     cameras: BTreeMap<String, String>,
 }
 
@@ -65,12 +68,20 @@ impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.inner.lock().expect("health lock").ready = ready;
     }
+    pub fn set_broker(&self, ok: bool) {
+        self.inner.lock().expect("health lock").broker = ok;
+    }
+    /// Ready: model and banks loaded, and the broker reachable.
+    pub fn is_ready(&self) -> bool {
+        let s = self.inner.lock().expect("health lock");
+        s.ready && s.broker
+    }
     pub fn set_camera(&self, id: &str, state: impl Into<String>) {
         self.inner.lock().expect("health lock").cameras.insert(id.to_string(), state.into());
     }
     pub fn snapshot(&self) -> serde_json::Value {
         let s = self.inner.lock().expect("health lock");
-        serde_json::json!({ "ready": s.ready, "cameras": s.cameras })
+        serde_json::json!({ "ready": s.ready && s.broker, "model_loaded": s.ready, "broker_reachable": s.broker, "cameras": s.cameras })
     }
 }
 
@@ -82,6 +93,15 @@ struct AppState {
 
 async fn metrics_page(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.handle.render())
+}
+
+async fn livez() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let code = if s.health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], s.health.snapshot().to_string())
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
@@ -112,6 +132,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .with_state(AppState { handle, health });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {

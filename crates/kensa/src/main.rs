@@ -2,6 +2,7 @@
 
 mod commands;
 mod deliver;
+mod reload;
 mod run;
 
 use clap::{Parser, Subcommand};

@@ -15,12 +15,14 @@ use kensa_model::backbone::Backbone;
 use kensa_model::bank::Bank;
 use kensa_model::engine::Engine;
 use crate::deliver::{self, Scored};
+use crate::reload::{self, Control, Work};
 use kensa_core::config::StoreWhich;
 use kensa_publish::outbox::Outbox;
 use kensa_publish::{cell_to_proto, proto, InspectionEvent, Publisher};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -61,9 +63,10 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     // Model thread: loads the backbone and banks first, so a bad bank fails start-up.
-    let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Frame>>(1);
+    let (batch_tx, mut batch_rx) = mpsc::channel::<Work>(1);
     let (scored_tx, scored_rx) = mpsc::channel::<Scored>(256);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(String, Vec<(String, String)>)>>();
+    let scored_tx_probe = scored_tx.downgrade();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(String, Vec<(String, String)>, reload::Loader)>>();
     let model_cfg = cfg.clone();
     let model_thread = std::thread::Builder::new().name("kensa-model".into()).spawn(move || {
         let setup = (|| -> Result<(Engine, HashMap<String, Bank>)> {
@@ -89,18 +92,25 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         };
         let model_id = format!("{}@{}", engine.backbone.meta.name, engine.backbone.meta.weights);
         let versions = banks.iter().map(|(k, b)| (k.clone(), b.meta.version())).collect();
-        let _ = ready_tx.send(Ok((format!("{model_id} on {:?}", engine.device()), versions)));
+        let loader = reload::Loader {
+            backbone: engine.backbone.meta.clone(),
+            input_size: model_cfg.model.input_size,
+            device: engine.device(),
+        };
+        let _ = ready_tx.send(Ok((format!("{model_id} on {:?}", engine.device()), versions, loader)));
         let ctx = ModelCtx {
             model_id,
             cameras: model_cfg.cameras.iter().map(|c| (c.id.clone(), (c.line.clone(), c.station.clone()))).collect(),
             publish: model_cfg.publish.clone(),
         };
-        model_loop(&engine, &banks, &ctx, &mut batch_rx, &scored_tx);
+        let mut banks = banks;
+        model_loop(&engine, &mut banks, &ctx, &mut batch_rx, &scored_tx);
     })?;
-    let (model_desc, versions) = tokio::task::spawn_blocking(move || ready_rx.recv())
+    let (model_desc, versions, loader) = tokio::task::spawn_blocking(move || ready_rx.recv())
         .await?
         .map_err(|_| anyhow::anyhow!("model thread ended during start-up"))??;
     tracing::info!(model = %model_desc, "model loaded");
+    metrics::gauge!("kensa_model_info", "model" => model_desc.clone()).set(1.0);
     for (product, v) in &versions {
         tracing::info!(product = %product, bank_version = %v, "bank loaded");
         metrics::gauge!("kensa_bank_info", "product" => product.clone(), "version" => v.clone()).set(1.0);
@@ -109,6 +119,17 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     let (outbox, pending) = Outbox::open(&cfg.outbox.dir, cfg.outbox.max_bytes)?;
     tracing::info!(dir = %cfg.outbox.dir.display(), pending = pending.len(), "outbox open");
     let publisher = Publisher::connect(&cfg.kafka).await?;
+    health.set_broker(true);
+    // Readiness follows the broker.
+    let (p, h) = (publisher.clone(), health.clone());
+    let broker_check = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let p = p.clone();
+            let ok = tokio::task::spawn_blocking(move || p.reachable(Duration::from_secs(3))).await.unwrap_or(false);
+            h.set_broker(ok);
+        }
+    });
 
     let mut srx = stop_rx.clone();
     let (addr, http) = kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), async move {
@@ -136,6 +157,20 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             }
         }
     }
+    // Queue depths, sampled.
+    let (wf, wb, ws) = (frame_tx.downgrade(), batch_tx.downgrade(), scored_tx_probe.clone());
+    let depth_task = tokio::spawn(async move {
+        loop {
+            for (stage, depth) in [
+                ("capture", wf.upgrade().map(|t| t.max_capacity() - t.capacity())),
+                ("model", wb.upgrade().map(|t| t.max_capacity() - t.capacity())),
+                ("publish", ws.upgrade().map(|t| t.max_capacity() - t.capacity())),
+            ] {
+                metrics::gauge!(m::QUEUE_DEPTH, "stage" => stage).set(depth.unwrap_or(0) as f64);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
     drop(frame_tx);
     health.set_ready(true);
     let stoppers: Vec<_> = cameras.iter().map(|c| c.stopper()).collect();
@@ -157,15 +192,43 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         failed
     });
 
+    // Hot reload: bank files, SIGHUP, the control topic.
+    let current = Arc::new(Mutex::new(reload::Current::from_config(&cfg)));
+    let mut reloaders = Vec::new();
+    if cfg.model.bank_poll_s > 0 {
+        reloaders.push(tokio::spawn(reload_task(batch_tx.clone(), {
+            let (l, c) = (loader.clone(), current.clone());
+            let every = Duration::from_secs(cfg.model.bank_poll_s);
+            move |tx| reload::watch_files(l, c, tx, every)
+        })));
+    }
+    reloaders.push(tokio::spawn(reload_task(batch_tx.clone(), {
+        let (l, c, p) = (loader.clone(), current.clone(), a.config.clone());
+        move |tx| reload::on_sighup(p, l, c, tx)
+    })));
+    if let Some(topic) = cfg.kafka.control_topic.clone() {
+        if cfg.kafka.create_topics {
+            if let Err(e) = kensa_publish::ensure_topics(&cfg.kafka, &[&topic]).await {
+                tracing::error!("{e}");
+            }
+        }
+        reloaders.push(tokio::spawn(reload_task(batch_tx.clone(), {
+            let (l, c, k) = (loader.clone(), current.clone(), cfg.kafka.clone());
+            move |tx| reload::control_topic(k, topic, l, c, tx)
+        })));
+    }
+
     // Batcher.
     let max_size = cfg.batch.max_size;
     let max_wait = Duration::from_millis(cfg.batch.max_wait_ms);
     let batcher = tokio::spawn(async move {
         while let Some(batch) = kensa_core::batch::next_batch(&mut frame_rx, max_size, max_wait).await {
-            if batch_tx.send(batch).await.is_err() {
+            if batch_tx.send(Work::Batch(batch)).await.is_err() {
                 break;
             }
         }
+        // Reload tasks also hold senders: tell the model thread explicitly that input ended.
+        let _ = batch_tx.send(Work::Done).await;
     });
 
     // Delivery: outbox, then Kafka, each event acknowledged.
@@ -229,6 +292,11 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(3));
         }
     };
+    for r in reloaders {
+        r.abort();
+    }
+    broker_check.abort();
+    depth_task.abort();
     let _ = stop_tx.send(true);
     let _ = http.await;
     let _ = model_thread.join();
@@ -268,18 +336,29 @@ struct ModelCtx {
 /// The model thread: scores each batch (grouped by product), judges, and builds the events.
 fn model_loop(
     engine: &Engine,
-    banks: &HashMap<String, Bank>,
+    banks: &mut HashMap<String, Bank>,
     ctx: &ModelCtx,
-    batches: &mut mpsc::Receiver<Vec<Frame>>,
+    batches: &mut mpsc::Receiver<Work>,
     out: &mpsc::Sender<Scored>,
 ) {
     let run_id = format!("{:x}", unix_nanos(SystemTime::now()));
-    while let Some(batch) = batches.blocking_recv() {
+    // Camera → product overrides from changeovers.
+    let mut assigned: HashMap<String, String> = HashMap::new();
+    while let Some(work) = batches.blocking_recv() {
+        let batch = match work {
+            Work::Batch(b) => b,
+            Work::Control(c) => {
+                apply_control(c, banks, &mut assigned);
+                continue;
+            }
+            Work::Done => break,
+        };
         metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
         let t0 = Instant::now();
         let mut by_product: HashMap<&str, Vec<&Frame>> = HashMap::new();
         for f in &batch {
-            by_product.entry(&f.product).or_default().push(f);
+            let product = assigned.get(&*f.camera).map(String::as_str).unwrap_or(&f.product);
+            by_product.entry(product).or_default().push(f);
         }
         let batch_formed = Instant::now();
         for (product, frames) in by_product {
@@ -433,4 +512,37 @@ fn store(dir: &std::path::Path, f: &Frame, map: &kensa_core::AnomalyMap) -> (Str
             (String::new(), String::new())
         }
     }
+}
+
+/// Applies a reload or changeover between two batches.
+fn apply_control(c: Control, banks: &mut HashMap<String, Bank>, assigned: &mut HashMap<String, String>) {
+    match c {
+        Control::SwapBank { product, bank, path, trigger } => {
+            let new = bank.meta.version();
+            if let Some(old) = banks.get(&product) {
+                metrics::gauge!("kensa_bank_info", "product" => product.clone(), "version" => old.meta.version()).set(0.0);
+            }
+            metrics::gauge!("kensa_bank_info", "product" => product.clone(), "version" => new.clone()).set(1.0);
+            metrics::counter!(reload::BANK_RELOADS, "product" => product.clone(), "result" => "ok").increment(1);
+            tracing::info!(product = %product, version = %new, path = %path.display(), trigger, "bank swapped in");
+            banks.insert(product, *bank);
+        }
+        Control::Assign { camera, product, trigger } => {
+            if banks.contains_key(&product) {
+                tracing::info!(camera = %camera, product = %product, trigger, "camera now inspects another product");
+                assigned.insert(camera, product);
+            } else {
+                metrics::counter!(reload::CONTROL_ERRORS, "reason" => "unknown").increment(1);
+                tracing::error!(camera = %camera, product = %product, "changeover ignored: no bank loaded for the product");
+            }
+        }
+    }
+}
+
+async fn reload_task<F, Fut>(tx: mpsc::Sender<Work>, f: F)
+where
+    F: FnOnce(mpsc::Sender<Work>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    f(tx).await
 }
