@@ -150,6 +150,12 @@ impl Publisher {
             }
         }
         tracing::info!(brokers = %cfg.brokers, "Kafka reachable");
+        // Series that dashboards and alerts read exist from the start (at 0), not only after
+        // the first delivery or the first timeout.
+        for t in [&cfg.topic, &cfg.defects_topic] {
+            metrics::counter!(m::EVENTS_PUBLISHED, "topic" => t.clone()).absolute(0);
+            metrics::counter!(m::PUBLISH_ERRORS, "topic" => t.clone(), "reason" => "MessageTimedOut").absolute(0);
+        }
         if cfg.create_topics {
             ensure_topics(cfg, &[&cfg.topic, &cfg.defects_topic]).await?;
         } else {
