@@ -173,8 +173,12 @@ source = { kind = "synthetic", seed = 5, count = 3, defect_rate = 0.4 }
     let got = consume(&brokers(), &topic, 4, Duration::from_secs(120)).unwrap();
     assert_eq!(got.iter().filter(|(k, _)| k == "small").count(), 4, "log:\n{}", d.log_text());
     assert_eq!(got.iter().filter(|(k, _)| k == "big").count(), 0);
-    std::thread::sleep(Duration::from_secs(2));
-    let m = d.scrape();
+    // The big frames take longer to score: wait for all three to be judged and rejected.
+    let mut m = String::new();
+    wait_for(Duration::from_secs(60), || {
+        m = d.scrape();
+        metric(&m, "kensa_events_rejected_total", &[("reason", "too_large")]) == Some(3.0)
+    });
     assert_eq!(metric(&m, "kensa_events_rejected_total", &[("reason", "too_large")]), Some(3.0), "{m}");
     let rejected = dir.path().join("kensa-outbox/rejected");
     let kept = std::fs::read_dir(&rejected).unwrap().filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "bin").count();

@@ -65,8 +65,13 @@ source = {{ kind = "synthetic", seed = {seed}, count = {n}, defect_rate = {rate}
     assert_eq!(defects.iter().map(|(_, e)| e.frame_seq).collect::<BTreeSet<_>>(), anomalous);
     assert_eq!(defects.len(), anomalous.len());
 
-    // Metrics: a real scrape, counters equal N.
-    let text = d.scrape();
+    // Metrics: a real scrape, counters equal N (acknowledgements are counted as they return,
+    // so wait until the last one is in).
+    let mut text = String::new();
+    wait_for(Duration::from_secs(30), || {
+        text = d.scrape();
+        metric(&text, "kensa_end_to_end_latency_seconds_count", &[("camera", "line-1")]) == Some(n as f64)
+    });
     let cam = [("camera", "line-1")];
     assert_eq!(metric(&text, "kensa_frames_captured_total", &cam), Some(n as f64), "{text}");
     assert_eq!(metric(&text, "kensa_frames_scored_total", &cam), Some(n as f64));
