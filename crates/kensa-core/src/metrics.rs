@@ -14,6 +14,7 @@ pub const BATCH_SIZE: &str = "kensa_batch_size";
 pub const IMAGE_SCORE: &str = "kensa_image_score";
 pub const CAMERA_UP: &str = "kensa_camera_up";
 pub const QUEUE_DEPTH: &str = "kensa_queue_depth";
+pub const JUDGE_DISAGREEMENTS: &str = "kensa_judge_disagreements_total";
 pub const CAMERA_ERRORS: &str = "kensa_camera_errors_total";
 
 /// Drop reasons (the `reason` label of [`FRAMES_DROPPED`]).
@@ -50,6 +51,7 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ("kensa_events_rejected_total", "Events Kafka refused for good (kept in the outbox's rejected/ folder), by reason.", "count"),
     (BATCH_SIZE, "Frames per scored batch.", "count"),
     (IMAGE_SCORE, "Image-level anomaly score, per product.", "score"),
+    (JUDGE_DISAGREEMENTS, "Frames on which the judges that ran did not agree (needs more than one judge configured).", "count"),
     (QUEUE_DEPTH, "Items waiting in each stage's queue: capture (frames), model (batches), publish (events).", "count"),
     ("kensa_model_info", "The loaded backbone and device.", "info"),
     ("kensa_bank_info", "Bank version per product: 1 for the active one.", "info"),

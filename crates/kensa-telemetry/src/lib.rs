@@ -36,13 +36,18 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?
         .install_recorder()
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
-    for (name, desc, _unit) in m::DESCRIPTIONS {
+    for (name, desc, unit) in m::DESCRIPTIONS {
+        let unit = match *unit {
+            "seconds" => metrics::Unit::Seconds,
+            "bytes" => metrics::Unit::Bytes,
+            _ => metrics::Unit::Count,
+        };
         if name.ends_with("_total") {
-            metrics::describe_counter!(*name, *desc);
+            metrics::describe_counter!(*name, unit, *desc);
         } else if name.ends_with("_seconds") || *name == m::BATCH_SIZE || *name == m::IMAGE_SCORE {
-            metrics::describe_histogram!(*name, *desc);
+            metrics::describe_histogram!(*name, unit, *desc);
         } else {
-            metrics::describe_gauge!(*name, *desc);
+            metrics::describe_gauge!(*name, unit, *desc);
         }
     }
     metrics::gauge!("kensa_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);

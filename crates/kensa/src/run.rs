@@ -448,6 +448,10 @@ fn model_loop(
                     snapshot_path,
                 };
                 let mut event = event;
+                if event.verdicts.iter().any(|j| j.anomalous != event.anomalous) {
+                    metrics::counter!(m::JUDGE_DISAGREEMENTS, "camera" => f.camera.to_string(), "product" => product.to_string())
+                        .increment(1);
+                }
                 let verdict_s = t_verdict.elapsed().as_secs_f64();
                 event.stages = [("queue", queue_s), ("model", model_s), ("verdict", verdict_s)]
                     .into_iter()
