@@ -150,10 +150,43 @@ impl Camera {
     }
 }
 
-/// Starts a camera. Frames go to `tx`; the pipeline is built and set playing before this
-/// returns, so a bad template or a missing element is an error here.
-pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>) -> Result<Camera, CaptureError> {
-    init(&cam.id)?;
+/// Reports a camera's state changes (camera id, state text) to whoever shows health.
+pub type StateFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// A no-op [`StateFn`].
+pub fn no_state() -> StateFn {
+    Arc::new(|_, _| {})
+}
+
+/// Camera states, for `kensa_camera_state{state}`.
+pub const STATES: [&str; 4] = ["up", "reconnecting", "failed", "ended"];
+
+fn set_state(id: &str, state: &str, detail: &str, on_state: &StateFn) {
+    for s in STATES {
+        metrics::gauge!(m::CAMERA_STATE, "camera" => id.to_string(), "state" => s).set(if s == state { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!(m::CAMERA_UP, "camera" => id.to_string()).set(if state == "up" { 1.0 } else { 0.0 });
+    on_state(id, &if detail.is_empty() { state.to_string() } else { format!("{state}: {detail}") });
+}
+
+/// One running pipeline of a camera.
+struct Session {
+    pipeline: gst::Pipeline,
+    feeder: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Session {
+    fn close(self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+        if let Some(f) = self.feeder {
+            let _ = f.join();
+        }
+    }
+}
+
+/// Builds a camera's pipeline, wires the appsink into `tx`, starts its feeder and sets it
+/// playing. `Build` errors (bad template, missing plugin) never fix themselves; the others may.
+fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop: &Arc<AtomicBool>) -> Result<Session, CaptureError> {
     let desc = describe(cam);
     let build_err = |msg: String| CaptureError::Build { camera: cam.id.clone(), pipeline: desc.clone(), msg };
     let pipeline = gst::parse::launch(&desc)
@@ -169,14 +202,13 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>) -> Result<Camera, Capt
     let camera: Arc<str> = Arc::from(cam.id.as_str());
     let product: Arc<str> = Arc::from(cam.product.as_str());
     let policy = cam.effective_policy();
-    let seq = Arc::new(AtomicU64::new(0));
-    let labels = [("camera", cam.id.clone())];
-    let captured = metrics::counter!(m::FRAMES_CAPTURED, &labels);
+    let captured = metrics::counter!(m::FRAMES_CAPTURED, "camera" => cam.id.clone());
     let dropped_full = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::QUEUE_FULL);
     let dropped_bad = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::BAD_FRAME);
     {
         let seq = seq.clone();
         let camera = camera.clone();
+        let tx = tx.clone();
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |s| {
@@ -206,7 +238,6 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>) -> Result<Camera, Capt
         );
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
     let feeder = match (&cam.source, src) {
         (SourceConfig::Synthetic { seed, count, fps, defect_rate }, Some(src)) => {
             let line = kensa_synth::Line::new(*seed, *defect_rate, cam.width, cam.height);
@@ -250,27 +281,129 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>) -> Result<Camera, Capt
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         let reason = first_error(&pipeline).unwrap_or_else(|| e.to_string());
         let _ = pipeline.set_state(gst::State::Null);
-        stop.store(true, Ordering::SeqCst);
+        if let Some(f) = feeder {
+            stop.store(true, Ordering::SeqCst);
+            let _ = f.join();
+        }
         return Err(CaptureError::Start { camera: cam.id.clone(), msg: reason });
     }
-    let up = metrics::gauge!(m::CAMERA_UP, &labels);
-    up.set(1.0);
-    let id = cam.id.clone();
-    let stop2 = stop.clone();
+    Ok(Session { pipeline, feeder })
+}
+
+/// Sleeps up to `d`, waking early when `stop` is set. Returns false if stopped.
+fn nap(d: Duration, stop: &AtomicBool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(d));
+    }
+    !stop.load(Ordering::SeqCst)
+}
+
+/// Starts a camera. Frames go to `tx`. A bad template or a missing plugin is an error here.
+/// Files, folders and the synthetic line that cannot start are errors too; live cameras
+/// (V4L2, RTSP, GigE) that cannot start, fail, or end unexpectedly are reconnected with capped
+/// exponential backoff, and their state (`up`, `reconnecting`, `failed` after
+/// `reconnect_fail_after` attempts in a row) is reported through `on_state` and
+/// `kensa_camera_state`. A failed camera keeps being retried at the capped interval.
+pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>, on_state: StateFn) -> Result<Camera, CaptureError> {
+    init(&cam.id)?;
+    let seq = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = cam.source.is_live();
+    let first = match open(cam, &tx, &seq, &stop) {
+        Ok(s) => Some(s),
+        Err(e @ CaptureError::Build { .. }) => return Err(e),
+        Err(e) if !live => return Err(e),
+        Err(e) => {
+            tracing::warn!(camera = %cam.id, "{e}; will retry");
+            None
+        }
+    };
+    if first.is_some() {
+        set_state(&cam.id, "up", "", &on_state);
+    }
+    let (id, stop2, cam2) = (cam.id.clone(), stop.clone(), cam.clone());
     let thread = std::thread::Builder::new()
         .name(format!("cam-{id}"))
         .spawn(move || {
-            let outcome = watch(&id, &pipeline, &stop2, &seq);
-            stop2.store(true, Ordering::SeqCst);
-            let _ = pipeline.set_state(gst::State::Null);
-            if let Some(f) = feeder {
-                let _ = f.join();
+            if !live {
+                let session = first.expect("non-live cameras start synchronously");
+                let outcome = watch(&id, &session.pipeline, &stop2, &seq);
+                stop2.store(true, Ordering::SeqCst);
+                session.close();
+                match &outcome {
+                    Outcome::Ended { .. } => set_state(&id, "ended", "", &on_state),
+                    Outcome::Failed { reason, .. } => set_state(&id, "failed", reason, &on_state),
+                }
+                return outcome;
             }
-            up.set(0.0);
-            outcome
+            supervise(&cam2, first, &tx, &seq, &stop2, &on_state)
         })
         .map_err(|e| CaptureError::Start { camera: cam.id.clone(), msg: e.to_string() })?;
     Ok(Camera { id: cam.id.clone(), stop, thread: Some(thread) })
+}
+
+/// Keeps a live camera running: reconnects with capped exponential backoff until stopped.
+fn supervise(
+    cam: &CameraConfig,
+    mut session: Option<Session>,
+    tx: &mpsc::Sender<Frame>,
+    seq: &Arc<AtomicU64>,
+    stop: &Arc<AtomicBool>,
+    on_state: &StateFn,
+) -> Outcome {
+    let id = cam.id.as_str();
+    let initial = Duration::from_millis(cam.reconnect_initial_ms.max(10));
+    let cap = Duration::from_secs(cam.reconnect_max_s.max(1));
+    let mut failures: u32 = if session.is_some() { 0 } else { 1 };
+    let mut last_reason = String::from("could not start");
+    loop {
+        if let Some(s) = session.take() {
+            let before = seq.load(Ordering::SeqCst);
+            let outcome = watch(id, &s.pipeline, stop, seq);
+            s.close();
+            if stop.load(Ordering::SeqCst) {
+                set_state(id, "ended", "stopped", on_state);
+                return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
+            }
+            last_reason = match outcome {
+                Outcome::Failed { reason, .. } => reason,
+                Outcome::Ended { .. } => "unexpected end of stream".into(),
+            };
+            // A session that delivered frames resets the backoff.
+            failures = if seq.load(Ordering::SeqCst) > before { 1 } else { failures + 1 };
+        }
+        if tx.is_closed() {
+            return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
+        }
+        let delay = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap);
+        let state = if failures >= cam.reconnect_fail_after { "failed" } else { "reconnecting" };
+        set_state(id, state, &last_reason, on_state);
+        metrics::counter!(m::CAMERA_RECONNECTS, "camera" => id.to_string()).increment(1);
+        tracing::warn!(camera = id, attempt = failures, delay_ms = delay.as_millis() as u64, state, "camera down ({last_reason}); reconnecting");
+        if !nap(delay, stop) {
+            set_state(id, "ended", "stopped", on_state);
+            return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
+        }
+        match open(cam, tx, seq, stop) {
+            Ok(s) => {
+                tracing::info!(camera = id, "camera reconnected");
+                set_state(id, "up", "", on_state);
+                session = Some(s);
+            }
+            Err(e @ CaptureError::Build { .. }) => {
+                set_state(id, "failed", &e.to_string(), on_state);
+                return Outcome::Failed { frames: seq.load(Ordering::SeqCst), reason: e.to_string() };
+            }
+            Err(e) => {
+                failures += 1;
+                last_reason = e.to_string();
+            }
+        }
+    }
 }
 
 /// Watches the bus until end of stream, an error, or a stop request.
@@ -438,7 +571,7 @@ mod tests {
     use super::*;
 
     fn cam(source: SourceConfig) -> CameraConfig {
-        CameraConfig { id: "c".into(), line: String::new(), station: String::new(), product: "p".into(), source, width: 64, height: 48, queue: 2, policy: None }
+        CameraConfig { source, width: 64, height: 48, queue: 2, ..CameraConfig::for_tests("c") }
     }
 
     #[test]

@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 fn cam(id: &str, source: SourceConfig, w: u32, h: u32) -> CameraConfig {
-    CameraConfig { id: id.into(), line: String::new(), station: String::new(), product: "p".into(), source, width: w, height: h, queue: 2, policy: None }
+    CameraConfig { source, width: w, height: h, queue: 2, ..CameraConfig::for_tests(id) }
 }
 
 fn collect(cfg: &CameraConfig, cap: usize) -> (Vec<Frame>, kensa_capture::Outcome) {
     let (tx, mut rx) = mpsc::channel(cap);
-    let camera = kensa_capture::start(cfg, tx).expect("camera starts");
+    let camera = kensa_capture::start(cfg, tx, kensa_capture::no_state()).expect("camera starts");
     let mut frames = Vec::new();
     let t0 = std::time::Instant::now();
     while let Some(f) = rx.blocking_recv() {
@@ -68,7 +68,7 @@ fn drop_policy_counts_instead_of_blocking() {
     let mut cfg = cam("drop", SourceConfig::Synthetic { seed: 1, count: 20, fps: 0.0, defect_rate: 0.0 }, 32, 32);
     cfg.policy = Some(FullPolicy::Drop);
     let (tx, rx) = mpsc::channel(1);
-    let camera = kensa_capture::start(&cfg, tx).unwrap();
+    let camera = kensa_capture::start(&cfg, tx, kensa_capture::no_state()).unwrap();
     let outcome = camera.join();
     assert_eq!(outcome, kensa_capture::Outcome::Ended { frames: 20 });
     drop(rx);
@@ -118,7 +118,7 @@ fn video_file_delivers_every_frame_and_a_missing_file_fails_clearly() {
     std::fs::remove_file(&path).unwrap();
 
     let (tx, _rx) = mpsc::channel(2);
-    let err = kensa_capture::start(&cam("gone", SourceConfig::VideoFile { path: path.clone() }, 80, 45), tx)
+    let err = kensa_capture::start(&cam("gone", SourceConfig::VideoFile { path: path.clone() }, 80, 45), tx, kensa_capture::no_state())
         .err()
         .expect("a missing file fails at start");
     let msg = err.to_string();

@@ -252,6 +252,26 @@ pub struct CameraConfig {
     /// Full-queue policy; default `drop` for live sources, `block` for the others.
     #[serde(default)]
     pub policy: Option<FullPolicy>,
+    /// Live sources: first reconnect delay; it doubles per failed attempt...
+    #[serde(default = "default_reconnect_initial_ms")]
+    pub reconnect_initial_ms: u64,
+    /// ...up to this cap.
+    #[serde(default = "default_reconnect_max_s")]
+    pub reconnect_max_s: u64,
+    /// Failed attempts in a row after which the camera's state is `failed` (still retried at
+    /// the capped interval).
+    #[serde(default = "default_reconnect_fail_after")]
+    pub reconnect_fail_after: u32,
+}
+
+fn default_reconnect_initial_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_s() -> u64 {
+    30
+}
+fn default_reconnect_fail_after() -> u32 {
+    8
 }
 
 fn default_side() -> u32 {
@@ -262,6 +282,24 @@ fn default_camera_queue() -> u32 {
 }
 
 impl CameraConfig {
+    /// A synthetic camera with every default, for tests and tools.
+    pub fn for_tests(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            line: String::new(),
+            station: String::new(),
+            product: "p".into(),
+            source: SourceConfig::Synthetic { seed: 0, count: 1, fps: 0.0, defect_rate: 0.0 },
+            width: default_side(),
+            height: default_side(),
+            queue: default_camera_queue(),
+            policy: None,
+            reconnect_initial_ms: default_reconnect_initial_ms(),
+            reconnect_max_s: default_reconnect_max_s(),
+            reconnect_fail_after: default_reconnect_fail_after(),
+        }
+    }
+
     pub fn effective_policy(&self) -> FullPolicy {
         self.policy.unwrap_or(if self.source.is_live() { FullPolicy::Drop } else { FullPolicy::Block })
     }

@@ -16,6 +16,8 @@ pub const CAMERA_UP: &str = "kensa_camera_up";
 pub const QUEUE_DEPTH: &str = "kensa_queue_depth";
 pub const JUDGE_DISAGREEMENTS: &str = "kensa_judge_disagreements_total";
 pub const CAMERA_ERRORS: &str = "kensa_camera_errors_total";
+pub const CAMERA_STATE: &str = "kensa_camera_state";
+pub const CAMERA_RECONNECTS: &str = "kensa_camera_reconnects_total";
 
 /// Drop reasons (the `reason` label of [`FRAMES_DROPPED`]).
 pub mod reason {
@@ -59,4 +61,6 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     ("kensa_control_errors_total", "Rejected reloads and changeover commands, by reason.", "count"),
     (CAMERA_UP, "1 while the camera's pipeline is running, 0 otherwise.", "bool"),
     (CAMERA_ERRORS, "Camera pipeline errors.", "count"),
+    (CAMERA_STATE, "1 for the camera's current state: up, reconnecting, failed, ended.", "bool"),
+    (CAMERA_RECONNECTS, "Reconnection attempts of live cameras.", "count"),
 ];

@@ -143,9 +143,10 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     let mut cameras = Vec::new();
     let mut failures = 0usize;
     for cam in &cfg.cameras {
-        match kensa_capture::start(cam, frame_tx.clone()) {
+        let h = health.clone();
+        let on_state: kensa_capture::StateFn = Arc::new(move |id: &str, state: &str| h.set_camera(id, state));
+        match kensa_capture::start(cam, frame_tx.clone(), on_state) {
             Ok(c) => {
-                health.set_camera(&cam.id, "up");
                 tracing::info!(camera = %cam.id, source = cam.source.kind(), "camera started");
                 cameras.push(c);
             }
@@ -268,7 +269,12 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         }
     }
 
-    // Orderly shutdown under a deadline.
+    // Orderly shutdown under a deadline; a second SIGTERM/SIGINT exits at once.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::error!("second signal: exiting now; events not yet acknowledged stay in the outbox");
+        std::process::exit(4);
+    });
     for s in &stoppers {
         s.stop();
     }

@@ -1,0 +1,176 @@
+//! Hardening: live cameras that come and go, signals, and hostile files.
+
+use kensa_tests::*;
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct RtspServer(Child, Option<std::process::ChildStdout>);
+
+impl RtspServer {
+    fn start(port: u16) -> Option<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/rtsp_server.py");
+        let child = Command::new("/usr/bin/python3")
+            .args([script, "--port", &port.to_string(), "--path", "/line"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut s = RtspServer(child, None);
+        // It prints its URL once listening. The pipe stays open while it runs.
+        let mut out = s.0.stdout.take()?;
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut out, &mut buf).ok()?;
+        s.1 = Some(out);
+        (n > 0 && buf.starts_with(b"rtsp://")).then_some(s)
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rtsp_server_available() -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("gst-inspect-1.0").arg("x264enc").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+fn rtsp_camera_reconnects_when_its_server_restarts() {
+    if !rtsp_server_available() {
+        eprintln!("SKIP rtsp test: needs python3-gi, gir1.2-gst-rtsp-server-1.0 and x264enc (scripts/setup.sh installs them)");
+        return;
+    }
+    let port = free_port();
+    let server = RtspServer::start(port).expect("RTSP server starts");
+    let dir = TempDir::new("rtsp");
+    let bank = synthetic_bank(dir.path(), "disc");
+    let topic = format!("rtsp-{}", unique());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let cams = format!(
+        "[[cameras]]\nid = \"ipcam\"\nproduct = \"disc\"\nwidth = 160\nheight = 120\nreconnect_initial_ms = 300\nreconnect_max_s = 2\nsource = {{ kind = \"rtsp\", url = \"rtsp://127.0.0.1:{port}/line\", latency_ms = 50 }}\n"
+    );
+    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let mut d = Daemon::start(&cfg, &[], &metrics);
+    let first = consume_until(&brokers(), &topic, Duration::from_secs(90), |r| r.len() >= 10).unwrap();
+    assert!(first.len() >= 10, "log:\n{}", d.log_text());
+    let seq_before = first.iter().map(|r| r.event.frame_seq).max().unwrap();
+
+    // The camera goes away: Kensa notices and says so.
+    drop(server);
+    let down = wait_for(Duration::from_secs(60), || {
+        let m = d.scrape();
+        metric(&m, "kensa_camera_up", &[("camera", "ipcam")]) == Some(0.0)
+            && metric(&m, "kensa_camera_reconnects_total", &[("camera", "ipcam")]).unwrap_or(0.0) >= 1.0
+    });
+    assert!(down, "the outage shows in the metrics\n{}\nlog:\n{}", d.scrape(), d.log_text());
+    let (_, health) = http_get(&metrics, "/healthz").unwrap();
+    assert!(health.contains("reconnecting") || health.contains("failed"), "{health}");
+    let m = d.scrape();
+    assert!(
+        metric(&m, "kensa_camera_state", &[("camera", "ipcam"), ("state", "reconnecting")]) == Some(1.0)
+            || metric(&m, "kensa_camera_state", &[("camera", "ipcam"), ("state", "failed")]) == Some(1.0),
+        "{m}"
+    );
+
+    // It comes back on the same address: Kensa reconnects and publishes again.
+    let _server = RtspServer::start(port).expect("RTSP server restarts");
+    let later = consume_until(&brokers(), &topic, Duration::from_secs(90), |r| {
+        r.iter().filter(|x| x.event.frame_seq > seq_before).count() >= 10
+    })
+    .unwrap();
+    let seqs: Vec<u64> = later.iter().map(|r| r.event.frame_seq).collect();
+    assert!(seqs.iter().filter(|&&s| s > seq_before).count() >= 10, "publishing again\nlog:\n{}", d.log_text());
+    assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len(), seqs.len(), "no frame number twice");
+    assert!(wait_for(Duration::from_secs(10), || metric(&d.scrape(), "kensa_camera_up", &[("camera", "ipcam")]) == Some(1.0)));
+    assert!(d.log_text().contains("camera reconnected"));
+    assert_eq!(d.terminate(Duration::from_secs(40)), Some(0), "{}", d.log_text());
+}
+
+#[test]
+fn a_live_camera_that_never_answers_is_reported_failed_and_retried_slowly() {
+    let dir = TempDir::new("deadcam");
+    let bank = synthetic_bank(dir.path(), "disc");
+    let topic = format!("dead-{}", unique());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let dead = free_port();
+    let cams = format!(
+        "[[cameras]]\nid = \"ghost\"\nproduct = \"disc\"\nreconnect_initial_ms = 100\nreconnect_max_s = 1\nreconnect_fail_after = 3\nsource = {{ kind = \"rtsp\", url = \"rtsp://127.0.0.1:{dead}/none\" }}\n\n[[cameras]]\nid = \"ok\"\nproduct = \"disc\"\nsource = {{ kind = \"synthetic\", count = 5 }}\n"
+    );
+    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let mut d = Daemon::start(&cfg, &[], &metrics);
+    // The other camera is unaffected.
+    let got = consume(&brokers(), &topic, 5, Duration::from_secs(90)).unwrap();
+    assert_eq!(got.iter().filter(|(k, _)| k == "ok").count(), 5);
+    assert!(wait_for(Duration::from_secs(30), || {
+        metric(&d.scrape(), "kensa_camera_state", &[("camera", "ghost"), ("state", "failed")]) == Some(1.0)
+    }), "{}", d.scrape());
+    // Capped backoff: over 4 s at most a handful of attempts, not a busy loop.
+    let a = metric(&d.scrape(), "kensa_camera_reconnects_total", &[("camera", "ghost")]).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let b = metric(&d.scrape(), "kensa_camera_reconnects_total", &[("camera", "ghost")]).unwrap();
+    assert!((1.0..=6.0).contains(&(b - a)), "{a} -> {b}");
+    assert!(d.child.try_wait().unwrap().is_none());
+    let _ = d.terminate(Duration::from_secs(40));
+}
+
+#[test]
+fn second_sigterm_forces_exit_and_keeps_the_outbox() {
+    let mut broker = Broker::start();
+    let dir = TempDir::new("sigterm");
+    let bank = synthetic_bank(dir.path(), "disc");
+    let topic = format!("sig-{}", unique());
+    broker.create_topic(&topic);
+    broker.create_topic(&format!("{topic}.defects"));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
+    let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, cams);
+    let mut d = Daemon::start(&cfg, &["--shutdown-deadline-s", "60"], &metrics);
+    consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
+    broker.down(); // now the drain would wait for acknowledgements
+    std::thread::sleep(Duration::from_secs(2));
+    signal(d.child.id(), "TERM");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(d.child.try_wait().unwrap().is_none(), "the first SIGTERM drains");
+    let t0 = std::time::Instant::now();
+    signal(d.child.id(), "TERM");
+    let code = d.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(4), "log:\n{}", d.log_text());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(d.log_text().contains("second signal"));
+    let spool = dir.path().join("kensa-outbox");
+    assert!(std::fs::read_dir(&spool).unwrap().any(|e| e.unwrap().path().extension().is_some_and(|x| x == "seg")));
+}
+
+#[test]
+fn tampered_and_truncated_banks_are_named_errors() {
+    let dir = TempDir::new("banks");
+    let bank = synthetic_bank(dir.path(), "disc");
+    let bytes = std::fs::read(&bank).unwrap();
+    let img = dir.path().join("x.png");
+    kensa_synth::Line::new(1, 0.0, 64, 64).sample(0).image.save(&img).unwrap();
+    let out = dir.path().join("out");
+    let run = |p: &std::path::Path| {
+        let o = kensa(&["score", "--bank", p.to_str().unwrap(), "--out", out.to_str().unwrap(), img.to_str().unwrap()]);
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let tampered = dir.path().join("tampered.kbank");
+    let mut t = bytes.clone();
+    let n = t.len();
+    t[n - 10] ^= 0x55; // inside the last tensor's data
+    std::fs::write(&tampered, &t).unwrap();
+    let (ok, err) = run(&tampered);
+    assert!(!ok && err.contains("tampered.kbank") && err.contains("content hash mismatch"), "{err}");
+    let truncated = dir.path().join("truncated.kbank");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, err) = run(&truncated);
+    assert!(!ok && err.contains("truncated.kbank") && err.contains("not a Kensa bank"), "{err}");
+    let (ok, err) = run(&bank);
+    assert!(ok, "{err}");
+}
