@@ -274,3 +274,25 @@ fn control_reader(kafka: &kensa_core::config::KafkaConfig, topic: &str, out: mps
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+    use proptest::prelude::*;
+
+    #[test]
+    fn commands_parse() {
+        let c: Command = serde_json::from_str(r#"{"camera": "c1", "product": "p"}"#).unwrap();
+        assert_eq!((c.camera.as_deref(), c.product.as_str(), c.bank), (Some("c1"), "p", None));
+        assert!(serde_json::from_str::<Command>(r#"{"camera": "c1"}"#).is_err(), "product is required");
+        assert!(serde_json::from_str::<Command>(r#"{"product": "p", "rm": "-rf"}"#).is_err(), "unknown keys are refused");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn control_messages_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = serde_json::from_slice::<Command>(&bytes);
+        }
+    }
+}

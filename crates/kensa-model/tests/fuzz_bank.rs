@@ -1,0 +1,53 @@
+//! Property-based fuzzing of bank files: any corruption is a clear error, never a crash.
+
+use kensa_model::bank::{Bank, BankMeta, BANK_FORMAT};
+use kensa_verdict::Calibration;
+use proptest::prelude::*;
+
+fn valid_bank() -> Vec<u8> {
+    let meta = BankMeta {
+        format: BANK_FORMAT.into(),
+        product: "p".into(),
+        backbone: "b".into(),
+        backbone_weights: "w".into(),
+        backbone_sha256: String::new(),
+        input_size: 64,
+        strides: vec![8, 16],
+        channels: vec![4, 6],
+        references: 1,
+        reference_files: vec!["a.png".into()],
+        created_unix: 0,
+        calibration: Calibration::fit(&[0.1], &[0.5]),
+        content_sha256: String::new(),
+    };
+    let layers = vec![tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)), tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu))];
+    let bank = Bank::new(meta, layers);
+    let p = std::env::temp_dir().join(format!("kensa-fuzz-valid-{}.kbank", std::process::id()));
+    bank.save(&p).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    let _ = std::fs::remove_file(&p);
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn corrupted_banks_are_errors(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6), cut in any::<usize>()) {
+        let mut b = valid_bank();
+        let n = b.len();
+        for (i, v) in &flips {
+            b[i % n] ^= v;
+        }
+        b.truncate(cut % (n + 1));
+        let p = std::env::temp_dir().join(format!("kensa-fuzz-{}-{cut}.kbank", std::process::id()));
+        std::fs::write(&p, &b).unwrap();
+        let r = Bank::load_unchecked(&p, tch::Device::Cpu);
+        let _ = std::fs::remove_file(&p);
+        if flips.iter().all(|(_, v)| *v == 0) && cut % (n + 1) == n {
+            prop_assert!(r.is_ok());
+        } else if let Err(e) = r {
+            prop_assert!(e.to_string().contains("kensa-fuzz"), "{}", e);
+        }
+    }
+}
