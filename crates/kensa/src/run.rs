@@ -273,7 +273,9 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     tokio::spawn(async {
         shutdown_signal().await;
         tracing::error!("second signal: exiting now; events not yet acknowledged stay in the outbox");
-        std::process::exit(4);
+        // _exit: no atexit handlers or library destructors (libtorch, librdkafka, GStreamer can
+        // block in them while threads are still busy); the outbox is already durable on disk.
+        hard_exit(4);
     });
     for s in &stoppers {
         s.stop();
@@ -295,7 +297,7 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
         Ok(v) => v,
         Err(_) => {
             tracing::error!("shutdown did not finish within {}s; exiting anyway", deadline.as_secs());
-            return Ok(ExitCode::from(3));
+            hard_exit(3);
         }
     };
     for r in reloaders {
@@ -555,4 +557,11 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     f(tx).await
+}
+
+/// Exits at once, without atexit handlers or destructors.
+#[allow(unsafe_code)]
+fn hard_exit(code: i32) -> ! {
+    // SAFETY: _exit takes no pointers and never returns; skipping destructors is the point.
+    unsafe { libc::_exit(code) }
 }
