@@ -66,8 +66,7 @@ fn main() {
     let dir = TempDir::new("soak");
     let bank = synthetic_bank(dir.path(), "disc");
     let topic = format!("soak-{}", unique());
-    broker.create_topic(&topic);
-    broker.create_topic(&format!("{topic}.defects"));
+    broker.create_kensa_topics(&topic);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let cams: String = (0..cameras)
         .map(|i| {

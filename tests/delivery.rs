@@ -74,8 +74,7 @@ fn every_field_of_the_contract() {
 fn broker_outage_mid_run_loses_nothing() {
     let mut broker = Broker::start();
     let topic = format!("outage-{}", unique());
-    broker.create_topic(&topic);
-    broker.create_topic(&format!("{topic}.defects"));
+    broker.create_kensa_topics(&topic);
     let dir = TempDir::new("outage");
     let bank = synthetic_bank(dir.path(), "disc");
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -103,8 +102,7 @@ fn broker_outage_mid_run_loses_nothing() {
 fn kill_9_then_restart_resends_what_was_spooled() {
     let mut broker = Broker::start();
     let topic = format!("crash-{}", unique());
-    broker.create_topic(&topic);
-    broker.create_topic(&format!("{topic}.defects"));
+    broker.create_kensa_topics(&topic);
     let dir = TempDir::new("crash");
     let bank = synthetic_bank(dir.path(), "disc");
     let metrics = format!("127.0.0.1:{}", free_port());

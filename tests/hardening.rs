@@ -126,8 +126,7 @@ fn second_sigterm_forces_exit_and_keeps_the_outbox() {
     let dir = TempDir::new("sigterm");
     let bank = synthetic_bank(dir.path(), "disc");
     let topic = format!("sig-{}", unique());
-    broker.create_topic(&topic);
-    broker.create_topic(&format!("{topic}.defects"));
+    broker.create_kensa_topics(&topic);
     let metrics = format!("127.0.0.1:{}", free_port());
     let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, cams);
@@ -205,4 +204,27 @@ fn gige_template_streams_from_aravis_fake_camera() {
         assert_eq!((e.width, e.height), (256, 256), "bayer 512x512 converted and scaled to the caps");
     }
     let _ = d.terminate(Duration::from_secs(40));
+}
+
+#[test]
+fn shutdown_deadline_forces_exit() {
+    let mut broker = Broker::start();
+    let dir = TempDir::new("deadline");
+    let bank = synthetic_bank(dir.path(), "disc");
+    let topic = format!("deadline-{}", unique());
+    broker.create_kensa_topics(&topic);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
+    // The drain would wait a minute for the broker; the deadline is 3 s.
+    let cfg = config_with(dir.path(), &bank, &topic, &broker.addr(), &metrics, "[publish]\ndrain_timeout_s = 60\n", cams);
+    let mut d = Daemon::start(&cfg, &["--shutdown-deadline-s", "3"], &metrics);
+    consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
+    broker.down();
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = std::time::Instant::now();
+    signal(d.child.id(), "TERM");
+    let code = d.wait(Duration::from_secs(20));
+    assert_eq!(code, Some(3), "log:\n{}", d.log_text());
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert!(d.log_text().contains("did not finish within 3s"), "{}", d.log_text());
 }

@@ -113,8 +113,7 @@ fn liveness_readiness_follow_the_broker() {
     let dir = TempDir::new("ready");
     let bank = synthetic_bank(dir.path(), "disc");
     let topic = format!("ready-{}", unique());
-    broker.create_topic(&topic);
-    broker.create_topic(&format!("{topic}.defects"));
+    broker.create_kensa_topics(&topic);
     let metrics = format!("127.0.0.1:{}", free_port());
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &endless("cam"));
     let mut d = Daemon::start(&cfg, &[], &metrics);

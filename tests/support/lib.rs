@@ -354,6 +354,12 @@ impl Broker {
         }
     }
 
+    /// Creates Kensa's results topic and its `.defects` companion.
+    pub fn create_kensa_topics(&self, topic: &str) {
+        self.create_topic(topic);
+        self.create_topic(&format!("{topic}.defects"));
+    }
+
     /// Creates a topic (sqlite storage does not create topics on first use).
     pub fn create_topic(&self, name: &str) {
         let st = Command::new(Self::tansu())

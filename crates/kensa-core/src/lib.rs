@@ -9,11 +9,13 @@
 //! - [`grid`]: the 3×3 location grid and AnomalyGPT's exact answer grammar.
 //! - [`batch`]: the cross-camera batcher (flush on size, on max wait, on shutdown).
 //! - [`metrics`]: every metric name Kensa exports, in one place.
+//! - [`eval`]: AUROC, pixel AUROC, PRO, accuracy and F1 for `kensa eval`.
 //!
 //! Nothing here depends on GStreamer, libtorch or librdkafka, so the logic is testable alone.
 
 pub mod batch;
 pub mod config;
+pub mod eval;
 pub mod frame;
 pub mod grid;
 pub mod map;

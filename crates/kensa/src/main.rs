@@ -2,6 +2,7 @@
 
 mod commands;
 mod deliver;
+mod eval;
 mod reload;
 mod run;
 
@@ -29,6 +30,8 @@ enum Cmd {
     Score(commands::ScoreArgs),
     /// Write a synthetic production line data set in MVTec layout.
     Synth(commands::SynthArgs),
+    /// Few-shot evaluation on MVTec-layout data: AUROC, pixel AUROC, PRO, verdict accuracy.
+    Eval(eval::EvalArgs),
     /// Print events from a Kafka topic as JSON lines.
     Tail(commands::TailArgs),
     /// Validate a config file and parse every camera's pipeline, without running.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Score(a) => commands::score(a),
         Cmd::Synth(a) => commands::synth(a),
         Cmd::Tail(a) => commands::tail(a),
+        Cmd::Eval(a) => eval::main(a),
         Cmd::Check { config } => commands::check(&config),
     };
     match result {

@@ -1,0 +1,261 @@
+//! `kensa eval`: few-shot evaluation on MVTec-layout data (one class, or a root of classes).
+//! For each shot count and run: K references drawn from train/good (seeded, different per run),
+//! enrollment exactly as `kensa enroll` does it, every test image scored and judged; then image
+//! AUROC, pixel AUROC, PRO (to 30 % FPR), verdict accuracy and F1, and images per second.
+
+use crate::commands::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kensa_capture::images;
+use kensa_core::eval;
+use kensa_model::engine::Engine;
+use kensa_model::enroll::{enroll, EnrollOptions};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// An MVTec-layout class folder (train/good, test/*, ground_truth/*), or a folder of them.
+    #[arg(long)]
+    data: PathBuf,
+    /// Shot counts, comma separated.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    shots: Vec<usize>,
+    /// Runs per shot count, each with other references.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write every result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Model input side.
+    #[arg(long, default_value_t = 256)]
+    input_size: u32,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+struct TestImage {
+    path: PathBuf,
+    anomalous: bool,
+    mask: Option<PathBuf>,
+}
+
+fn classes(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    if root.join("train/good").is_dir() {
+        return Ok(vec![(name(root), root.to_path_buf())]);
+    }
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot list {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("train/good").is_dir())
+        .map(|p| (name(&p), p))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("{} is not an MVTec-layout class (no train/good) nor a folder of them", root.display());
+    }
+    Ok(v)
+}
+
+fn test_images(class: &Path) -> Result<Vec<TestImage>> {
+    let mut out = Vec::new();
+    let mut kinds: Vec<PathBuf> = std::fs::read_dir(class.join("test"))
+        .with_context(|| format!("{} has no test folder", class.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    kinds.sort();
+    for k in kinds {
+        let kind = k.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        for p in images::list_images(&k)? {
+            let anomalous = kind != "good";
+            let mask = anomalous.then(|| {
+                class.join("ground_truth").join(&kind).join(format!("{}_mask.png", p.file_stem().unwrap_or_default().to_string_lossy()))
+            });
+            out.push(TestImage { path: p, anomalous, mask });
+        }
+    }
+    Ok(out)
+}
+
+fn load_mask(p: Option<&PathBuf>, w: u32, h: u32) -> Result<Option<Vec<bool>>> {
+    let Some(p) = p else { return Ok(Some(vec![false; (w * h) as usize])) };
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let m = image::open(p).with_context(|| format!("cannot read mask {}", p.display()))?.to_luma8();
+    let m = if m.dimensions() != (w, h) {
+        image::imageops::resize(&m, w, h, image::imageops::FilterType::Nearest)
+    } else {
+        m
+    };
+    Ok(Some(m.pixels().map(|p| p.0[0] > 127).collect()))
+}
+
+#[derive(serde::Serialize, Clone)]
+struct RunResult {
+    class: String,
+    shots: usize,
+    run: usize,
+    references: Vec<String>,
+    image_auroc: Option<f64>,
+    pixel_auroc: Option<f64>,
+    pro: Option<f64>,
+    verdict_accuracy: f64,
+    verdict_f1: f64,
+    images_per_second: f64,
+    images: usize,
+}
+
+pub fn main(a: EvalArgs) -> Result<ExitCode> {
+    let engine = Engine::new(a.model.backbone()?, a.input_size);
+    let classes = classes(&a.data)?;
+    let mut plan = Vec::new();
+    for (name, dir) in &classes {
+        let tests = test_images(dir)?;
+        for &k in &a.shots {
+            for run in 0..a.runs {
+                plan.push((name.clone(), dir.clone(), k, run, tests.len()));
+            }
+        }
+    }
+    let total: usize = plan.iter().map(|p| p.4).sum();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:30} {bar:30} {pos}/{len} images ({elapsed}, eta {eta})")
+            .expect("valid template"),
+    );
+    let mut results = Vec::new();
+    for (name, dir, k, run, _) in plan {
+        bar.set_message(format!("{name} {k}-shot run {}", run + 1));
+        let mut train = images::list_images(&dir.join("train/good"))?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed ^ (run as u64).wrapping_mul(0x9e37_79b9) ^ k as u64);
+        train.shuffle(&mut rng);
+        train.truncate(k);
+        if train.len() < k {
+            bail!("{}: only {} references in train/good, {k} asked", name, train.len());
+        }
+        let refs: Vec<(String, image::RgbImage)> = train
+            .iter()
+            .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), images::load_rgb(p)?)))
+            .collect::<Result<_>>()?;
+        let bank = enroll(&engine, &refs, &EnrollOptions { product: name.clone(), seed: a.seed }, |_, _| {})?;
+        let tests = test_images(&dir)?;
+        let (mut scores, mut labels, mut preds) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut maps, mut masks, mut widths) = (Vec::new(), Vec::new(), Vec::new());
+        let t0 = Instant::now();
+        for chunk in tests.chunks(4) {
+            let imgs: Vec<image::RgbImage> = chunk.iter().map(|t| images::load_rgb(&t.path)).collect::<Result<_, _>>()?;
+            let views: Vec<(&[u8], u32, u32)> = imgs.iter().map(|i| (i.as_raw().as_slice(), i.width(), i.height())).collect();
+            let out = engine.score(&views, &bank)?;
+            for (t, map) in chunk.iter().zip(out) {
+                let (v, _) = kensa_verdict::judge(&map, &bank.meta.calibration);
+                scores.push(v.score);
+                labels.push(t.anomalous);
+                preds.push(v.anomalous);
+                if let Some(m) = load_mask(t.mask.as_ref(), map.width, map.height)? {
+                    widths.push(map.width as usize);
+                    masks.push(m);
+                    maps.push(map.data);
+                }
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let mref: Vec<&[f32]> = maps.iter().map(|m| m.as_slice()).collect();
+        let kref: Vec<&[bool]> = masks.iter().map(|m| m.as_slice()).collect();
+        let (acc, f1) = eval::accuracy_f1(&preds, &labels);
+        results.push(RunResult {
+            class: name.clone(),
+            shots: k,
+            run,
+            references: refs.iter().map(|r| r.0.clone()).collect(),
+            image_auroc: eval::auroc(&scores, &labels),
+            pixel_auroc: eval::pixel_auroc(&mref, &kref, 10_000),
+            pro: eval::pro(&mref, &kref, &widths, 0.3, 10_000),
+            verdict_accuracy: acc,
+            verdict_f1: f1,
+            images_per_second: tests.len() as f64 / secs.max(1e-9),
+            images: tests.len(),
+        });
+    }
+    bar.finish_and_clear();
+    print_table(&results);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&serde_json::json!({ "runs": results, "summary": summary(&results) }))?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = v.flatten().collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn summary(results: &[RunResult]) -> Vec<serde_json::Value> {
+    let mut keys: Vec<(String, usize)> = results.iter().map(|r| (r.class.clone(), r.shots)).collect();
+    keys.dedup();
+    keys.iter()
+        .map(|(c, k)| {
+            let rs: Vec<&RunResult> = results.iter().filter(|r| &r.class == c && r.shots == *k).collect();
+            serde_json::json!({
+                "class": c, "shots": k, "runs": rs.len(),
+                "image_auroc": mean(rs.iter().map(|r| r.image_auroc)),
+                "pixel_auroc": mean(rs.iter().map(|r| r.pixel_auroc)),
+                "pro": mean(rs.iter().map(|r| r.pro)),
+                "verdict_accuracy": mean(rs.iter().map(|r| Some(r.verdict_accuracy))),
+                "verdict_f1": mean(rs.iter().map(|r| Some(r.verdict_f1))),
+                "images_per_second": mean(rs.iter().map(|r| Some(r.images_per_second))),
+            })
+        })
+        .collect()
+}
+
+fn print_table(results: &[RunResult]) {
+    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7}",
+        "class", "shots", "runs", "img_AUROC", "pix_AUROC", "PRO", "accuracy", "F1", "img/s"
+    );
+    let rows = summary(results);
+    for r in &rows {
+        println!(
+            "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7.1}",
+            r["class"].as_str().unwrap_or(""),
+            r["shots"].as_u64().unwrap_or(0),
+            r["runs"].as_u64().unwrap_or(0),
+            f(&r["image_auroc"]),
+            f(&r["pixel_auroc"]),
+            f(&r["pro"]),
+            f(&r["verdict_accuracy"]),
+            f(&r["verdict_f1"]),
+            r["images_per_second"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let shots: std::collections::BTreeSet<u64> = rows.iter().filter_map(|r| r["shots"].as_u64()).collect();
+    if rows.len() > shots.len() {
+        for k in shots {
+            let rs: Vec<&serde_json::Value> = rows.iter().filter(|r| r["shots"].as_u64() == Some(k)).collect();
+            let m = |key: &str| mean(rs.iter().map(|r| r[key].as_f64())).map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6}",
+                "mean",
+                k,
+                "",
+                m("image_auroc"),
+                m("pixel_auroc"),
+                m("pro"),
+                m("verdict_accuracy"),
+                m("verdict_f1")
+            );
+        }
+    }
+}
