@@ -62,12 +62,7 @@ fn main() {
     let cameras = env("KENSA_SOAK_CAMERAS", 8.0) as usize;
     let fps = env("KENSA_SOAK_FPS", 3.0);
     let interval = Duration::from_secs(env("KENSA_SOAK_INTERVAL", 60.0) as u64);
-    let broker = Broker::start();
-    let dir = TempDir::new("soak");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("soak-{}", unique());
-    broker.create_kensa_topics(&topic);
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let (broker, dir, bank, topic, metrics_addr) = own_broker_rig("soak");
     let cams: String = (0..cameras)
         .map(|i| {
             format!(

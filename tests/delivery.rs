@@ -72,12 +72,7 @@ fn every_field_of_the_contract() {
 
 #[test]
 fn broker_outage_mid_run_loses_nothing() {
-    let mut broker = Broker::start();
-    let topic = format!("outage-{}", unique());
-    broker.create_kensa_topics(&topic);
-    let dir = TempDir::new("outage");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut broker, dir, bank, topic, metrics) = own_broker_rig("outage");
     let n = 40;
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &synthetic("cam", n, 8.0, ""));
     let mut d = Daemon::start(&cfg, &[], &metrics);
@@ -100,12 +95,7 @@ fn broker_outage_mid_run_loses_nothing() {
 
 #[test]
 fn kill_9_then_restart_resends_what_was_spooled() {
-    let mut broker = Broker::start();
-    let topic = format!("crash-{}", unique());
-    broker.create_kensa_topics(&topic);
-    let dir = TempDir::new("crash");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut broker, dir, bank, topic, metrics) = own_broker_rig("crash");
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &synthetic("cam", 0, 8.0, ""));
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let first = consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();

@@ -122,12 +122,7 @@ fn a_live_camera_that_never_answers_is_reported_failed_and_retried_slowly() {
 
 #[test]
 fn second_sigterm_forces_exit_and_keeps_the_outbox() {
-    let mut broker = Broker::start();
-    let dir = TempDir::new("sigterm");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("sig-{}", unique());
-    broker.create_kensa_topics(&topic);
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut broker, dir, bank, topic, metrics) = own_broker_rig("sig");
     let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, cams);
     let mut d = Daemon::start(&cfg, &["--shutdown-deadline-s", "60"], &metrics);
@@ -208,12 +203,7 @@ fn gige_template_streams_from_aravis_fake_camera() {
 
 #[test]
 fn shutdown_deadline_forces_exit() {
-    let mut broker = Broker::start();
-    let dir = TempDir::new("deadline");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("deadline-{}", unique());
-    broker.create_kensa_topics(&topic);
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut broker, dir, bank, topic, metrics) = own_broker_rig("deadline");
     let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
     // The drain would wait a minute for the broker; the deadline is 3 s.
     let cfg = config_with(dir.path(), &bank, &topic, &broker.addr(), &metrics, "[publish]\ndrain_timeout_s = 60\n", cams);

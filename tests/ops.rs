@@ -109,12 +109,7 @@ fn changeover_by_sighup_and_by_control_topic() {
 
 #[test]
 fn liveness_readiness_follow_the_broker() {
-    let mut broker = Broker::start();
-    let dir = TempDir::new("ready");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("ready-{}", unique());
-    broker.create_kensa_topics(&topic);
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut broker, dir, bank, topic, metrics) = own_broker_rig("ready");
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &endless("cam"));
     let mut d = Daemon::start(&cfg, &[], &metrics);
     assert!(wait_for(Duration::from_secs(60), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 200)), "{}", d.log_text());

@@ -440,3 +440,16 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A test's own tansu broker (sqlite, restartable) with Kensa's topics created, a temp folder
+/// with an enrolled synthetic bank, and a free metrics address:
+/// `(broker, dir, bank, topic, metrics)`.
+pub fn own_broker_rig(name: &str) -> (Broker, TempDir, PathBuf, String, String) {
+    let broker = Broker::start();
+    let topic = format!("{name}-{}", unique());
+    broker.create_kensa_topics(&topic);
+    let dir = TempDir::new(name);
+    let bank = synthetic_bank(dir.path(), "disc");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    (broker, dir, bank, topic, metrics)
+}
