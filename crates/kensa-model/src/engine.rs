@@ -7,8 +7,9 @@ use crate::Result;
 use kensa_core::AnomalyMap;
 use tch::{Device, Kind, Tensor};
 
-/// Bank rows compared at once: bounds the similarity matrix's memory for large banks.
-const BANK_CHUNK: i64 = 16_384;
+/// Largest block of the query × bank similarity matrix computed at once (elements):
+/// 4 Mi floats = 16 MiB, whatever the batch and bank sizes.
+const SIM_BLOCK: i64 = 1 << 22;
 const SMOOTH_SIGMA: f64 = 4.0;
 
 pub struct Engine {
@@ -35,37 +36,64 @@ impl Engine {
 
     /// Anomaly maps at model input size, `[B, S, S]`, of features against a bank.
     pub fn maps_from_features(&self, feats: &[Tensor], bank_layers: &[Tensor]) -> Tensor {
+        self.fuse(&self.nearest(feats, bank_layers))
+    }
+
+    /// Per layer, `1 − max_j cos(f, B[j])` for every patch: `[B, 1, h_i, w_i]`. The bank is
+    /// compared in chunks of rows so the similarity matrix stays bounded for large banks.
+    pub fn nearest(&self, feats: &[Tensor], bank_layers: &[Tensor]) -> Vec<Tensor> {
+        let _g = tch::no_grad_guard();
+        feats
+            .iter()
+            .zip(bank_layers)
+            .map(|(f, b)| {
+                let (bs, c, h, w) = f.size4().expect("4-D features");
+                let q = f.permute([0, 2, 3, 1]).reshape([bs * h * w, c]);
+                let q = if q.kind() == b.kind() { q } else { q.to_kind(b.kind()) };
+                let n = b.size()[0];
+                let nq = q.size()[0];
+                // Blocks of at most SIM_BLOCK similarities: bounded memory for any batch and
+                // bank, and blocks small enough to stay in cache while `amax` reads them.
+                let bank_chunk = n.min(SIM_BLOCK);
+                let query_chunk = (SIM_BLOCK / bank_chunk).max(1);
+                let mut rows = Vec::new();
+                let mut qs = 0;
+                while qs < nq {
+                    let ql = query_chunk.min(nq - qs);
+                    let qc = q.narrow(0, qs, ql);
+                    let mut best: Option<Tensor> = None;
+                    let mut start = 0;
+                    while start < n {
+                        let len = bank_chunk.min(n - start);
+                        let sim = qc.matmul(&b.narrow(0, start, len).transpose(0, 1)).amax([1], false);
+                        best = Some(match best {
+                            None => sim,
+                            Some(prev) => prev.maximum(&sim),
+                        });
+                        start += len;
+                    }
+                    rows.push(best.expect("non-empty bank"));
+                    qs += ql;
+                }
+                let best = if rows.len() == 1 { rows.pop().unwrap() } else { Tensor::cat(&rows, 0) };
+                best.to_kind(Kind::Float).neg().g_add_scalar(1.0).view([bs, 1, h, w])
+            })
+            .collect()
+    }
+
+    /// Post-processing: every layer upsampled to the input size, averaged, smoothed: `[B, S, S]`.
+    pub fn fuse(&self, layers: &[Tensor]) -> Tensor {
         let _g = tch::no_grad_guard();
         let s = self.input_size;
         let mut acc: Option<Tensor> = None;
-        for (f, b) in feats.iter().zip(bank_layers) {
-            let (bs, c, h, w) = f.size4().expect("4-D features");
-            let q = f.permute([0, 2, 3, 1]).reshape([bs * h * w, c]);
-            let n = b.size()[0];
-            let mut best: Option<Tensor> = None;
-            let mut start = 0;
-            while start < n {
-                let len = BANK_CHUNK.min(n - start);
-                let sim = q.matmul(&b.narrow(0, start, len).transpose(0, 1)).amax([1], false);
-                best = Some(match best {
-                    None => sim,
-                    Some(prev) => prev.maximum(&sim),
-                });
-                start += len;
-            }
-            let best: Tensor = best.expect("non-empty bank");
-            let layer = best.neg().g_add_scalar(1.0).view([bs, 1, h, w]).upsample_bilinear2d(
-                [s, s],
-                false,
-                None::<f64>,
-                None::<f64>,
-            );
+        for l in layers {
+            let layer = l.upsample_bilinear2d([s, s], false, None::<f64>, None::<f64>);
             acc = Some(match acc {
                 None => layer,
                 Some(a) => a + layer,
             });
         }
-        let mean = acc.expect("at least one layer") / feats.len() as f64;
+        let mean = acc.expect("at least one layer") / layers.len() as f64;
         self.smooth(&mean).squeeze_dim(1)
     }
 

@@ -113,8 +113,8 @@ pub struct ScoreArgs {
     /// Images, or folders of images.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// Images per model call.
-    #[arg(long, default_value_t = 1)]
+    /// Images per model call (4, like the daemon's default batch.max_size).
+    #[arg(long, default_value_t = 4)]
     batch: usize,
     #[command(flatten)]
     model: ModelArgs,
@@ -155,10 +155,25 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let mut failed = 0usize;
     let t0 = Instant::now();
     let mut scored = 0usize;
-    for chunk in files.chunks(a.batch.max(1)) {
+    // Images are decoded on a second thread, one batch ahead of the model (bounded: two
+    // batches in flight), so decoding overlaps scoring.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(PathBuf, Result<image::RgbImage, String>)>>(2);
+    let chunks: Vec<Vec<PathBuf>> = files.chunks(a.batch.max(1)).map(|c| c.to_vec()).collect();
+    let loader = std::thread::spawn(move || {
+        for chunk in chunks {
+            let loaded = chunk.into_iter().map(|p| {
+                let img = images::load_rgb(&p).map_err(|e| e.to_string());
+                (p, img)
+            });
+            if tx.send(loaded.collect()).is_err() {
+                break;
+            }
+        }
+    });
+    for chunk in rx {
         let mut loaded = Vec::new();
-        for p in chunk {
-            match images::load_rgb(p) {
+        for (p, img) in chunk {
+            match img {
                 Ok(img) => loaded.push((p, img)),
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -174,7 +189,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         let maps = engine.score(&views, &bank)?;
         for ((p, _), map) in loaded.iter().zip(maps) {
             let (v, _) = kensa_verdict::judge(&map, &bank.meta.calibration);
-            let stem = &names[*p];
+            let stem = &names[p];
             let json = serde_json::json!({
                 "score": v.score,
                 "anomalous": v.anomalous,
@@ -191,6 +206,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             scored += 1;
         }
     }
+    loader.join().map_err(|_| anyhow::anyhow!("the image loader thread panicked"))?;
     let dt = t0.elapsed().as_secs_f64();
     eprintln!(
         "scored {scored} image(s) in {dt:.2}s ({:.1} img/s) -> {}",

@@ -57,6 +57,7 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> ExitCode {
+    kensa_model::tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result = match cli.cmd {

@@ -1,0 +1,480 @@
+//! Performance benchmark: kernels, the Python baseline side by side, and the whole pipeline
+//! (synthetic cameras → Kensa → tansu) for 1, 4 and 16 cameras. Prints tables; not part of the
+//! test run:
+//!
+//!     scripts/bench.sh                               # everything (about 6 minutes on 2 cores)
+//!     KENSA_PERF=kernels,baseline scripts/bench.sh   # some sections only
+//!
+//! Environment: KENSA_PERF (sections: kernels, baseline, pipeline), KENSA_PERF_DEVICE (cpu or
+//! cuda; default cpu), KENSA_PERF_SECONDS (measuring window per pipeline phase, 20),
+//! KENSA_PERF_CAMERAS (camera counts, "1,4,16"), KENSA_PERF_PRECISION (fp32, fp16, bf16).
+//! Images: ../shared/data/mvtec-bottle when present, synthetic discs otherwise.
+
+use kensa_model::backbone::{images_to_batch, Backbone};
+use kensa_model::bank::Bank;
+use kensa_model::engine::{to_map, Engine};
+use kensa_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+type Img = (Vec<u8>, u32, u32);
+
+fn env_str(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Seconds per call of `f`: 5 warm-up calls (the TorchScript executor specialises on the first
+/// ones), then at least `min_iters` calls and 1.5 s.
+fn time_it(min_iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..5 {
+        f();
+    }
+    let t0 = Instant::now();
+    let mut n = 0;
+    while n < min_iters || t0.elapsed() < Duration::from_millis(1500) {
+        f();
+        n += 1;
+    }
+    t0.elapsed().as_secs_f64() / n as f64
+}
+
+fn load_rgb(p: &Path) -> Img {
+    let i = image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).to_rgb8();
+    let (w, h) = i.dimensions();
+    (i.into_raw(), w, h)
+}
+
+fn list_pngs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "png")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The image set: (class root, reference images, test images with labels).
+struct Data {
+    root: PathBuf,
+    train: Vec<PathBuf>,
+    test: Vec<(PathBuf, bool)>,
+    _tmp: Option<TempDir>,
+}
+
+fn data() -> Data {
+    let (root, tmp) = match shared().map(|s| s.join("data/mvtec-bottle")).filter(|p| p.is_dir()) {
+        Some(p) => (p, None),
+        None => {
+            eprintln!("perf: ../shared is absent; using synthetic discs (kensa synth)");
+            let t = TempDir::new("perf-data");
+            let out = t.path().join("disc");
+            kensa_ok(&["synth", "--out", out.to_str().unwrap(), "--count", "60", "--train", "16", "--seed", "5"]);
+            (out, Some(t))
+        }
+    };
+    let train = list_pngs(&root.join("train/good"));
+    let mut test = Vec::new();
+    let mut kinds: Vec<PathBuf> = std::fs::read_dir(root.join("test")).unwrap().flatten().map(|e| e.path()).collect();
+    kinds.sort();
+    for k in kinds {
+        let good = k.file_name().is_some_and(|n| n == "good");
+        test.extend(list_pngs(&k).into_iter().map(|p| (p, !good)));
+    }
+    Data { root, train, test, _tmp: tmp }
+}
+
+fn flatten(f: &Tensor) -> Tensor {
+    let c = f.size()[1];
+    f.permute([0, 2, 3, 1]).reshape([-1, c])
+}
+
+fn kernels(d: &Data, device: Device, bank1: &Path) {
+    let bb_path = PathBuf::from(env_str("KENSA_BACKBONE", ""));
+    let backbone = Backbone::load(&bb_path, device).expect("backbone");
+    println!(
+        "\n== kernels: {} ({} threads, device {device:?}), input 256 px, images from {}",
+        backbone.meta.name,
+        tch::get_num_threads(),
+        d.root.display()
+    );
+    let engine = Engine::new(backbone, 256);
+    let imgs: Vec<Img> = d.test.iter().take(16).map(|(p, _)| load_rgb(p)).collect();
+    let views = |b: usize| -> Vec<(&[u8], u32, u32)> {
+        (0..b).map(|i| &imgs[i % imgs.len()]).map(|(v, w, h)| (v.as_slice(), *w, *h)).collect()
+    };
+    let (w0, h0) = (imgs[0].1, imgs[0].2);
+    println!("frames: {w0}x{h0} RGB, resized to 256x256");
+
+    // Bank layers from R references (flips of the train images when there are fewer than R).
+    let refs: Vec<Img> = d.train.iter().map(|p| load_rgb(p)).collect();
+    let bank_of = |r: usize| -> Vec<Tensor> {
+        let feats: Vec<Vec<Tensor>> = (0..r)
+            .map(|i| {
+                let (v, w, h) = &refs[i % refs.len()];
+                let x = images_to_batch(&[(v.as_slice(), *w, *h)], 256, device);
+                let x = match (i / refs.len()) % 4 {
+                    0 => x,
+                    1 => x.flip([3]),
+                    2 => x.flip([2]),
+                    _ => x.flip([2, 3]),
+                };
+                engine.backbone.patch_features(&x).unwrap().iter().map(flatten).collect()
+            })
+            .collect();
+        (0..feats[0].len()).map(|l| Tensor::cat(&feats.iter().map(|f| &f[l]).collect::<Vec<_>>(), 0)).collect()
+    };
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let batches = [1usize, 2, 4, 8, 16];
+
+    println!("\n-- preprocessing + backbone forward alone (ms per image; img/s)");
+    println!("{:>6} {:>12} {:>12} {:>9}", "batch", "prep_ms/img", "fwd_ms/img", "fwd_img/s");
+    for &b in &batches {
+        let v = views(b);
+        let prep = time_it(5, || {
+            let _ = images_to_batch(&v, 256, device);
+            sync();
+        });
+        let x = images_to_batch(&v, 256, device);
+        let fwd = time_it(5, || {
+            let _ = engine.backbone.forward(&x).unwrap();
+            sync();
+        });
+        println!("{b:>6} {:>12.2} {:>12.2} {:>9.1}", prep * 1e3 / b as f64, fwd * 1e3 / b as f64, b as f64 / fwd);
+    }
+
+    println!("\n-- nearest-neighbour scoring, features → per-layer distances (ms per image)");
+    print!("{:>10}", "bank_refs");
+    for b in &batches {
+        print!(" {:>9}", format!("batch{b}"));
+    }
+    println!(" {:>12}", "bank_MiB");
+    for r in [1usize, 4, 16, 64] {
+        let bank = bank_of(r);
+        let mib: f64 = bank.iter().map(|t| (t.numel() * 4) as f64).sum::<f64>() / (1024.0 * 1024.0);
+        print!("{r:>10}");
+        for &b in &batches {
+            let x = images_to_batch(&views(b), 256, device);
+            let feats = engine.backbone.patch_features(&x).unwrap();
+            let t = time_it(3, || {
+                let _ = engine.nearest(&feats, &bank);
+                sync();
+            });
+            print!(" {:>9.2}", t * 1e3 / b as f64);
+        }
+        println!(" {mib:>12.1}");
+    }
+
+    // The enrolled 1-reference bank, with its calibration, for the verdict step.
+    let bank1 = Bank::load(bank1, &engine.backbone.meta, 256, device).expect("bank");
+    println!("\n-- post-processing (ms per image): fuse+blur | to frame size + judge + mask PNG");
+    println!("{:>6} {:>10} {:>14}", "batch", "fuse_ms", "verdict_ms");
+    for &b in &[1usize, 8] {
+        let x = images_to_batch(&views(b), 256, device);
+        let feats = engine.backbone.patch_features(&x).unwrap();
+        let layers = engine.nearest(&feats, &bank1.layers);
+        let fuse = time_it(5, || {
+            let _ = engine.fuse(&layers);
+            sync();
+        });
+        let maps = engine.fuse(&layers);
+        let verdict = time_it(5, || {
+            for i in 0..b {
+                let m = to_map(&maps.get(i as i64), w0, h0);
+                let (v, mask) = kensa_verdict::judge(&m, &bank1.meta.calibration);
+                let _ = kensa_verdict::mask_png(&mask, m.width, m.height);
+                std::hint::black_box(v);
+            }
+        });
+        println!("{b:>6} {:>10.2} {:>14.2}", fuse * 1e3 / b as f64, verdict * 1e3 / b as f64);
+    }
+
+    println!("\n-- model step as the daemon runs it (1-reference bank): prep+backbone+scoring | +post-processing");
+    println!("{:>6} {:>14} {:>9} {:>16} {:>9}", "batch", "model_ms/img", "img/s", "full_ms/img", "img/s");
+    for &b in &batches {
+        let v = views(b);
+        let model = time_it(3, || {
+            let f = engine.features(&v).unwrap();
+            let _ = engine.nearest(&f, &bank1.layers);
+            sync();
+        });
+        let full = time_it(3, || {
+            for m in engine.score(&v, &bank1).unwrap() {
+                let (v, mask) = kensa_verdict::judge(&m, &bank1.meta.calibration);
+                let _ = kensa_verdict::mask_png(&mask, m.width, m.height);
+                std::hint::black_box(v);
+            }
+        });
+        println!("{b:>6} {:>14.2} {:>9.1} {:>16.2} {:>9.1}", model * 1e3 / b as f64, b as f64 / model, full * 1e3 / b as f64, b as f64 / full);
+    }
+}
+
+/// A 1-shot bank enrolled by `kensa enroll` from the first reference image.
+fn enroll_one(d: &Data, dir: &Path) -> PathBuf {
+    let refs = dir.join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::os::unix::fs::symlink(&d.train[0], refs.join(d.train[0].file_name().unwrap())).unwrap();
+    let bank = dir.join("bank.kbank");
+    kensa_ok(&["enroll", "--product", "bench", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    bank
+}
+
+fn baseline(d: &Data, bank: &Path) {
+    println!("\n== Kensa vs the Python baseline (tools/baseline/patchcore_loop.py), same backbone file, bank and images");
+    let tmp = TempDir::new("perf-baseline");
+    // 162 images, cycling the test set (the size of the baseline run quoted in the team's notes).
+    let imgs = tmp.path().join("images");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let mut labels = std::collections::HashMap::new();
+    for i in 0..162 {
+        let (p, bad) = &d.test[i % d.test.len()];
+        let name = format!("{i:03}.png");
+        std::os::unix::fs::symlink(p, imgs.join(&name)).unwrap();
+        labels.insert(format!("{i:03}"), *bad);
+    }
+    let auroc = |scores: &std::collections::HashMap<String, f32>| {
+        let keys: Vec<&String> = scores.keys().collect();
+        let s: Vec<f32> = keys.iter().map(|k| scores[*k]).collect();
+        let l: Vec<bool> = keys.iter().map(|k| labels[*k]).collect();
+        kensa_core::eval::auroc(&s, &l).unwrap_or(f64::NAN)
+    };
+
+    let python = std::env::var("KENSA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = tmp.path().join("py.json");
+    let t0 = Instant::now();
+    let o = Command::new(&python)
+        .args(["tools/baseline/patchcore_loop.py", "--backbone", &env_str("KENSA_BACKBONE", ""), "--bank"])
+        .arg(bank)
+        .arg("--out")
+        .arg(&out)
+        .arg(&imgs)
+        .output()
+        .expect("python");
+    let py_wall = t0.elapsed().as_secs_f64();
+    assert!(o.status.success(), "baseline failed: {}", String::from_utf8_lossy(&o.stderr));
+    let info: serde_json::Value = serde_json::from_slice(o.stdout.rsplit(|&c| c == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let py_scores: std::collections::HashMap<String, f32> =
+        serde_json::from_str::<std::collections::HashMap<String, f64>>(&std::fs::read_to_string(&out).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (Path::new(&k).file_stem().unwrap().to_string_lossy().into_owned(), v as f32))
+            .collect();
+
+    let mut rows = vec![("python loop (batch 1)".to_string(), py_wall, info["steady_img_s"].as_f64().unwrap_or(f64::NAN), auroc(&py_scores), 0.0)];
+    for batch in ["1", "auto"] {
+        let kout = tmp.path().join(format!("kensa-{batch}"));
+        let t0 = Instant::now();
+        let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", kout.to_str().unwrap()];
+        if batch != "auto" {
+            args.extend(["--batch", batch]);
+        }
+        args.push(imgs.to_str().unwrap());
+        let o = kensa(&args);
+        let wall = t0.elapsed().as_secs_f64();
+        assert!(o.status.success(), "kensa score: {}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        // "scored N image(s) in T s (R img/s) -> DIR"
+        let steady: f64 = err
+            .split(" img/s)")
+            .next()
+            .and_then(|r| r.rsplit('(').next())
+            .and_then(|x| x.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        let scores: std::collections::HashMap<String, f32> = labels
+            .keys()
+            .map(|k| {
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kout.join(format!("{k}.json"))).unwrap()).unwrap();
+                (k.clone(), v["score"].as_f64().unwrap() as f32)
+            })
+            .collect();
+        let maxdiff = scores.iter().map(|(k, v)| (v - py_scores[k]).abs()).fold(0.0f32, f32::max);
+        rows.push((format!("kensa score --batch {batch}"), wall, steady, auroc(&scores), maxdiff as f64));
+    }
+    println!("{:<26} {:>7} {:>10} {:>11} {:>12} {:>8} {:>15}", "", "images", "wall_s", "wall_img/s", "steady_img/s", "AUROC", "max|Δscore|");
+    for (name, wall, steady, a, diff) in &rows {
+        println!("{name:<26} {:>7} {wall:>10.2} {:>11.1} {steady:>12.1} {a:>8.3} {diff:>15.5}", 162, 162.0 / wall);
+    }
+    let best = rows[1..].iter().map(|r| 162.0 / r.1).fold(0.0, f64::max);
+    println!("speed-up over the Python loop (wall, start-up included): {:.2}x", best / (162.0 / py_wall));
+}
+
+struct Phase {
+    fps: f64,
+    dropped: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    model_p99_ms: f64,
+    batch_mean: f64,
+    model_busy: f64,
+    rss_peak_mib: f64,
+}
+
+/// Quantile from Prometheus histogram bucket deltas, linear within a bucket (as histogram_quantile).
+fn quantile(before: &str, after: &str, name: &str, q: f64) -> f64 {
+    let b = buckets(before, name);
+    let a = buckets(after, name);
+    let d: Vec<(f64, f64)> = a.iter().map(|(le, c)| (*le, c - b.iter().find(|(x, _)| x == le).map(|x| x.1).unwrap_or(0.0))).collect();
+    let Some(total) = d.last().map(|x| x.1).filter(|t| *t > 0.0) else { return f64::NAN };
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, c) in &d {
+        if c >= rank {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            return prev.0 + (le - prev.0) * (rank - prev.1) / (c - prev.1).max(1e-9);
+        }
+        prev = (le, c);
+    }
+    f64::NAN
+}
+
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let mut v: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with(&format!("{name}_bucket"))) {
+        let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("+Inf");
+        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+        let c: f64 = line.rsplit(' ').next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+        match v.iter_mut().find(|(b, _)| *b == le) {
+            Some(e) => e.1 += c,
+            None => v.push((le, c)),
+        }
+    }
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn rss_peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, bank: &Path, secs: f64) -> Phase {
+    let (broker, dir, _, topic, metrics_addr) = own_broker_rig("perf");
+    let cameras: String = (0..cams)
+        .map(|i| {
+            format!(
+                "[[cameras]]\nid = \"cam{i}\"\nproduct = \"disc\"\npolicy = \"{policy}\"\nsource = {{ kind = \"synthetic\", seed = {i}, fps = {fps}, defect_rate = 0.1 }}\n"
+            )
+        })
+        .collect();
+    let cfg = config(dir.path(), bank, &topic, &broker.addr(), &metrics_addr, &cameras);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_size = 4", &format!("max_size = {batch}"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut d = Daemon::start(&cfg, &[], &metrics_addr);
+    // Warm up: wait for frames to flow, then 3 s more.
+    wait_for(Duration::from_secs(60), || metric(&d.scrape(), "kensa_events_published_total", &[]).unwrap_or(0.0) > 0.0);
+    std::thread::sleep(Duration::from_secs(3));
+    let before = d.scrape();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let after = d.scrape();
+    let dt = t0.elapsed().as_secs_f64();
+    let delta = |n: &str| sum_metric(&after, n) - sum_metric(&before, n);
+    let batches = delta("kensa_batch_size_count");
+    let p = Phase {
+        fps: delta("kensa_events_published_total") / dt,
+        dropped: delta("kensa_frames_dropped_total"),
+        p50_ms: 1e3 * quantile(&before, &after, "kensa_end_to_end_latency_seconds", 0.5),
+        p99_ms: 1e3 * quantile(&before, &after, "kensa_end_to_end_latency_seconds", 0.99),
+        model_p99_ms: 1e3 * quantile(&before, &after, "kensa_score_batch_seconds", 0.99),
+        batch_mean: delta("kensa_batch_size_sum") / batches.max(1.0),
+        model_busy: delta("kensa_score_batch_seconds_sum") / dt,
+        rss_peak_mib: rss_peak_mib(d.child.id()),
+    };
+    d.terminate(Duration::from_secs(30));
+    drop(broker);
+    p
+}
+
+/// Backbone + scoring alone at batch 8 on the synthetic frames and bank the pipeline uses.
+fn model_fps_b8(frames: &Path, bank: &Path, device: Device) -> f64 {
+    let backbone = Backbone::load(Path::new(&env_str("KENSA_BACKBONE", "")), device).expect("backbone");
+    let bank = Bank::load(bank, &backbone.meta, 256, device).expect("bank");
+    let engine = Engine::new(backbone, 256);
+    let imgs: Vec<Img> = list_pngs(frames).iter().take(8).map(|p| load_rgb(p)).collect();
+    let v: Vec<(&[u8], u32, u32)> = (0..8).map(|i| &imgs[i % imgs.len()]).map(|(x, w, h)| (x.as_slice(), *w, *h)).collect();
+    let t = time_it(5, || {
+        let f = engine.features(&v).unwrap();
+        let _ = engine.nearest(&f, &bank.layers);
+    });
+    8.0 / t
+}
+
+fn pipeline(model_b8: f64, bank: &Path) {
+    let secs: f64 = env_str("KENSA_PERF_SECONDS", "20").parse().unwrap_or(20.0);
+    let counts: Vec<usize> = env_str("KENSA_PERF_CAMERAS", "1,4,16").split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    println!("\n== pipeline: synthetic cameras (256x256) → Kensa → tansu (own broker on this machine), 16-reference bank, {secs} s per phase");
+    println!("capacity: block policy, cameras as fast as Kensa takes them (batch 8); moderate: drop policy at half that rate (batch 4)");
+    println!(
+        "{:>5} {:<9} {:>9} {:>8} {:>8} {:>8} {:>12} {:>7} {:>11} {:>9}",
+        "cams", "phase", "fps", "dropped", "p50_ms", "p99_ms", "model_p99_ms", "batch", "model_busy", "rss_MiB"
+    );
+    let mut cap16 = 0.0;
+    for &n in &counts {
+        let cap = run_phase(n, 0.0, "block", 8, bank, secs);
+        let row = |name: &str, p: &Phase| {
+            println!(
+                "{n:>5} {name:<9} {:>9.1} {:>8} {:>8.1} {:>8.1} {:>12.1} {:>7.2} {:>10.0}% {:>9.0}",
+                p.fps, p.dropped, p.p50_ms, p.p99_ms, p.model_p99_ms, p.batch_mean, p.model_busy * 100.0, p.rss_peak_mib
+            )
+        };
+        row("capacity", &cap);
+        if n == *counts.iter().max().unwrap() {
+            cap16 = cap.fps;
+        }
+        let per_cam = (cap.fps * 0.5 / n as f64 * 10.0).round() / 10.0;
+        let moderate = run_phase(n, per_cam.max(0.1), "drop", 4, bank, secs);
+        row("moderate", &moderate);
+    }
+    if model_b8 > 0.0 {
+        println!(
+            "pipeline overhead at batch 8 ({} cameras): 1 - {cap16:.1} / {model_b8:.1} (kernel fps, backbone + scoring) = {:.1} %",
+            counts.iter().max().unwrap(),
+            100.0 * (1.0 - cap16 / model_b8)
+        );
+    }
+}
+
+fn main() {
+    // The same allocator settings as the kensa binary, so the kernel numbers match it.
+    kensa_model::tune_allocator();
+    let sections = env_str("KENSA_PERF", "kernels,baseline,pipeline");
+    let device = match env_str("KENSA_PERF_DEVICE", "cpu").as_str() {
+        "cuda" => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    println!("perf: sections {sections}; host {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let d = data();
+    let tmp = TempDir::new("perf");
+    let bank1 = enroll_one(&d, tmp.path());
+    if sections.contains("kernels") {
+        kernels(&d, device, &bank1);
+    }
+    if sections.contains("baseline") {
+        baseline(&d, &bank1);
+    }
+    if sections.contains("pipeline") {
+        let tmp = TempDir::new("perf-bank");
+        let line = tmp.path().join("refs");
+        kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", "16", "--seed", "99"]);
+        let bank = tmp.path().join("disc.kbank");
+        kensa_ok(&["enroll", "--product", "disc", "--images", line.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+        let model_b8 = model_fps_b8(&line.join("train/good"), &bank, device);
+        pipeline(model_b8, &bank);
+    }
+}
