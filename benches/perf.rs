@@ -311,6 +311,17 @@ struct Phase {
     batch_mean: f64,
     model_busy: f64,
     rss_peak_mib: f64,
+    kensa_cpu_ms: f64,
+    broker_cpu_ms: f64,
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_s(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = rest.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0) + rest.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
 
 /// Quantile from Prometheus histogram bucket deltas, linear within a bucket (as histogram_quantile).
@@ -373,16 +384,23 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, bank: &Path, sec
         })
         .collect();
     let cfg = config(dir.path(), bank, &topic, &broker.addr(), &metrics_addr, &cameras);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_size = 4", &format!("max_size = {batch}"));
+    let threads = env_str("KENSA_PERF_MODEL_THREADS", "0");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_size = 4", &format!("max_size = {batch}"))
+        .replace("device = \"cpu\"", &format!("device = \"cpu\"\nthreads = {threads}"));
     std::fs::write(&cfg, text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     // Warm up: wait for frames to flow, then 3 s more.
     wait_for(Duration::from_secs(60), || metric(&d.scrape(), "kensa_events_published_total", &[]).unwrap_or(0.0) > 0.0);
     std::thread::sleep(Duration::from_secs(3));
+    let broker_pid = broker.pid();
     let before = d.scrape();
+    let (k0, b0) = (cpu_s(d.child.id()), cpu_s(broker_pid));
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(secs));
     let after = d.scrape();
+    let (k1, b1) = (cpu_s(d.child.id()), cpu_s(broker_pid));
     let dt = t0.elapsed().as_secs_f64();
     let delta = |n: &str| sum_metric(&after, n) - sum_metric(&before, n);
     let batches = delta("kensa_batch_size_count");
@@ -395,7 +413,11 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, bank: &Path, sec
         batch_mean: delta("kensa_batch_size_sum") / batches.max(1.0),
         model_busy: delta("kensa_score_batch_seconds_sum") / dt,
         rss_peak_mib: rss_peak_mib(d.child.id()),
+        kensa_cpu_ms: 0.0,
+        broker_cpu_ms: 0.0,
     };
+    let frames = (p.fps * dt).max(1.0);
+    let p = Phase { kensa_cpu_ms: 1e3 * (k1 - k0) / frames, broker_cpu_ms: 1e3 * (b1 - b0) / frames, ..p };
     d.terminate(Duration::from_secs(30));
     drop(broker);
     p
@@ -421,16 +443,17 @@ fn pipeline(model_b8: f64, bank: &Path) {
     println!("\n== pipeline: synthetic cameras (256x256) → Kensa → tansu (own broker on this machine), 16-reference bank, {secs} s per phase");
     println!("capacity: block policy, cameras as fast as Kensa takes them (batch 8); moderate: drop policy at half that rate (batch 4)");
     println!(
-        "{:>5} {:<9} {:>9} {:>8} {:>8} {:>8} {:>12} {:>7} {:>11} {:>9}",
-        "cams", "phase", "fps", "dropped", "p50_ms", "p99_ms", "model_p99_ms", "batch", "model_busy", "rss_MiB"
+        "{:>5} {:<9} {:>7} {:>7} {:>7} {:>7} {:>12} {:>6} {:>10} {:>8} {:>13} {:>14}",
+        "cams", "phase", "fps", "dropped", "p50_ms", "p99_ms", "model_p99_ms", "batch", "model_busy", "rss_MiB", "kensa_cpu_ms", "broker_cpu_ms"
     );
     let mut cap16 = 0.0;
     for &n in &counts {
         let cap = run_phase(n, 0.0, "block", 8, bank, secs);
         let row = |name: &str, p: &Phase| {
             println!(
-                "{n:>5} {name:<9} {:>9.1} {:>8} {:>8.1} {:>8.1} {:>12.1} {:>7.2} {:>10.0}% {:>9.0}",
-                p.fps, p.dropped, p.p50_ms, p.p99_ms, p.model_p99_ms, p.batch_mean, p.model_busy * 100.0, p.rss_peak_mib
+                "{n:>5} {name:<9} {:>7.1} {:>7} {:>7.1} {:>7.1} {:>12.1} {:>6.2} {:>9.0}% {:>8.0} {:>13.2} {:>14.2}",
+                p.fps, p.dropped, p.p50_ms, p.p99_ms, p.model_p99_ms, p.batch_mean, p.model_busy * 100.0, p.rss_peak_mib,
+                p.kensa_cpu_ms, p.broker_cpu_ms
             )
         };
         row("capacity", &cap);

@@ -306,6 +306,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker's process id (0 while it is down).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn start() -> Self {
         let dir = TempDir::new("broker");
         let mut b = Broker { child: None, port: free_port(), dir };
@@ -390,7 +395,6 @@ device = "cpu"
 
 [batch]
 max_size = 4
-max_wait_ms = 20
 
 [kafka]
 brokers = "{brokers}"

@@ -66,7 +66,10 @@ impl Default for ModelConfig {
 pub struct BatchConfig {
     /// Largest batch sent to the model (on this 2-core CPU bigger batches are not faster).
     pub max_size: usize,
-    /// Longest a frame waits for a batch to fill, from the batch's first frame.
+    /// Longest a frame waits for more frames to join its batch once the model is free, from
+    /// the batch's first frame. Batches are formed only when the model is free, from every frame
+    /// queued by then, so batches fill by themselves under load; 0 (the default) never waits,
+    /// which gives the lowest latency. A few ms can help a GPU at light load.
     pub max_wait_ms: u64,
     /// Frames queued between the cameras and the batcher (all cameras together).
     pub queue: usize,
@@ -74,7 +77,7 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_size: 4, max_wait_ms: 10, queue: 64 }
+        Self { max_size: 4, max_wait_ms: 0, queue: 64 }
     }
 }
 

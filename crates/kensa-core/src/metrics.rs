@@ -9,6 +9,7 @@ pub const EVENTS_PUBLISHED: &str = "kensa_events_published_total";
 pub const PUBLISH_ERRORS: &str = "kensa_publish_errors_total";
 pub const END_TO_END_LATENCY: &str = "kensa_end_to_end_latency_seconds";
 pub const SCORE_LATENCY: &str = "kensa_score_batch_seconds";
+pub const BATCH_LATENCY: &str = "kensa_model_batch_seconds";
 pub const STAGE_LATENCY: &str = "kensa_stage_latency_seconds";
 pub const BATCH_SIZE: &str = "kensa_batch_size";
 pub const IMAGE_SCORE: &str = "kensa_image_score";
@@ -44,7 +45,8 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (EVENTS_PUBLISHED, "Events acknowledged by Kafka, by topic.", "count"),
     (PUBLISH_ERRORS, "Events Kafka did not acknowledge, by reason.", "count"),
     (END_TO_END_LATENCY, "Capture to Kafka acknowledgement.", "seconds"),
-    (SCORE_LATENCY, "Model time for one batch (backbone and scoring).", "seconds"),
+    (SCORE_LATENCY, "Model time for one batch of one product (preprocessing, backbone, scoring, map post-processing).", "seconds"),
+    (BATCH_LATENCY, "Model thread time per batch: scoring, verdicts and events (includes waiting for delivery when it pushes back).", "seconds"),
     (STAGE_LATENCY, "Time per frame in each stage: queue, model, verdict.", "seconds"),
     ("kensa_outbox_bytes", "Bytes of the durable outbox on disk.", "bytes"),
     ("kensa_outbox_events", "Events spooled and not yet acknowledged by Kafka.", "count"),

@@ -62,7 +62,10 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
-        .set("socket.timeout.ms", "10000");
+        .set("socket.timeout.ms", "10000")
+        // librdkafka waits 5 ms by default to fill a produce batch; events come in bursts of a
+        // model batch already, so 1 ms keeps the capture→ack latency low (overridable below).
+        .set("linger.ms", "1");
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }

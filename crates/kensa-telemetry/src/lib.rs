@@ -23,7 +23,11 @@ pub enum TelemetryError {
 /// Installs the global Prometheus recorder, with buckets by name suffix and every metric
 /// described. Call once, before any metric is touched.
 pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
-    let seconds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    // Fine below 100 ms, where a CPU model step and a healthy capture→ack latency live.
+    let seconds = [
+        0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0, 30.0,
+    ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0]))

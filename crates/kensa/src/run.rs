@@ -64,6 +64,11 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
 
     // Model thread: loads the backbone and banks first, so a bad bank fails start-up.
     let (batch_tx, mut batch_rx) = mpsc::channel::<Work>(1);
+    // Pull-based batching: the batcher forms a batch only when the model thread is free (one
+    // permit per free model), from every frame queued by then. Under light load a frame goes
+    // to the model at once; under heavy load batches fill up by themselves.
+    let model_free = Arc::new(tokio::sync::Semaphore::new(1));
+    let model_free_m = model_free.clone();
     let (scored_tx, scored_rx) = mpsc::channel::<Scored>(256);
     let scored_tx_probe = scored_tx.downgrade();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(String, Vec<(String, String)>, reload::Loader)>>();
@@ -104,7 +109,15 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             publish: model_cfg.publish.clone(),
         };
         let mut banks = banks;
-        model_loop(&engine, &mut banks, &ctx, &mut batch_rx, &scored_tx);
+        // Closed when the model thread ends (or panics), so the batcher never waits forever.
+        struct CloseOnDrop(Arc<tokio::sync::Semaphore>);
+        impl Drop for CloseOnDrop {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _close = CloseOnDrop(model_free_m.clone());
+        model_loop(&engine, &mut banks, &ctx, &mut batch_rx, &scored_tx, &model_free_m);
     })?;
     let (model_desc, versions, loader) = tokio::task::spawn_blocking(move || ready_rx.recv())
         .await?
@@ -223,7 +236,12 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     let max_size = cfg.batch.max_size;
     let max_wait = Duration::from_millis(cfg.batch.max_wait_ms);
     let batcher = tokio::spawn(async move {
-        while let Some(batch) = kensa_core::batch::next_batch(&mut frame_rx, max_size, max_wait).await {
+        loop {
+            match model_free.acquire().await {
+                Ok(p) => p.forget(),
+                Err(_) => break, // the model thread has ended
+            }
+            let Some(batch) = kensa_core::batch::next_batch(&mut frame_rx, max_size, max_wait).await else { break };
             if batch_tx.send(Work::Batch(batch)).await.is_err() {
                 break;
             }
@@ -348,6 +366,7 @@ fn model_loop(
     ctx: &ModelCtx,
     batches: &mut mpsc::Receiver<Work>,
     out: &mpsc::Sender<Scored>,
+    model_free: &tokio::sync::Semaphore,
 ) {
     let run_id = format!("{:x}", unix_nanos(SystemTime::now()));
     // Camera → product overrides from changeovers.
@@ -380,7 +399,9 @@ fn model_loop(
             };
             let views: Vec<(&[u8], u32, u32)> = frames.iter().map(|f| (f.data.as_slice(), f.width, f.height)).collect();
             let t_model = Instant::now();
-            let maps = match engine.score(&views, bank) {
+            let scored = engine.score(&views, bank);
+            metrics::histogram!(m::SCORE_LATENCY).record(t_model.elapsed().as_secs_f64());
+            let maps = match scored {
                 Ok(m) => m,
                 Err(e) => {
                     for f in &frames {
@@ -475,7 +496,8 @@ fn model_loop(
                 }
             }
         }
-        metrics::histogram!(m::SCORE_LATENCY).record(t0.elapsed().as_secs_f64());
+        metrics::histogram!(m::BATCH_LATENCY).record(t0.elapsed().as_secs_f64());
+        model_free.add_permits(1);
     }
 }
 
