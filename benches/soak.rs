@@ -7,7 +7,7 @@
 //!     KENSA_SOAK_SECONDS=120 scripts/soak.sh
 //!
 //! Environment: KENSA_SOAK_SECONDS (1800), KENSA_SOAK_CAMERAS (8), KENSA_SOAK_FPS (3 per camera),
-//! KENSA_SOAK_INTERVAL (60 s between samples).
+//! KENSA_SOAK_INTERVAL (60 s between samples), KENSA_SOAK_REFS (references in the bank, 4).
 
 use kensa_tests::*;
 use std::time::{Duration, Instant};
@@ -62,7 +62,9 @@ fn main() {
     let cameras = env("KENSA_SOAK_CAMERAS", 8.0) as usize;
     let fps = env("KENSA_SOAK_FPS", 3.0);
     let interval = Duration::from_secs(env("KENSA_SOAK_INTERVAL", 60.0) as u64);
+    let refs = env("KENSA_SOAK_REFS", 4.0) as usize;
     let (broker, dir, bank, topic, metrics_addr) = own_broker_rig("soak");
+    let bank = if refs == 4 { bank } else { synthetic_bank_of(&dir.path().join(format!("bank{refs}")), "disc", refs) };
     let cams: String = (0..cameras)
         .map(|i| {
             format!(
@@ -73,7 +75,7 @@ fn main() {
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics_addr, &cams);
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     let pid = d.child.id();
-    println!("soak: {cameras} cameras x {fps} fps for {seconds} s; kensa pid {pid}; broker {}", broker.addr());
+    println!("soak: {cameras} cameras x {fps} fps for {seconds} s, {refs}-reference bank; kensa pid {pid}; broker {}", broker.addr());
     println!("{:>7} {:>9} {:>8} {:>10} {:>9} {:>5} {:>9}", "t_s", "scored", "fps", "dropped", "rss_MiB", "fds", "p99_ms");
     let t0 = Instant::now();
     let mut prev = d.scrape();
@@ -123,6 +125,11 @@ fn main() {
         proc_fds(pid),
         p99s.iter().copied().fold(0.0f64, f64::max) * 1000.0
     );
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    println!("peak RSS (VmHWM) {:.1} MiB", hwm / 1024.0);
     let code = d.terminate(Duration::from_secs(60));
     println!("kensa exited with {code:?}");
 }

@@ -12,3 +12,4 @@ fi
 export PATH="$KENSA_VENV/bin:$KENSA_CACHE/tansu/bin:$PATH"
 export LD_LIBRARY_PATH="$KENSA_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export KENSA_BACKBONE="${KENSA_BACKBONE:-$KENSA_CACHE/models/efficientnet-lite0.pt}"
+export KENSA_BACKBONE_BF16="${KENSA_BACKBONE_BF16:-$KENSA_CACHE/models/efficientnet-lite0-bf16.pt}"

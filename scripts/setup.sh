@@ -49,6 +49,11 @@ if [ ! -f "$BB" ] || [ ! -f "$BB.json" ] || [ tools/export_backbone.py -nt "$BB"
   log "exporting EfficientNet-Lite0 to $BB"
   "$KENSA_VENV/bin/python" tools/export_backbone.py --variant lite0 --out "$BB" >/dev/null
 fi
+# The same backbone in bf16 (reduced-precision path: tests, benches, GPUs).
+BB16="$KENSA_CACHE/models/efficientnet-lite0-bf16.pt"
+if [ ! -f "$BB16" ] || [ ! -f "$BB16.json" ] || [ tools/export_backbone.py -nt "$BB16" ]; then
+  "$KENSA_VENV/bin/python" tools/export_backbone.py --variant lite0 --dtype bf16 --out "$BB16" >/dev/null
+fi
 
 # 4. tansu 0.6.0, the Kafka-compatible broker used by the tests and the demo.
 if [ ! -x "$KENSA_CACHE/tansu/bin/tansu" ]; then

@@ -109,3 +109,53 @@ fn real_bottle_images_one_shot() {
     assert!(auroc >= 0.98, "image AUROC {auroc}");
     assert!(acc >= 0.85, "verdict accuracy {acc}");
 }
+
+/// The reduced-precision path (the one a GPU runs in fp16/bf16): a bf16 export of the same
+/// backbone, with the bank cast to bf16, gives the same verdicts and scores within 0.02 of fp32;
+/// asking a frozen fp32 export for bf16 is a clear error naming the file and the fix.
+#[test]
+fn bf16_backbone_agrees_with_fp32() {
+    let bf16 = std::env::var("KENSA_BACKBONE_BF16").unwrap_or_default();
+    if bf16.is_empty() || !Path::new(&bf16).is_file() {
+        panic!("KENSA_BACKBONE_BF16 is not set or missing: run scripts/setup.sh and source scripts/env.sh");
+    }
+    let dir = TempDir::new("bf16");
+    let data = dir.path().join("line");
+    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "24", "--train", "2", "--defect-rate", "0.5", "--seed", "8"]);
+    let bank = dir.path().join("disc.kbank");
+    kensa_ok(&["enroll", "--product", "disc", "--images", data.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    let mut images = Vec::new();
+    for d in std::fs::read_dir(data.join("test")).unwrap() {
+        images.push(d.unwrap().path());
+    }
+    let run = |name: &str, extra: &[&str]| -> std::collections::BTreeMap<String, (f64, bool)> {
+        let out = dir.path().join(name);
+        let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend(images.iter().map(|p| p.to_str().unwrap()));
+        kensa_ok(&args);
+        std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .map(|p| {
+                let j = read_json(&p);
+                (p.file_stem().unwrap().to_string_lossy().into_owned(), (j["score"].as_f64().unwrap(), j["anomalous"].as_bool().unwrap()))
+            })
+            .collect()
+    };
+    let full = run("fp32", &[]);
+    let half = run("bf16", &["--backbone", &bf16]);
+    assert_eq!(full.len(), 24);
+    assert_eq!(full.keys().collect::<Vec<_>>(), half.keys().collect::<Vec<_>>());
+    let max_diff = full.iter().map(|(k, v)| (v.0 - half[k].0).abs()).fold(0.0, f64::max);
+    let agree = full.iter().filter(|(k, v)| v.1 == half[*k].1).count();
+    eprintln!("bf16 vs fp32: max |Δscore| {max_diff:.4}, verdicts agree on {agree}/24");
+    assert!(max_diff < 0.02, "bf16 scores differ from fp32 by {max_diff}");
+    assert!(agree >= 23, "bf16 verdicts agree with fp32 on only {agree}/24");
+    // The fp32 export is frozen: asking it for bf16 names the file and the export flag.
+    let o = kensa(&["score", "--precision", "bf16", "--bank", bank.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap(), images[0].to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("efficientnet-lite0.pt") && err.contains("--dtype bf16"), "{err}");
+}

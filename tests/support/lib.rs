@@ -85,8 +85,14 @@ pub fn kensa_ok(args: &[&str]) -> Output {
 
 /// Writes synthetic references and enrolls them; returns the bank path.
 pub fn synthetic_bank(dir: &Path, product: &str) -> PathBuf {
+    synthetic_bank_of(dir, product, 4)
+}
+
+/// A bank enrolled from `refs` synthetic reference images.
+pub fn synthetic_bank_of(dir: &Path, product: &str, refs: usize) -> PathBuf {
     let line = dir.join("refs");
-    kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", "4", "--seed", "99"]);
+    let n = refs.to_string();
+    kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", &n, "--seed", "99"]);
     let bank = dir.join(format!("{product}.kbank"));
     kensa_ok(&[
         "enroll",

@@ -51,13 +51,17 @@ pub struct ModelConfig {
     pub input_size: u32,
     /// libtorch intra-op threads; 0 leaves libtorch's default.
     pub threads: usize,
+    /// Arithmetic of the backbone and the bank search: `auto` follows the backbone file (export
+    /// it with `--dtype fp16` or `bf16` for a GPU); `fp32`, `fp16` or `bf16` must match a frozen
+    /// file, or cast an unfrozen one. Maps and scores are always fp32.
+    pub precision: String,
     /// How often bank files are checked for changes (hot reload); 0 turns polling off.
     pub bank_poll_s: u64,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { backbone: None, device: "auto".into(), input_size: 256, threads: 0, bank_poll_s: 2 }
+        Self { backbone: None, device: "auto".into(), input_size: 256, threads: 0, precision: "auto".into(), bank_poll_s: 2 }
     }
 }
 
@@ -432,6 +436,9 @@ impl KensaConfig {
     /// Every problem with this config, each naming the key it is about. Empty when valid.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if !matches!(self.model.precision.as_str(), "auto" | "fp32" | "fp16" | "bf16") {
+            p.push(format!("model.precision: `{}` is not one of auto, fp32, fp16, bf16", self.model.precision));
+        }
         if !matches!(self.model.device.as_str(), "auto" | "cpu" | "cuda") {
             p.push(format!("model.device: `{}` is not one of auto, cpu, cuda", self.model.device));
         }

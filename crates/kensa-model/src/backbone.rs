@@ -19,12 +19,39 @@ pub struct BackboneMeta {
     pub std: [f32; 3],
     #[serde(default)]
     pub sha256: String,
+    /// Weights and arithmetic of the file: fp32 (also when absent), fp16 or bf16.
+    #[serde(default)]
+    pub dtype: String,
+    /// Frozen modules hold their weights as graph constants, which cannot be cast after export.
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+impl BackboneMeta {
+    pub fn kind(&self) -> std::result::Result<Kind, String> {
+        match self.dtype.as_str() {
+            "" | "fp32" => Ok(Kind::Float),
+            "fp16" => Ok(Kind::Half),
+            "bf16" => Ok(Kind::BFloat16),
+            other => Err(format!("sidecar dtype `{other}` is not fp32, fp16 or bf16")),
+        }
+    }
+}
+
+fn dtype_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Half => "fp16",
+        Kind::BFloat16 => "bf16",
+        _ => "fp32",
+    }
 }
 
 pub struct Backbone {
     module: CModule,
     pub meta: BackboneMeta,
     pub device: Device,
+    /// Arithmetic of the module and of the patch features (see [`Backbone::with_precision`]).
+    pub kind: Kind,
     pub path: PathBuf,
     mean: Tensor,
     std: Tensor,
@@ -44,11 +71,33 @@ impl Backbone {
         if meta.strides.is_empty() || meta.strides.len() != meta.channels.len() {
             return Err(err("sidecar strides/channels are empty or of different lengths".into()));
         }
+        let kind = meta.kind().map_err(err)?;
         let mut module = CModule::load_on_device(path, device).map_err(|e| err(format!("not loadable TorchScript: {e}")))?;
         module.set_eval();
         let mean = Tensor::from_slice(&meta.mean).view([1, 3, 1, 1]).to_device(device);
         let std = Tensor::from_slice(&meta.std).view([1, 3, 1, 1]).to_device(device);
-        Ok(Self { module, meta, device, path: path.to_path_buf(), mean, std })
+        Ok(Self { module, meta, device, kind, path: path.to_path_buf(), mean, std })
+    }
+
+    /// Applies `model.precision`: `None` (auto) keeps the file's dtype; another dtype casts an
+    /// unfrozen module, and is an error for a frozen one (export it with `--dtype` instead).
+    /// Inputs follow the module; banks are cast by [`crate::bank::Bank::cast`].
+    pub fn with_precision(mut self, kind: Option<Kind>) -> Result<Self> {
+        let Some(kind) = kind.filter(|k| *k != self.kind) else { return Ok(self) };
+        if self.meta.frozen {
+            return Err(ModelError::Backbone {
+                path: self.path.clone(),
+                msg: format!(
+                    "is a frozen {} export, so it cannot run in {}; export it with `tools/export_backbone.py --dtype {}` or set model.precision = \"auto\"",
+                    dtype_name(self.kind),
+                    dtype_name(kind),
+                    dtype_name(kind)
+                ),
+            });
+        }
+        self.module.to(self.device, kind, false);
+        self.kind = kind;
+        Ok(self)
     }
 
     /// Raw feature maps for a batch of RGB images in [0, 1], `[B, 3, H, W]` on this device.
@@ -56,7 +105,7 @@ impl Backbone {
         let _g = tch::no_grad_guard();
         // Channels-last (NHWC strides, NCHW shape): the layout the exported module's weights are
         // in; with it the frozen Lite0 runs about 1.2x faster on CPU than with NCHW input.
-        let x = channels_last(&((images - &self.mean) / &self.std));
+        let x = channels_last(&((images - &self.mean) / &self.std).to_kind(self.kind));
         let out = self.module.forward_is(&[IValue::Tensor(x)])?;
         let maps = match out {
             IValue::TensorList(v) => v,
@@ -87,7 +136,7 @@ impl Backbone {
             .forward(images)?
             .into_iter()
             .map(|f| {
-                let f = f.to_kind(Kind::Float).avg_pool2d([3, 3], [1, 1], [1, 1], false, false, None::<i64>);
+                let f = f.to_kind(self.kind).avg_pool2d([3, 3], [1, 1], [1, 1], false, false, None::<i64>);
                 let n = f.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-6);
                 f / n
             })

@@ -57,6 +57,12 @@ impl Bank {
         Self { meta, layers }
     }
 
+    /// Casts the bank's features to `kind` (the backbone's precision) for scoring.
+    pub fn cast(mut self, kind: Kind) -> Self {
+        self.layers = self.layers.iter().map(|t| t.to_kind(kind)).collect();
+        self
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let err = |msg: String| ModelError::Bank { path: path.to_path_buf(), msg };
         let bytes: Vec<(String, Vec<f32>, Vec<usize>)> = self

@@ -10,6 +10,8 @@ use tch::{Device, Kind, Tensor};
 /// Largest block of the query × bank similarity matrix computed at once (elements):
 /// 4 Mi floats = 16 MiB, whatever the batch and bank sizes.
 const SIM_BLOCK: i64 = 1 << 22;
+/// Bank rows per block: a few MiB of bank features, re-read from cache for each query block.
+const BANK_BLOCK: i64 = 2048;
 const SMOOTH_SIGMA: f64 = 4.0;
 
 pub struct Engine {
@@ -54,7 +56,7 @@ impl Engine {
                 let nq = q.size()[0];
                 // Blocks of at most SIM_BLOCK similarities: bounded memory for any batch and
                 // bank, and blocks small enough to stay in cache while `amax` reads them.
-                let bank_chunk = n.min(SIM_BLOCK);
+                let bank_chunk = n.min(BANK_BLOCK);
                 let query_chunk = (SIM_BLOCK / bank_chunk).max(1);
                 let mut rows = Vec::new();
                 let mut qs = 0;

@@ -60,6 +60,18 @@ pub enum ModelError {
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 /// Picks the libtorch device for `auto`, `cpu` or `cuda`.
+/// The tensor kind `model.precision` asks for; `auto` (None) follows the backbone file.
+pub fn precision_kind(precision: &str) -> Result<Option<tch::Kind>> {
+    use tch::Kind;
+    match precision {
+        "auto" => Ok(None),
+        "fp32" => Ok(Some(Kind::Float)),
+        "fp16" => Ok(Some(Kind::Half)),
+        "bf16" => Ok(Some(Kind::BFloat16)),
+        other => Err(ModelError::Other(format!("unknown precision `{other}` (auto, fp32, fp16, bf16)"))),
+    }
+}
+
 pub fn device_from_str(s: &str) -> Result<tch::Device> {
     match s {
         "cpu" => Ok(tch::Device::Cpu),

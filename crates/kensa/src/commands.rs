@@ -23,6 +23,9 @@ pub struct ModelArgs {
     /// libtorch threads (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// auto (the backbone file's dtype), fp32, fp16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
 }
 
 impl ModelArgs {
@@ -32,7 +35,8 @@ impl ModelArgs {
         }
         let device = kensa_model::device_from_str(&self.device)?;
         let path = self.backbone.clone().unwrap_or_else(kensa_model::default_backbone_path);
-        Ok(Backbone::load(&path, device)?)
+        let kind = kensa_model::precision_kind(&self.precision)?;
+        Ok(Backbone::load(&path, device)?.with_precision(kind)?)
     }
 }
 
@@ -123,7 +127,7 @@ pub struct ScoreArgs {
 pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let backbone = a.model.backbone()?;
     let probe = Bank::load_unchecked(&a.bank, tch::Device::Cpu)?;
-    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)?;
+    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)?.cast(backbone.kind);
     drop(probe);
     let engine = Engine::new(backbone, bank.meta.input_size);
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;

@@ -41,13 +41,15 @@ pub struct Loader {
     pub backbone: BackboneMeta,
     pub input_size: u32,
     pub device: tch::Device,
+    /// The backbone's precision; loaded banks are cast to it.
+    pub kind: tch::Kind,
 }
 
 impl Loader {
     /// Loads and validates a bank off the async runtime.
     pub async fn load(&self, path: &Path) -> Result<Bank, String> {
         let (p, me) = (path.to_path_buf(), self.clone());
-        tokio::task::spawn_blocking(move || Bank::load(&p, &me.backbone, me.input_size, me.device).map_err(|e| e.to_string()))
+        tokio::task::spawn_blocking(move || Bank::load(&p, &me.backbone, me.input_size, me.device).map(|b| b.cast(me.kind)).map_err(|e| e.to_string()))
             .await
             .map_err(|e| e.to_string())?
     }

@@ -80,10 +80,12 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             }
             let device = kensa_model::device_from_str(&model_cfg.model.device)?;
             let path = model_cfg.model.backbone.clone().unwrap_or_else(kensa_model::default_backbone_path);
-            let backbone = Backbone::load(&path, device)?;
+            let backbone = Backbone::load(&path, device)?
+                .with_precision(kensa_model::precision_kind(&model_cfg.model.precision)?)?;
+            let kind = backbone.kind;
             let mut banks = HashMap::new();
             for (name, p) in &model_cfg.products {
-                let bank = Bank::load(&p.bank, &backbone.meta, model_cfg.model.input_size, device)?;
+                let bank = Bank::load(&p.bank, &backbone.meta, model_cfg.model.input_size, device)?.cast(kind);
                 banks.insert(name.clone(), bank);
             }
             Ok((Engine::new(backbone, model_cfg.model.input_size), banks))
@@ -101,8 +103,9 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             backbone: engine.backbone.meta.clone(),
             input_size: model_cfg.model.input_size,
             device: engine.device(),
+            kind: engine.backbone.kind,
         };
-        let _ = ready_tx.send(Ok((format!("{model_id} on {:?}", engine.device()), versions, loader)));
+        let _ = ready_tx.send(Ok((format!("{model_id} on {:?} ({:?})", engine.device(), engine.backbone.kind), versions, loader)));
         let ctx = ModelCtx {
             model_id,
             cameras: model_cfg.cameras.iter().map(|c| (c.id.clone(), (c.line.clone(), c.station.clone()))).collect(),
