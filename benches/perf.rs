@@ -7,7 +7,9 @@
 //!
 //! Environment: KENSA_PERF (sections: kernels, baseline, pipeline), KENSA_PERF_DEVICE (cpu or
 //! cuda; default cpu), KENSA_PERF_SECONDS (measuring window per pipeline phase, 20),
-//! KENSA_PERF_CAMERAS (camera counts, "1,4,16"), KENSA_PERF_PRECISION (fp32, fp16, bf16).
+//! KENSA_PERF_CAMERAS (camera counts, "1,4,16"), KENSA_PERF_MODEL_THREADS (model.threads, 0),
+//! KENSA_BACKBONE (the backbone file: export one with `--dtype fp16` for a GPU run),
+//! KENSA_BACKBONE_BF16 (adds a bf16 row to the baseline table when the file exists).
 //! Images: ../shared/data/mvtec-bottle when present, synthetic discs otherwise.
 
 use kensa_model::backbone::{images_to_batch, Backbone};
@@ -381,12 +383,15 @@ fn rss_peak_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, bank: &Path, secs: f64) -> Phase {
+/// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
+/// otherwise all in step (a common hardware trigger).
+fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, spread: bool, bank: &Path, secs: f64) -> Phase {
     let (broker, dir, _, topic, metrics_addr) = own_broker_rig("perf");
     let cameras: String = (0..cams)
         .map(|i| {
             format!(
-                "[[cameras]]\nid = \"cam{i}\"\nproduct = \"disc\"\npolicy = \"{policy}\"\nsource = {{ kind = \"synthetic\", seed = {i}, fps = {fps}, defect_rate = 0.1 }}\n"
+                "[[cameras]]\nid = \"cam{i}\"\nproduct = \"disc\"\npolicy = \"{policy}\"\nsource = {{ kind = \"synthetic\", seed = {i}, fps = {fps}, defect_rate = 0.1, phase = {} }}\n",
+                if spread { i as f64 / cams as f64 } else { 0.0 }
             )
         })
         .collect();
@@ -395,7 +400,7 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, bank: &Path, sec
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("max_size = 4", &format!("max_size = {batch}"))
-        .replace("device = \"cpu\"", &format!("device = \"cpu\"\nthreads = {threads}"));
+        .replace("device = \"cpu\"", &format!("device = \"{}\"\nthreads = {threads}", env_str("KENSA_PERF_DEVICE", "cpu")));
     std::fs::write(&cfg, text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     // Warm up: wait for frames to flow, then 3 s more.
@@ -430,32 +435,48 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, bank: &Path, sec
     p
 }
 
-/// Backbone + scoring alone at batch 8 on the synthetic frames and bank the pipeline uses.
-fn model_fps_b8(frames: &Path, bank: &Path, device: Device) -> f64 {
+/// The model step alone (what `kensa_score_batch_seconds` times in the daemon: preprocessing,
+/// backbone, nearest-neighbour search, map post-processing) at batch 8, on the synthetic frames
+/// and bank the pipeline uses.
+fn model_step(frames: &Path, bank: &Path, device: Device) -> (f64, f64) {
     let backbone = Backbone::load(Path::new(&env_str("KENSA_BACKBONE", "")), device).expect("backbone");
     let bank = Bank::load(bank, &backbone.meta, 256, device).expect("bank");
     let engine = Engine::new(backbone, 256);
     let imgs: Vec<Img> = list_pngs(frames).iter().take(8).map(|p| load_rgb(p)).collect();
     let v: Vec<(&[u8], u32, u32)> = (0..8).map(|i| &imgs[i % imgs.len()]).map(|(x, w, h)| (x.as_slice(), *w, *h)).collect();
-    let t = time_it(5, || {
-        let f = engine.features(&v).unwrap();
-        let _ = engine.nearest(&f, &bank.layers);
+    let t8 = time_it(5, || {
+        let _ = engine.score(&v, &bank).unwrap();
     });
-    8.0 / t
+    let t1 = time_it(20, || {
+        let _ = engine.score(&v[..1], &bank).unwrap();
+    });
+    (t1 * 1e3, 8.0 / t8)
 }
 
-fn pipeline(model_b8: f64, bank: &Path) {
+/// `kensa score` (default batch) on 200 synthetic frames with the pipeline's bank: img/s.
+fn score_fps(bank: &Path) -> f64 {
+    let tmp = TempDir::new("perf-score");
+    let data = tmp.path().join("line");
+    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "200", "--train", "0", "--seed", "3"]);
+    let o = kensa(&["score", "--bank", bank.to_str().unwrap(), "--out", tmp.path().join("out").to_str().unwrap(), data.join("test/good").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    err.split(" img/s)").next().and_then(|r| r.rsplit('(').next()).and_then(|x| x.trim().parse().ok()).unwrap_or(f64::NAN)
+}
+
+fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
     let secs: f64 = env_str("KENSA_PERF_SECONDS", "20").parse().unwrap_or(20.0);
     let counts: Vec<usize> = env_str("KENSA_PERF_CAMERAS", "1,4,16").split(',').filter_map(|s| s.trim().parse().ok()).collect();
     println!("\n== pipeline: synthetic cameras (256x256) → Kensa → tansu (own broker on this machine), 16-reference bank, {secs} s per phase");
-    println!("capacity: block policy, cameras as fast as Kensa takes them (batch 8); moderate: drop policy at half that rate (batch 4)");
+    println!("capacity: block policy, cameras as fast as Kensa takes them (batch.max_size 8)");
+    println!("moderate: drop policy at half that rate (max_size 4), free-running cameras; triggered: the same, all cameras in step");
     println!(
         "{:>5} {:<9} {:>7} {:>7} {:>7} {:>7} {:>12} {:>6} {:>10} {:>8} {:>13} {:>14}",
         "cams", "phase", "fps", "dropped", "p50_ms", "p99_ms", "model_p99_ms", "batch", "model_busy", "rss_MiB", "kensa_cpu_ms", "broker_cpu_ms"
     );
     let mut cap16 = 0.0;
+    let mut busy16 = 0.0;
     for &n in &counts {
-        let cap = run_phase(n, 0.0, "block", 8, bank, secs);
+        let cap = run_phase(n, 0.0, "block", 8, false, bank, secs);
         let row = |name: &str, p: &Phase| {
             println!(
                 "{n:>5} {name:<9} {:>7.1} {:>7} {:>7.1} {:>7.1} {:>12.1} {:>6.2} {:>9.0}% {:>8.0} {:>13.2} {:>14.2}",
@@ -466,16 +487,28 @@ fn pipeline(model_b8: f64, bank: &Path) {
         row("capacity", &cap);
         if n == *counts.iter().max().unwrap() {
             cap16 = cap.fps;
+            busy16 = cap.model_busy;
         }
         let per_cam = (cap.fps * 0.5 / n as f64 * 10.0).round() / 10.0;
-        let moderate = run_phase(n, per_cam.max(0.1), "drop", 4, bank, secs);
+        let moderate = run_phase(n, per_cam.max(0.1), "drop", 4, true, bank, secs);
         row("moderate", &moderate);
+        println!(
+            "{:>15} p99 / batch-1 model step ({model_b1_ms:.1} ms, alone) = {:.2}",
+            "",
+            moderate.p99_ms / model_b1_ms
+        );
+        if n > 1 {
+            let triggered = run_phase(n, per_cam.max(0.1), "drop", 4, false, bank, secs);
+            row("triggered", &triggered);
+        }
     }
+    println!("kensa score on 200 synthetic frames with the same bank: {:.1} img/s (daemon capacity above)", score_fps(bank));
     if model_b8 > 0.0 {
         println!(
-            "pipeline overhead at batch 8 ({} cameras): 1 - {cap16:.1} / {model_b8:.1} (kernel fps, backbone + scoring) = {:.1} %",
+            "pipeline overhead at batch 8 ({} cameras): 1 - {cap16:.1} fps / {model_b8:.1} fps (model step alone, same bank and frames) = {:.1} %; model thread outside the model step: {:.1} %",
             counts.iter().max().unwrap(),
-            100.0 * (1.0 - cap16 / model_b8)
+            100.0 * (1.0 - cap16 / model_b8),
+            100.0 * (1.0 - busy16.min(1.0))
         );
     }
 }
@@ -504,7 +537,7 @@ fn main() {
         kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", "16", "--seed", "99"]);
         let bank = tmp.path().join("disc.kbank");
         kensa_ok(&["enroll", "--product", "disc", "--images", line.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
-        let model_b8 = model_fps_b8(&line.join("train/good"), &bank, device);
-        pipeline(model_b8, &bank);
+        let (model_b1_ms, model_b8) = model_step(&line.join("train/good"), &bank, device);
+        pipeline(model_b1_ms, model_b8, &bank);
     }
 }

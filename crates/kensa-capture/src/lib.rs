@@ -239,10 +239,10 @@ fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop
     }
 
     let feeder = match (&cam.source, src) {
-        (SourceConfig::Synthetic { seed, count, fps, defect_rate }, Some(src)) => {
+        (SourceConfig::Synthetic { seed, count, fps, defect_rate, phase }, Some(src)) => {
             let line = kensa_synth::Line::new(*seed, *defect_rate, cam.width, cam.height);
             let (count, fps, stop) = (*count, *fps, stop.clone());
-            Some(spawn_feeder(cam.id.clone(), src, stop, fps, move |i| {
+            Some(spawn_feeder(cam.id.clone(), src, stop, fps, *phase, move |i| {
                 if count != 0 && i >= count {
                     return Feed::End;
                 }
@@ -260,7 +260,7 @@ fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop
             }
             let corrupt = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::CORRUPT_IMAGE);
             let (fps, stop, id) = (*fps, stop.clone(), cam.id.clone());
-            Some(spawn_feeder(cam.id.clone(), src, stop, fps, move |i| {
+            Some(spawn_feeder(cam.id.clone(), src, stop, fps, 0.0, move |i| {
                 let Some(p) = files.get(i as usize) else { return Feed::End };
                 match images::load_rgb(p) {
                     Ok(img) => Feed::Image(img),
@@ -469,12 +469,14 @@ enum Feed {
 }
 
 /// Feeds an appsrc from a generator: frame `i` → push, paced at `fps` (0 = as fast as the
-/// pipeline takes them; appsrc `block=true` gives backpressure).
+/// pipeline takes them; appsrc `block=true` gives backpressure), the first frame `phase`
+/// periods after the start.
 fn spawn_feeder(
     id: String,
     src: gst_app::AppSrc,
     stop: Arc<AtomicBool>,
     fps: f64,
+    phase: f64,
     mut next: impl FnMut(u64) -> Feed + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -495,7 +497,7 @@ fn spawn_feeder(
                 };
                 i += 1;
                 if let Some(p) = period {
-                    let due = start + p * pushed as u32;
+                    let due = start + p.mul_f64(pushed as f64 + phase);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }

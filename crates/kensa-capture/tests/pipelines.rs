@@ -25,7 +25,7 @@ fn collect(cfg: &CameraConfig, cap: usize) -> (Vec<Frame>, kensa_capture::Outcom
 #[test]
 fn every_template_parses_where_its_plugins_exist() {
     let kinds = [
-        SourceConfig::Synthetic { seed: 0, count: 1, fps: 0.0, defect_rate: 0.0 },
+        SourceConfig::Synthetic { seed: 0, count: 1, fps: 0.0, defect_rate: 0.0, phase: 0.0 },
         SourceConfig::ImageFolder { path: "/tmp".into(), fps: 0.0 },
         SourceConfig::VideoFile { path: "/tmp/x.mp4".into() },
         SourceConfig::V4l2 { device: "/dev/video0".into() },
@@ -49,7 +49,7 @@ fn every_template_parses_where_its_plugins_exist() {
 
 #[test]
 fn synthetic_source_delivers_every_frame_in_order_at_the_caps_size() {
-    let cfg = cam("syn", SourceConfig::Synthetic { seed: 3, count: 12, fps: 0.0, defect_rate: 0.5 }, 96, 64);
+    let cfg = cam("syn", SourceConfig::Synthetic { seed: 3, count: 12, fps: 0.0, defect_rate: 0.5, phase: 0.0 }, 96, 64);
     let (frames, outcome) = collect(&cfg, 1);
     assert_eq!(outcome, kensa_capture::Outcome::Ended { frames: 12 });
     assert_eq!(frames.iter().map(|f| f.seq).collect::<Vec<_>>(), (0..12).collect::<Vec<_>>());
@@ -65,7 +65,7 @@ fn synthetic_source_delivers_every_frame_in_order_at_the_caps_size() {
 #[test]
 fn drop_policy_counts_instead_of_blocking() {
     // A queue of 1 that nobody reads: with `drop`, the camera still reaches its end.
-    let mut cfg = cam("drop", SourceConfig::Synthetic { seed: 1, count: 20, fps: 0.0, defect_rate: 0.0 }, 32, 32);
+    let mut cfg = cam("drop", SourceConfig::Synthetic { seed: 1, count: 20, fps: 0.0, defect_rate: 0.0, phase: 0.0 }, 32, 32);
     cfg.policy = Some(FullPolicy::Drop);
     let (tx, rx) = mpsc::channel(1);
     let camera = kensa_capture::start(&cfg, tx, kensa_capture::no_state()).unwrap();

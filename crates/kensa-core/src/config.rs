@@ -296,7 +296,7 @@ impl CameraConfig {
             line: String::new(),
             station: String::new(),
             product: "p".into(),
-            source: SourceConfig::Synthetic { seed: 0, count: 1, fps: 0.0, defect_rate: 0.0 },
+            source: SourceConfig::Synthetic { seed: 0, count: 1, fps: 0.0, defect_rate: 0.0, phase: 0.0 },
             width: default_side(),
             height: default_side(),
             queue: default_camera_queue(),
@@ -328,6 +328,10 @@ pub enum SourceConfig {
         fps: f64,
         #[serde(default = "default_defect_rate")]
         defect_rate: f64,
+        /// Offset of the first frame, as a fraction of the frame period (0..1): free-running
+        /// cameras are not in step; 0 for all cameras models a common hardware trigger.
+        #[serde(default)]
+        phase: f64,
     },
     /// Every image in a folder, in name order (appsrc).
     ImageFolder {
@@ -501,7 +505,10 @@ impl KensaConfig {
                 p.push(format!("{at}.queue: must be at least 1"));
             }
             match &c.source {
-                SourceConfig::Synthetic { fps, defect_rate, .. } => {
+                SourceConfig::Synthetic { fps, defect_rate, phase, .. } => {
+                    if !(0.0..1.0).contains(phase) {
+                        p.push(format!("{at}.source.phase: {phase} is outside 0..1"));
+                    }
                     if !(0.0..=1.0).contains(defect_rate) {
                         p.push(format!("{at}.source.defect_rate: {defect_rate} is outside 0..=1"));
                     }
