@@ -10,6 +10,8 @@
 //! Conformance: with `../shared/models/stories260K` the decoder reproduces llama2.c's 64 greedy
 //! token ids exactly (`tests/conformance.rs`).
 
+pub mod answers;
+pub mod judge;
 pub mod model;
 pub mod tokenizer;
 

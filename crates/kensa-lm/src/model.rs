@@ -342,6 +342,17 @@ impl Llama {
     /// Returns the logits of every position, `[T, vocab]` (fp32).
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
+        self.forward_inner(embeds, cache)
+    }
+
+    /// A whole sequence from position 0 with gradients flowing to `embeds` (the weights stay
+    /// frozen: they do not require gradients). For training prompt embeddings.
+    pub fn forward_embeds_grad(&self, embeds: &Tensor) -> Result<Tensor> {
+        let mut cache = KvCache::new(&self.config);
+        self.forward_inner(embeds, &mut cache)
+    }
+
+    fn forward_inner(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         let t = embeds.size()[0];
         let start = cache.len;
@@ -394,28 +405,30 @@ impl Llama {
         self.forward_embeds(&self.embed_tokens(tokens), cache)
     }
 
-    /// Greedy decoding: feeds `prompt` (embeddings), then the argmax token `steps` times, each
-    /// restricted to `allowed(prefix)` when that returns a non-empty list. Stops at `eos`.
+    /// Greedy decoding: feeds `prompt` (embeddings), then the argmax token up to `steps` times.
+    /// `allowed(prefix)` constrains each step: `None` leaves it free, `Some(ids)` restricts it
+    /// to `ids`, and `Some(empty)` ends decoding (e.g. a whole answer). Stops at `eos` too.
     /// Deterministic: the same input always gives the same ids.
     pub fn greedy(
         &self,
         prompt: &Tensor,
         steps: usize,
         eos: Option<i64>,
-        mut allowed: impl FnMut(&[i64]) -> Vec<i64>,
+        mut allowed: impl FnMut(&[i64]) -> Option<Vec<i64>>,
     ) -> Result<Vec<i64>> {
         let mut cache = KvCache::new(&self.config);
         let mut logits = self.forward_embeds(prompt, &mut cache)?;
         let mut out = Vec::new();
         for _ in 0..steps {
             let last = logits.get(logits.size()[0] - 1);
-            let choice = allowed(&out);
-            let next = if choice.is_empty() {
-                last.argmax(0, false).int64_value(&[])
-            } else {
-                let ids = Tensor::from_slice(&choice).to_device(self.device);
-                let best = last.index_select(0, &ids).argmax(0, false).int64_value(&[]);
-                choice[best as usize]
+            let next = match allowed(&out) {
+                None => last.argmax(0, false).int64_value(&[]),
+                Some(choice) if choice.is_empty() => break,
+                Some(choice) => {
+                    let ids = Tensor::from_slice(&choice).to_device(self.device);
+                    let best = last.index_select(0, &ids).argmax(0, false).int64_value(&[]);
+                    choice[best as usize]
+                }
             };
             out.push(next);
             if Some(next) == eos || cache.len >= self.config.seq_len {

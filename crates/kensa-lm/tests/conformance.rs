@@ -23,7 +23,7 @@ fn reference(dir: &Path) -> (Vec<i64>, String) {
 
 /// Greedy decoding from BOS, one token at a time through the KV cache.
 fn greedy_from_bos(m: &Llama, steps: usize) -> Vec<i64> {
-    m.greedy(&m.embed_tokens(&[BOS]), steps, None, |_| Vec::new()).unwrap()
+    m.greedy(&m.embed_tokens(&[BOS]), steps, None, |_| None).unwrap()
 }
 
 #[test]
@@ -96,8 +96,8 @@ fn constrained_decoding_only_emits_allowed_tokens() {
     };
     let m = Llama::load_llama2c(&dir.join("stories260K.bin"), Device::Cpu).unwrap();
     let allowed = [300i64, 301, 302];
-    let a = m.greedy(&m.embed_tokens(&[BOS]), 6, None, |_| allowed.to_vec()).unwrap();
-    let b = m.greedy(&m.embed_tokens(&[BOS]), 6, None, |_| allowed.to_vec()).unwrap();
+    let a = m.greedy(&m.embed_tokens(&[BOS]), 6, None, |_| Some(allowed.to_vec())).unwrap();
+    let b = m.greedy(&m.embed_tokens(&[BOS]), 6, None, |_| Some(allowed.to_vec())).unwrap();
     assert_eq!(a.len(), 6);
     assert!(a.iter().all(|t| allowed.contains(t)), "{a:?}");
     assert_eq!(a, b, "greedy decoding is deterministic");
@@ -112,4 +112,30 @@ fn truncated_checkpoint_is_a_clear_error() {
     let e = Llama::load_llama2c(&p, Device::Cpu).err().expect("must fail").to_string();
     let _ = std::fs::remove_file(&p);
     assert!(e.contains("kensa-lm-bad") && e.contains("header implies"), "{e}");
+}
+
+#[test]
+fn decoding_follows_the_answer_grammar() {
+    use kensa_core::grid::{parse_answer, Cell};
+    use kensa_lm::answers::AnswerSet;
+    let Some(dir) = model_dir() else {
+        eprintln!("SKIP decoding_follows_the_answer_grammar: ../shared/models/stories260K is absent");
+        return;
+    };
+    let m = Llama::load_llama2c(&dir.join("stories260K.bin"), Device::Cpu).unwrap();
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), m.config.vocab_size as usize).unwrap();
+    let set = AnswerSet::new(&tok);
+    assert_eq!(set.answers.len(), 512);
+    // Every answer's tokens decode to its sentence, which parses back to its cells.
+    for (ids, cells) in &set.answers {
+        let text = tok.decode(ids);
+        assert_eq!(parse_answer(text.trim()).as_deref(), Some(cells.as_slice()), "{text:?}");
+    }
+    // An untrained model, constrained, still says a whole valid answer, the same every time.
+    let prompt = m.embed_tokens(&tok.encode("### Human: Is there any anomaly in the image? ### Assistant:", true, false));
+    let run = || m.greedy(&prompt, set.max_len() + 1, None, |p| Some(set.allowed(p))).unwrap();
+    let a = run();
+    assert!(set.parse(&a).is_some(), "not an answer: {:?}", tok.decode(&a));
+    assert_eq!(a, run());
+    assert_eq!(set.ids_of(&[Cell::TopLeft]), set.answers[1].0.as_slice());
 }

@@ -3,6 +3,7 @@
 mod commands;
 mod deliver;
 mod eval;
+mod judge;
 mod reload;
 mod run;
 
@@ -32,6 +33,8 @@ enum Cmd {
     Synth(commands::SynthArgs),
     /// Few-shot evaluation on MVTec-layout data: AUROC, pixel AUROC, PRO, verdict accuracy.
     Eval(eval::EvalArgs),
+    /// Train the language-model judge (prompt learner) on synthetic anomalies of a bank's references.
+    TrainJudge(judge::TrainJudgeArgs),
     /// Print events from a Kafka topic as JSON lines.
     Tail(commands::TailArgs),
     /// Validate a config file and parse every camera's pipeline, without running.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => run::main(a),
         Cmd::Enroll(a) => commands::enroll(a),
+        Cmd::TrainJudge(a) => judge::train_judge(a),
         Cmd::Score(a) => commands::score(a),
         Cmd::Synth(a) => commands::synth(a),
         Cmd::Tail(a) => commands::tail(a),

@@ -1,0 +1,250 @@
+//! `kensa train-judge`: trains the language-model judge's prompt learner and image projection
+//! (the LM stays frozen) on synthetic anomalies made from a bank's reference images.
+
+use crate::commands::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kensa_capture::images;
+use kensa_core::grid::Cell;
+use kensa_lm::judge::{JudgeInput, LmJudge, MAP_SIDE};
+use kensa_lm::model::Llama;
+use kensa_lm::tokenizer::Tokenizer;
+use kensa_model::backbone::images_to_batch;
+use kensa_model::bank::Bank;
+use kensa_model::engine::Engine;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+#[derive(Args)]
+pub struct TrainJudgeArgs {
+    /// Bank made by `kensa enroll`.
+    #[arg(long)]
+    bank: PathBuf,
+    /// Folder the bank was enrolled from (its reference images, by the names the bank records).
+    #[arg(long)]
+    images: PathBuf,
+    /// Language model: a llama2.c checkpoint (.bin; tokenizer from --tokenizer).
+    #[arg(long)]
+    lm: PathBuf,
+    /// llama2.c tokenizer (default: tok512.bin beside the checkpoint).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Where to write the trained judge (safetensors; a .json sidecar is written beside it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Synthetic training examples (half normal, half with synthetic defects).
+    #[arg(long, default_value_t = 240)]
+    examples: usize,
+    #[arg(long, default_value_t = 6)]
+    epochs: usize,
+    #[arg(long, default_value_t = 0.001)]
+    lr: f64,
+    /// Optional product description spliced into the prompt.
+    #[arg(long, default_value = "")]
+    description: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also report accuracy on real images: an MVTec-layout class folder (its test/ is used).
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// Distinct grid cells of a binary mask's connected regions (by region centre).
+pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
+    let mut cells: Vec<Cell> = kensa_core::eval::regions(mask, w)
+        .into_iter()
+        .filter(|r| r.len() >= 4)
+        .map(|r| {
+            let (sx, sy) = r.iter().fold((0.0, 0.0), |(a, b), &i| (a + (i % w) as f64, b + (i / w) as f64));
+            let n = r.len() as f64;
+            Cell::of_point(sx / n + 0.5, sy / n + 0.5, w as f64, h as f64)
+        })
+        .collect();
+    cells.sort();
+    cells.dedup();
+    cells
+}
+
+/// The judge's view of one image: its map (max-pooled to MAP_SIDE²) and pooled features.
+pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Result<JudgeInput> {
+    let _g = tch::no_grad_guard();
+    let view = [(img.as_raw().as_slice(), img.width(), img.height())];
+    let batch = images_to_batch(&view, engine.input_size, engine.device());
+    let feats = engine.backbone.patch_features(&batch)?;
+    let pooled: Vec<Tensor> = feats.iter().map(|f| f.to_kind(Kind::Float).mean_dim([2i64, 3].as_slice(), false, Kind::Float)).collect();
+    let image = Tensor::cat(&pooled, 1).squeeze_dim(0);
+    let maps = engine.maps_from_features(&feats, &bank.layers); // [1, S, S]
+    let map = maps.unsqueeze(1).adaptive_max_pool2d([MAP_SIDE, MAP_SIDE]).0.view([MAP_SIDE, MAP_SIDE]);
+    Ok(JudgeInput { map, image })
+}
+
+pub fn load_lm(lm: &Path, tokenizer: Option<&Path>, device: tch::Device) -> Result<(Llama, Tokenizer)> {
+    if lm.is_dir() {
+        bail!("{}: Hugging Face models load with kensa_lm::model::Llama::load_hf, but their tokenizer.json is not supported by train-judge yet; use a llama2.c checkpoint", lm.display());
+    }
+    let model = Llama::load_llama2c(lm, device)?;
+    let tp = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| lm.with_file_name("tok512.bin"));
+    let tok = Tokenizer::load(&tp, model.config.vocab_size as usize).with_context(|| format!("tokenizer {}", tp.display()))?;
+    Ok((model, tok))
+}
+
+pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let backbone = a.model.backbone()?;
+    let probe = Bank::load_unchecked(&a.bank, tch::Device::Cpu)?;
+    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)?.cast(backbone.kind);
+    let engine = Engine::new(backbone, bank.meta.input_size);
+    let refs: Vec<image::RgbImage> = bank
+        .meta
+        .reference_files
+        .iter()
+        .map(|n| images::load_rgb(&a.images.join(n)).with_context(|| format!("reference {n} of {} (in --images)", a.bank.display())))
+        .collect::<Result<_>>()?;
+    let (lm, tok) = load_lm(&a.lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
+    let image_dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
+    let scale = bank.meta.calibration.image_threshold as f64;
+    let mut judge = LmJudge::new(lm, tok, image_dim, &a.description, scale);
+
+    // Synthetic examples: augmented references (normal) and synthetic defects with exact masks.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let bar = indicatif::ProgressBar::new(a.examples as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("synthesising {bar:30} {pos}/{len} ({elapsed})").expect("template"));
+    let mut data: Vec<(JudgeInput, Vec<Cell>)> = Vec::with_capacity(a.examples);
+    for i in 0..a.examples {
+        let r = rng.random_range(0..refs.len());
+        let img = kensa_model::pseudo::augment(&refs[r], &mut rng);
+        let (img, cells) = if i % 2 == 0 {
+            (img, Vec::new())
+        } else {
+            let donor = &refs[rng.random_range(0..refs.len())];
+            let (d, mask) = kensa_model::pseudo::defect(&img, donor, &mut rng);
+            let m: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
+            let cells = mask_cells(&m, mask.width() as usize, mask.height() as usize);
+            (d, cells)
+        };
+        let x = judge_input(&engine, &bank, &img)?;
+        data.push((x, cells));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let held = (a.examples / 5).max(2);
+    let (train, test) = data.split_at(a.examples - held);
+    let bar = indicatif::ProgressBar::new((train.len() * a.epochs) as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("training {bar:30} {pos}/{len} loss {msg} ({elapsed}, eta {eta})").expect("template"));
+    judge.train(train, a.epochs, a.lr, |step, _, loss| {
+        bar.set_position(step as u64);
+        bar.set_message(format!("{loss:.3}"));
+    })?;
+    bar.finish_and_clear();
+    let (acc, exact) = accuracy(&judge, test)?;
+    judge.save(&a.out)?;
+    let side = serde_json::json!({
+        "lm": a.lm.canonicalize().unwrap_or(a.lm.clone()),
+        "tokenizer": a.tokenizer,
+        "description": a.description,
+        "scale": scale,
+        "image_dim": image_dim,
+        "map_side": MAP_SIDE,
+        "bank_version": bank.meta.version(),
+        "backbone": engine.backbone.meta.name,
+        "examples": a.examples,
+        "epochs": a.epochs,
+        "held_out_accuracy": acc,
+        "held_out_exact_answer": exact,
+    });
+    let sp = PathBuf::from(format!("{}.json", a.out.display()));
+    std::fs::write(&sp, serde_json::to_string_pretty(&side)? + "\n").with_context(|| format!("cannot write {}", sp.display()))?;
+    eprintln!(
+        "trained the judge in {:.0}s on {} synthetic examples ({} epochs); held-out synthetic: verdict accuracy {acc:.3}, exact answer {exact:.3} ({} examples) -> {}",
+        t0.elapsed().as_secs_f64(),
+        train.len(),
+        a.epochs,
+        test.len(),
+        a.out.display()
+    );
+    if let Some(dir) = &a.eval {
+        let mut real = Vec::new();
+        let test_dir = dir.join("test");
+        let mut kinds: Vec<PathBuf> = std::fs::read_dir(&test_dir).with_context(|| test_dir.display().to_string())?.flatten().map(|e| e.path()).collect();
+        kinds.sort();
+        for k in kinds {
+            let good = k.file_name().is_some_and(|n| n == "good");
+            for p in images::list_images(&k)? {
+                let img = images::load_rgb(&p)?;
+                let cells = if good {
+                    Vec::new()
+                } else {
+                    let gt = dir.join("ground_truth").join(k.file_name().unwrap()).join(format!("{}_mask.png", p.file_stem().unwrap().to_string_lossy()));
+                    match image::open(&gt) {
+                        Ok(m) => {
+                            let m = m.to_luma8();
+                            let v: Vec<bool> = m.as_raw().iter().map(|&x| x > 127).collect();
+                            mask_cells(&v, m.width() as usize, m.height() as usize)
+                        }
+                        Err(_) => vec![Cell::Center],
+                    }
+                };
+                real.push((judge_input(&engine, &bank, &img)?, cells));
+            }
+        }
+        let (acc, exact) = accuracy(&judge, &real)?;
+        eprintln!("real images in {}: verdict accuracy {acc:.3}, exact answer {exact:.3} ({} images)", test_dir.display(), real.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// (anomalous yes/no accuracy, exact-answer accuracy) of the judge on labelled inputs; logs
+/// the confusion counts, precision, recall and location accuracy.
+pub fn accuracy(judge: &LmJudge, data: &[(JudgeInput, Vec<Cell>)]) -> Result<(f64, f64)> {
+    let (mut tp, mut fp, mut tn, mut fneg, mut exact, mut loc_hits) = (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+    for (x, cells) in data {
+        let (got, _) = judge.judge(x)?;
+        match (!got.is_empty(), !cells.is_empty()) {
+            (true, true) => {
+                tp += 1;
+                // Location: at least one predicted cell is a cell of a true region.
+                loc_hits += usize::from(got.iter().any(|c| cells.contains(c)));
+            }
+            (true, false) => fp += 1,
+            (false, false) => tn += 1,
+            (false, true) => fneg += 1,
+        }
+        exact += usize::from(&got == cells);
+    }
+    let n = data.len().max(1) as f64;
+    eprintln!(
+        "  tp {tp} fp {fp} tn {tn} fn {fneg}; precision {:.3} recall {:.3}; location accuracy (true positives with a correct cell) {:.3}",
+        tp as f64 / (tp + fp).max(1) as f64,
+        tp as f64 / (tp + fneg).max(1) as f64,
+        loc_hits as f64 / tp.max(1) as f64
+    );
+    Ok(((tp + tn) as f64 / n, exact as f64 / n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_cells_are_distinct_region_centres() {
+        let (w, h) = (9usize, 9usize);
+        let mut m = vec![false; w * h];
+        // A 2×2 blob in the top left, one in the bottom right, one more in the top left.
+        for (x, y) in [(0, 0), (1, 0), (0, 1), (1, 1), (7, 7), (8, 7), (7, 8), (8, 8)] {
+            m[y * w + x] = true;
+        }
+        for (x, y) in [(1, 2 + 1), (2, 2 + 1), (1, 2 + 2), (2, 2 + 2)] {
+            m[y * w + x] = true;
+        }
+        assert_eq!(mask_cells(&m, w, h), vec![Cell::TopLeft, Cell::Left, Cell::BottomRight]);
+        // Specks under 4 pixels are not regions.
+        let mut speck = vec![false; w * h];
+        speck[40] = true;
+        assert!(mask_cells(&speck, w, h).is_empty());
+    }
+}
