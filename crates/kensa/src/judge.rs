@@ -127,13 +127,30 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
             let cells = mask_cells(&m, mask.width() as usize, mask.height() as usize);
             (d, cells)
         };
-        let x = judge_input(&engine, &bank, &img)?;
+        let mut x = judge_input(&engine, &bank, &img)?;
+        let peak = x.map.max().double_value(&[]).max(1e-9);
+        if cells.is_empty() {
+            // A reference scored against a bank that holds it looks cleaner than a new normal
+            // part (with one shot the bank *is* that image), so normal maps are rescaled to
+            // peak anywhere below the bank's calibrated decision level, where real normal
+            // parts fall.
+            let target = rng.random_range(0.3..0.95) * scale;
+            x.map = &x.map * (target / peak);
+        } else if peak < scale {
+            // A synthetic defect whose map stays under the decision level looks like a normal
+            // part to any judge reading the map: skip it rather than teach contradictions.
+            bar.inc(1);
+            continue;
+        }
         data.push((x, cells));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let held = (a.examples / 5).max(2);
-    let (train, test) = data.split_at(a.examples - held);
+    if data.len() < 10 {
+        bail!("only {} usable synthetic examples; raise --examples", data.len());
+    }
+    let held = (data.len() / 5).max(2);
+    let (train, test) = data.split_at(data.len() - held);
     let bar = indicatif::ProgressBar::new((train.len() * a.epochs) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("training {bar:30} {pos}/{len} loss {msg} ({elapsed}, eta {eta})").expect("template"));
     judge.train(train, a.epochs, a.lr, |step, _, loss| {
