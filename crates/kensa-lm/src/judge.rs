@@ -103,7 +103,8 @@ impl LmJudge {
     }
 
     fn prompt(&self, x: &JudgeInput) -> Tensor {
-        let map = (&x.map / self.scale).to_device(self.lm.device).to_kind(Kind::Float);
+        // In units of the decision level, bounded so a huge defect cannot blow up training.
+        let map = (&x.map / self.scale).clamp(0.0, 4.0).to_device(self.lm.device).to_kind(Kind::Float);
         let img = self.learner.image(&x.image.to_device(self.lm.device).to_kind(Kind::Float));
         let p = self.learner.prompts(&map);
         Tensor::cat(&[self.pre.shallow_clone(), img, self.mid.shallow_clone(), p, self.post.shallow_clone()], 0)
@@ -152,7 +153,10 @@ impl LmJudge {
         let start = seq.size()[0] - n;
         let pred = logits.narrow(0, start, n);
         let target = Tensor::from_slice(&ids).to_device(self.lm.device);
-        Ok(pred.cross_entropy_for_logits(&target))
+        // The first answer token ("No" / "Yes") carries the verdict; on its own it would be one
+        // of 10-20 tokens in the mean, so it is counted once more.
+        let verdict = pred.narrow(0, 0, 1).cross_entropy_for_logits(&target.narrow(0, 0, 1));
+        Ok(pred.cross_entropy_for_logits(&target) + verdict)
     }
 
     /// Trains the prompt learner on `(input, cells)` pairs for `epochs`, calling `progress`
@@ -167,7 +171,7 @@ impl LmJudge {
             for k in 0..data.len() {
                 let (x, cells) = &data[(k * 7 + e) % data.len()];
                 let loss = self.loss(x, cells)?;
-                opt.backward_step(&loss);
+                opt.backward_step_clip_norm(&loss, 1.0);
                 let l = loss.double_value(&[]);
                 running = if step == 0 { l } else { 0.95 * running + 0.05 * l };
                 step += 1;

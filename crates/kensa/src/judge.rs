@@ -127,21 +127,7 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
             let cells = mask_cells(&m, mask.width() as usize, mask.height() as usize);
             (d, cells)
         };
-        let mut x = judge_input(&engine, &bank, &img)?;
-        let peak = x.map.max().double_value(&[]).max(1e-9);
-        if cells.is_empty() {
-            // A reference scored against a bank that holds it looks cleaner than a new normal
-            // part (with one shot the bank *is* that image), so normal maps are rescaled to
-            // peak anywhere below the bank's calibrated decision level, where real normal
-            // parts fall.
-            let target = rng.random_range(0.3..0.95) * scale;
-            x.map = &x.map * (target / peak);
-        } else if peak < scale {
-            // A synthetic defect whose map stays under the decision level looks like a normal
-            // part to any judge reading the map: skip it rather than teach contradictions.
-            bar.inc(1);
-            continue;
-        }
+        let x = judge_input(&engine, &bank, &img)?;
         data.push((x, cells));
         bar.inc(1);
     }
