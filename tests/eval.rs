@@ -44,3 +44,46 @@ fn eval_mvtec_bottle_one_shot_reaches_the_target() {
     assert!(s["image_auroc"].as_f64().unwrap() >= 0.999, "{s}");
     assert!(s["pixel_auroc"].as_f64().unwrap() >= 0.985, "{s}");
 }
+
+/// `--report` writes one self-contained HTML page: the table, a ROC curve per class and shot
+/// count, and 3 false positives + 3 false negatives per section as embedded PNG panels;
+/// `kensa score --overlay` writes an overlay PNG beside each map, hottest where the defect is.
+#[test]
+fn report_and_overlays() {
+    let dir = TempDir::new("eval-report");
+    let data = dir.path().join("disc");
+    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "4", "--defect-rate", "0.5", "--seed", "3"]);
+    let rep = dir.path().join("report");
+    kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", "1,2", "--report", rep.to_str().unwrap()]);
+    let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
+    assert!(html.contains("<table") && html.contains("disc"), "no table");
+    assert_eq!(html.matches("<svg").count(), 2, "one ROC curve per shot count");
+    assert_eq!(html.matches("data:image/png;base64,").count(), 12, "3 FP + 3 FN panels per section");
+    assert!(!html.contains("src=\"/") && !html.contains("src=\"http"), "self-contained");
+
+    // Overlays: a defective image's overlay is reddest inside its ground-truth mask.
+    let bank = dir.path().join("disc.kbank");
+    kensa_ok(&["enroll", "--product", "disc", "--images", data.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    let kind = std::fs::read_dir(data.join("test")).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap() != "good").unwrap();
+    let img = std::fs::read_dir(&kind).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let out = dir.path().join("scored");
+    kensa_ok(&["score", "--overlay", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), img.to_str().unwrap()]);
+    let stem = img.file_stem().unwrap().to_string_lossy().into_owned();
+    let ov = image::open(out.join(format!("{stem}_overlay.png"))).unwrap().to_rgb8();
+    let src = image::open(&img).unwrap().to_rgb8();
+    assert_eq!((ov.width(), ov.height()), (2 * src.width() + 4, src.height()), "image | overlay");
+    let mask = image::open(data.join("ground_truth").join(kind.file_name().unwrap()).join(format!("{stem}_mask.png"))).unwrap().to_luma8();
+    let x0 = src.width() + 4;
+    let redness = |inside: bool| -> f64 {
+        let v: Vec<f64> = mask
+            .enumerate_pixels()
+            .filter(|(_, _, m)| (m.0[0] > 127) == inside)
+            .map(|(x, y, _)| {
+                let p = ov.get_pixel(x0 + x, y).0;
+                p[0] as f64 - p[2] as f64
+            })
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    assert!(redness(true) > redness(false) + 30.0, "inside {} outside {}", redness(true), redness(false));
+}

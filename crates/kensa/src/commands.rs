@@ -120,6 +120,10 @@ pub struct ScoreArgs {
     /// Images per model call (4, like the daemon's default batch.max_size).
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Also write <stem>_overlay.png: the image beside the map as a heat overlay, with the
+    /// outline of the regions above the calibrated level.
+    #[arg(long)]
+    overlay: bool,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -191,9 +195,14 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         let views: Vec<(&[u8], u32, u32)> =
             loaded.iter().map(|(_, i)| (i.as_raw().as_slice(), i.width(), i.height())).collect();
         let maps = engine.score(&views, &bank)?;
-        for ((p, _), map) in loaded.iter().zip(maps) {
+        for ((p, img), map) in loaded.iter().zip(maps) {
             let (v, _) = kensa_verdict::judge(&map, &bank.meta.calibration);
             let stem = &names[p];
+            if a.overlay {
+                let op = a.out.join(format!("{stem}_overlay.png"));
+                let pic = crate::overlay::panel(img, None, &map, bank.meta.calibration.pixel_threshold);
+                std::fs::write(&op, crate::overlay::png(&pic)).with_context(|| format!("cannot write {}", op.display()))?;
+            }
             let json = serde_json::json!({
                 "score": v.score,
                 "anomalous": v.anomalous,

@@ -35,6 +35,11 @@ pub struct EvalArgs {
     /// Model input side.
     #[arg(long, default_value_t = 256)]
     input_size: u32,
+    /// Write a self-contained HTML report here (DIR/report.html): the table, ROC curves per
+    /// class and shot count, and the worst false positives and negatives as
+    /// image | ground truth | heatmap overlay (from each shot count's first run).
+    #[arg(long)]
+    report: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -132,6 +137,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             .expect("valid template"),
     );
     let mut results = Vec::new();
+    let mut sections: Vec<Section> = Vec::new();
     for (name, dir, k, run, _) in plan {
         bar.set_message(format!("{name} {k}-shot run {}", run + 1));
         let mut train = images::list_images(&dir.join("train/good"))?;
@@ -168,6 +174,9 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             bar.inc(chunk.len() as u64);
         }
         let secs = t0.elapsed().as_secs_f64();
+        if a.report.is_some() && run == 0 {
+            sections.push(section(&engine, &bank, &name, k, &tests, &scores)?);
+        }
         let mref: Vec<&[f32]> = maps.iter().map(|m| m.as_slice()).collect();
         let kref: Vec<&[bool]> = masks.iter().map(|m| m.as_slice()).collect();
         let (acc, f1) = eval::accuracy_f1(&preds, &labels);
@@ -187,6 +196,12 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
     }
     bar.finish_and_clear();
     print_table(&results);
+    if let Some(dir) = &a.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let p = dir.join("report.html");
+        std::fs::write(&p, report_html(&results, &sections, &a)).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&serde_json::json!({ "runs": results, "summary": summary(&results) }))?)
             .with_context(|| format!("cannot write {}", p.display()))?;
@@ -257,5 +272,155 @@ fn print_table(results: &[RunResult]) {
                 m("verdict_f1")
             );
         }
+    }
+}
+
+/// What the report shows for one class and shot count (its first run).
+struct Section {
+    class: String,
+    shots: usize,
+    /// ROC curve points (false positive rate, true positive rate).
+    roc: Vec<(f64, f64)>,
+    auroc: Option<f64>,
+    /// (caption, PNG) of the worst false positives, then the worst false negatives.
+    worst: Vec<(String, Vec<u8>)>,
+}
+
+/// ROC points of scores against labels (descending thresholds, ties taken together).
+fn roc(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let p = labels.iter().filter(|l| **l).count().max(1) as f64;
+    let n = labels.iter().filter(|l| !**l).count().max(1) as f64;
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut pts = vec![(0.0, 0.0)];
+    for (i, &k) in idx.iter().enumerate() {
+        if labels[k] {
+            tp += 1.0;
+        } else {
+            fp += 1.0;
+        }
+        if i + 1 == idx.len() || scores[idx[i + 1]] != scores[k] {
+            pts.push((fp / n, tp / p));
+        }
+    }
+    pts
+}
+
+fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: usize, tests: &[TestImage], scores: &[f32]) -> Result<Section> {
+    let labels: Vec<bool> = tests.iter().map(|t| t.anomalous).collect();
+    let level = bank.meta.calibration.pixel_threshold;
+    let mut normal: Vec<usize> = (0..tests.len()).filter(|&i| !labels[i]).collect();
+    normal.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut anomalous: Vec<usize> = (0..tests.len()).filter(|&i| labels[i]).collect();
+    anomalous.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut worst = Vec::new();
+    for (kind, list) in [("false positive", &normal), ("false negative", &anomalous)] {
+        for &i in list.iter().take(3) {
+            let t = &tests[i];
+            let img = images::load_rgb(&t.path)?;
+            let map = engine.score(&[(img.as_raw().as_slice(), img.width(), img.height())], bank)?.remove(0);
+            let gt = load_mask(t.mask.as_ref(), map.width, map.height)?;
+            let pic = crate::overlay::panel(&img, gt.as_deref(), &map, level);
+            let wrong = if labels[i] { scores[i] < level } else { scores[i] >= level };
+            let caption = format!(
+                "{} {} — score {:.4} vs decision {:.4}{}",
+                if wrong { "worst" } else { "closest" },
+                kind,
+                scores[i],
+                level,
+                format_args!(" — {}", t.path.display())
+            );
+            worst.push((caption, crate::overlay::png(&pic)));
+        }
+    }
+    Ok(Section { class: class.to_string(), shots, roc: roc(scores, &labels), auroc: eval::auroc(scores, &labels), worst })
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn roc_svg(pts: &[(f64, f64)]) -> String {
+    let (w, h, m) = (260.0, 260.0, 30.0);
+    let xy = |(x, y): (f64, f64)| (m + x * (w - 2.0 * m), h - m - y * (h - 2.0 * m));
+    let line: Vec<String> = pts.iter().map(|&p| xy(p)).map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+    let (x0, y0) = xy((0.0, 0.0));
+    let (x1, y1) = xy((1.0, 1.0));
+    format!(
+        r##"<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg"><rect x="{x0}" y="{y1}" width="{}" height="{}" fill="#fff" stroke="#999"/><line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y1}" stroke="#ccc" stroke-dasharray="4"/><polyline fill="none" stroke="#c0392b" stroke-width="2" points="{}"/><text x="{}" y="{}" font-size="11" text-anchor="middle">false positive rate</text><text x="10" y="{}" font-size="11" transform="rotate(-90 10 {})" text-anchor="middle">true positive rate</text></svg>"##,
+        x1 - x0,
+        y0 - y1,
+        line.join(" "),
+        w / 2.0,
+        h - 8.0,
+        h / 2.0,
+        h / 2.0
+    )
+}
+
+fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> String {
+    use base64::Engine as _;
+    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Kensa evaluation</title><style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}figure{display:inline-block;margin:6px}figcaption{font-size:12px;max-width:780px}img{max-width:780px}</style></head><body>",
+    );
+    html.push_str(&format!(
+        "<h1>Kensa evaluation</h1><p>data <code>{}</code>, shots {:?}, runs {}, seed {}, input {} px. Verdicts are thresholdless (calibrated from the references).</p>",
+        esc(&a.data.display().to_string()),
+        a.shots,
+        a.runs,
+        a.seed,
+        a.input_size
+    ));
+    html.push_str("<table><tr><th>class</th><th>shots</th><th>runs</th><th>image AUROC</th><th>pixel AUROC</th><th>PRO</th><th>verdict accuracy</th><th>F1</th><th>img/s</th></tr>");
+    for r in summary(results) {
+        html.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
+            esc(r["class"].as_str().unwrap_or("")),
+            r["shots"],
+            r["runs"],
+            f(&r["image_auroc"]),
+            f(&r["pixel_auroc"]),
+            f(&r["pro"]),
+            f(&r["verdict_accuracy"]),
+            f(&r["verdict_f1"]),
+            r["images_per_second"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    html.push_str("</table>");
+    for s in sections {
+        html.push_str(&format!(
+            "<h2>{} — {} shot(s), run 1</h2><p>image AUROC {}</p>{}<div>",
+            esc(&s.class),
+            s.shots,
+            s.auroc.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
+            roc_svg(&s.roc)
+        ));
+        for (cap, png) in &s.worst {
+            html.push_str(&format!(
+                "<figure><img alt=\"{}\" src=\"data:image/png;base64,{}\"><figcaption>{}</figcaption></figure>",
+                esc(cap),
+                base64::engine::general_purpose::STANDARD.encode(png),
+                esc(cap)
+            ));
+        }
+        html.push_str("</div>");
+    }
+    html.push_str("<p>Panels: image | ground truth | heat overlay (white outline: regions above the decision level).</p></body></html>\n");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roc_points_of_a_small_fixture() {
+        // Scores 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.1 (neg): (0,0) (0,.5) (.5,.5) (.5,1) (1,1).
+        let pts = roc(&[0.9, 0.8, 0.7, 0.1], &[true, false, true, false]);
+        assert_eq!(pts, vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+        // Ties move together.
+        assert_eq!(roc(&[0.5, 0.5], &[true, false]), vec![(0.0, 0.0), (1.0, 1.0)]);
     }
 }

@@ -4,6 +4,7 @@ mod commands;
 mod deliver;
 mod eval;
 mod judge;
+mod overlay;
 mod reload;
 mod run;
 
