@@ -159,3 +159,32 @@ fn bf16_backbone_agrees_with_fp32() {
     assert!(!o.status.success());
     assert!(err.contains("efficientnet-lite0.pt") && err.contains("--dtype bf16"), "{err}");
 }
+
+/// `kensa enroll --coreset F` keeps about F of the patches, records F in the bank, and still
+/// separates defects; a fraction outside (0, 1] is refused with the flag named.
+#[test]
+fn coreset_bank_is_smaller_and_still_works() {
+    let dir = TempDir::new("coreset");
+    let data = dir.path().join("line");
+    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "20", "--train", "4", "--defect-rate", "0.5", "--seed", "4"]);
+    let full = dir.path().join("full.kbank");
+    let small = dir.path().join("small.kbank");
+    let refs = data.join("train/good");
+    let e1 = kensa_ok(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", full.to_str().unwrap()]);
+    let e2 = kensa_ok(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", small.to_str().unwrap(), "--coreset", "0.25"]);
+    let patches = |o: &std::process::Output| -> f64 {
+        let s = String::from_utf8_lossy(&o.stderr);
+        s.split(" patches").next().and_then(|x| x.rsplit(' ').next()).and_then(|x| x.parse().ok()).unwrap()
+    };
+    let ratio = patches(&e2) / patches(&e1);
+    assert!((0.24..=0.27).contains(&ratio), "kept {ratio} of the patches");
+    assert!(std::fs::metadata(&small).unwrap().len() * 3 < std::fs::metadata(&full).unwrap().len());
+    let json = dir.path().join("eval.json");
+    kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", "4", "--coreset", "0.25", "--json", json.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let auroc = j["runs"][0]["image_auroc"].as_f64().unwrap();
+    assert!(auroc > 0.9, "image AUROC {auroc} with a 25 % coreset");
+    let bad = kensa(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", dir.path().join("x.kbank").to_str().unwrap(), "--coreset", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("coreset"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

@@ -36,6 +36,13 @@ pub struct BankMeta {
     pub calibration: Calibration,
     /// SHA-256 of the tensor bytes, in layer order: the bank's version.
     pub content_sha256: String,
+    /// Fraction of each reference's patches kept (greedy coreset); 1 = all.
+    #[serde(default = "full_coreset")]
+    pub coreset: f64,
+}
+
+fn full_coreset() -> f64 {
+    1.0
 }
 
 impl BankMeta {

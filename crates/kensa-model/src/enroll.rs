@@ -12,6 +12,55 @@ use tch::Tensor;
 pub struct EnrollOptions {
     pub product: String,
     pub seed: u64,
+    /// Fraction of each reference's patches kept, by greedy k-center selection (PatchCore's
+    /// coreset); 1.0 keeps all. Calibration uses the reduced bank, so the decision matches it.
+    pub coreset: f64,
+}
+
+impl EnrollOptions {
+    pub fn new(product: &str, seed: u64) -> Self {
+        Self { product: product.to_string(), seed, coreset: 1.0 }
+    }
+}
+
+/// Greedy k-center (farthest point) selection of `m` rows of `x: [N, C]`, in a random
+/// projection to at most 64 dimensions (Johnson-Lindenstrauss, as PatchCore does), seeded.
+/// Returns the selected rows, in selection order.
+pub fn coreset(x: &Tensor, m: i64, seed: u64) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let (n, c) = x.size2().expect("[N, C]");
+    if m >= n {
+        return x.shallow_clone();
+    }
+    let xf = x.to_kind(tch::Kind::Float);
+    let dim = c.min(64);
+    let proj = if c > dim {
+        // A fixed seeded Gaussian projection, generated on the CPU so it does not depend on
+        // libtorch's global RNG.
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xc0de);
+        let v: Vec<f32> = (0..c * dim)
+            .map(|_| {
+                use rand::Rng;
+                // Box-Muller.
+                let (u1, u2): (f32, f32) = (r.random_range(1e-7..1.0), r.random_range(0.0..1.0));
+                (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos() / (dim as f32).sqrt()
+            })
+            .collect();
+        xf.matmul(&Tensor::from_slice(&v).view([c, dim]).to_device(x.device()))
+    } else {
+        xf.shallow_clone()
+    };
+    let mut picked = Vec::with_capacity(m as usize);
+    let mut last = (seed % n as u64) as i64;
+    let mut min_d = Tensor::full([n], f64::INFINITY, (tch::Kind::Float, x.device()));
+    for _ in 0..m {
+        picked.push(last);
+        let d = (&proj - proj.get(last).unsqueeze(0)).square().sum_dim_intlist(1, false, tch::Kind::Float);
+        min_d = min_d.minimum(&d);
+        last = min_d.argmax(0, false).int64_value(&[]);
+    }
+    let idx = Tensor::from_slice(&picked).to_device(x.device());
+    x.index_select(0, &idx)
 }
 
 /// Builds a bank from references (name, image) and calibrates its verdict.
@@ -25,6 +74,9 @@ pub fn enroll(
     if refs.is_empty() {
         return Err(ModelError::Other("enrollment needs at least one reference image".into()));
     }
+    if !(opts.coreset > 0.0 && opts.coreset <= 1.0) {
+        return Err(ModelError::Other(format!("coreset fraction {} is outside (0, 1]", opts.coreset)));
+    }
     let _g = tch::no_grad_guard();
     let k = refs.len();
     // Patch features of each reference, flattened to [h*w, C] per layer.
@@ -32,7 +84,17 @@ pub fn enroll(
         .iter()
         .map(|(_, img)| {
             let f = engine.features(&[(img.as_raw(), img.width(), img.height())])?;
-            Ok(f.into_iter().map(|t| flatten_patches(&t)).collect())
+            Ok(f.into_iter()
+                .map(|t| {
+                    let p = flatten_patches(&t);
+                    if opts.coreset < 1.0 {
+                        let keep = ((p.size()[0] as f64 * opts.coreset).ceil() as i64).max(1);
+                        coreset(&p, keep, opts.seed)
+                    } else {
+                        p
+                    }
+                })
+                .collect())
         })
         .collect::<Result<_>>()?;
     let layers_of = |skip: Option<usize>| -> Vec<Tensor> {
@@ -108,6 +170,7 @@ pub fn enroll(
             .unwrap_or(0),
         calibration,
         content_sha256: String::new(),
+        coreset: opts.coreset,
     };
     Ok(Bank::new(meta, full))
 }
@@ -115,4 +178,29 @@ pub fn enroll(
 fn flatten_patches(t: &Tensor) -> Tensor {
     let (b, c, h, w) = t.size4().expect("4-D features");
     t.permute([0, 2, 3, 1]).reshape([b * h * w, c]).contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coreset_spreads_over_clusters_and_is_seeded() {
+        // 100 points near (0,0,...) and 5 near (10,10,...): 2 centres take one of each cluster.
+        let mut v = Vec::new();
+        for i in 0..105 {
+            let base = if i < 100 { 0.0 } else { 10.0 };
+            for d in 0..8 {
+                v.push(base + ((i * 7 + d * 3) % 11) as f32 * 0.01);
+            }
+        }
+        let x = Tensor::from_slice(&v).view([105, 8]);
+        let c = coreset(&x, 2, 3);
+        assert_eq!(c.size(), vec![2, 8]);
+        let firsts: Vec<f64> = (0..2).map(|i| c.double_value(&[i, 0])).collect();
+        assert!(firsts.iter().any(|&f| f < 1.0) && firsts.iter().any(|&f| f > 9.0), "{firsts:?}");
+        assert!(coreset(&x, 10, 3).equal(&coreset(&x, 10, 3)), "same seed, same selection");
+        // Asking for at least N rows keeps them all.
+        assert_eq!(coreset(&x, 200, 0).size(), vec![105, 8]);
+    }
 }

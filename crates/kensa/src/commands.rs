@@ -60,6 +60,10 @@ pub struct EnrollArgs {
     /// Seed of the calibration's augmentations and synthetic defects.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep this fraction of each reference's patches (greedy k-center coreset, 0 < f ≤ 1):
+    /// smaller, faster banks for many references. 1 keeps all.
+    #[arg(long, default_value_t = 1.0)]
+    coreset: f64,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -83,7 +87,7 @@ pub fn enroll(a: EnrollArgs) -> Result<ExitCode> {
         indicatif::ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} samples ({elapsed})")
             .expect("valid template"),
     );
-    let bank = do_enroll(&engine, &refs, &EnrollOptions { product: a.product.clone(), seed: a.seed }, |d, t| {
+    let bank = do_enroll(&engine, &refs, &EnrollOptions { coreset: a.coreset, ..EnrollOptions::new(&a.product, a.seed) }, |d, t| {
         bar.set_length(t as u64);
         bar.set_position(d as u64);
     })?;

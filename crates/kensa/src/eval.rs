@@ -35,6 +35,9 @@ pub struct EvalArgs {
     /// Model input side.
     #[arg(long, default_value_t = 256)]
     input_size: u32,
+    /// Coreset fraction of each reference's patches (as `kensa enroll --coreset`).
+    #[arg(long, default_value_t = 1.0)]
+    coreset: f64,
     /// Write a self-contained HTML report here (DIR/report.html): the table, ROC curves per
     /// class and shot count, and the worst false positives and negatives as
     /// image | ground truth | heatmap overlay (from each shot count's first run).
@@ -151,7 +154,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             .iter()
             .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), images::load_rgb(p)?)))
             .collect::<Result<_>>()?;
-        let bank = enroll(&engine, &refs, &EnrollOptions { product: name.clone(), seed: a.seed }, |_, _| {})?;
+        let bank = enroll(&engine, &refs, &EnrollOptions { coreset: a.coreset, ..EnrollOptions::new(&name, a.seed) }, |_, _| {})?;
         let tests = test_images(&dir)?;
         let (mut scores, mut labels, mut preds) = (Vec::new(), Vec::new(), Vec::new());
         let (mut maps, mut masks, mut widths) = (Vec::new(), Vec::new(), Vec::new());
