@@ -35,6 +35,16 @@ pub struct EvalArgs {
     /// Model input side.
     #[arg(long, default_value_t = 256)]
     input_size: u32,
+    /// Also evaluate the language-model judge: a llama2.c checkpoint (tokenizer beside it as
+    /// tok512.bin, or --tokenizer). For every run it is trained on that run's references (as
+    /// `kensa train-judge`), then judges every test image.
+    #[arg(long)]
+    lm: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Synthetic examples per LM-judge training.
+    #[arg(long, default_value_t = 240)]
+    judge_examples: usize,
     /// Coreset fraction of each reference's patches (as `kensa enroll --coreset`).
     #[arg(long, default_value_t = 1.0)]
     coreset: f64,
@@ -119,6 +129,48 @@ struct RunResult {
     verdict_f1: f64,
     images_per_second: f64,
     images: usize,
+    /// Per judge: verdict accuracy, precision, recall and location accuracy.
+    judges: Vec<JudgeStats>,
+}
+
+/// How one judge did on one run. Location accuracy: of the true positives with a ground-truth
+/// mask, the fraction whose answer names at least one cell holding a ground-truth region.
+#[derive(serde::Serialize, Clone, Default)]
+struct JudgeStats {
+    judge: String,
+    accuracy: f64,
+    precision: f64,
+    recall: f64,
+    location_accuracy: f64,
+    #[serde(skip)]
+    counts: [usize; 6],
+}
+
+impl JudgeStats {
+    fn add(&mut self, predicted: &[kensa_core::grid::Cell], anomalous: bool, says: bool, truth: &[kensa_core::grid::Cell]) {
+        let c = &mut self.counts; // tp fp tn fn located located_of
+        match (says, anomalous) {
+            (true, true) => {
+                c[0] += 1;
+                if !truth.is_empty() {
+                    c[5] += 1;
+                    c[4] += usize::from(predicted.iter().any(|p| truth.contains(p)));
+                }
+            }
+            (true, false) => c[1] += 1,
+            (false, false) => c[2] += 1,
+            (false, true) => c[3] += 1,
+        }
+    }
+
+    fn finish(mut self) -> Self {
+        let [tp, fp, tn, fneg, loc, loc_of] = self.counts.map(|x| x as f64);
+        self.accuracy = (tp + tn) / (tp + fp + tn + fneg).max(1.0);
+        self.precision = tp / (tp + fp).max(1.0);
+        self.recall = tp / (tp + fneg).max(1.0);
+        self.location_accuracy = loc / loc_of.max(1.0);
+        self
+    }
 }
 
 pub fn main(a: EvalArgs) -> Result<ExitCode> {
@@ -156,6 +208,21 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             .collect::<Result<_>>()?;
         let bank = enroll(&engine, &refs, &EnrollOptions { coreset: a.coreset, ..EnrollOptions::new(&name, a.seed) }, |_, _| {})?;
         let tests = test_images(&dir)?;
+        let lm_judge = match &a.lm {
+            Some(lm) => {
+                let (model, tok) = crate::judge::load_lm(lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
+                let dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
+                let scale = bank.meta.calibration.image_threshold as f64;
+                let mut j = kensa_lm::judge::LmJudge::new(model, tok, dim, "", scale);
+                let ref_imgs: Vec<image::RgbImage> = refs.iter().map(|r| r.1.clone()).collect();
+                let data = crate::judge::synth_examples(&engine, &bank, &ref_imgs, a.judge_examples, a.seed ^ run as u64, || {})?;
+                j.train(&data, 6, 1e-3, |_, _, _| {})?;
+                Some(j)
+            }
+            None => None,
+        };
+        let mut calibrated = JudgeStats { judge: "calibrated".into(), ..Default::default() };
+        let mut language = JudgeStats { judge: "language-model".into(), ..Default::default() };
         let (mut scores, mut labels, mut preds) = (Vec::new(), Vec::new(), Vec::new());
         let (mut maps, mut masks, mut widths) = (Vec::new(), Vec::new(), Vec::new());
         let t0 = Instant::now();
@@ -163,12 +230,19 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             let imgs: Vec<image::RgbImage> = chunk.iter().map(|t| images::load_rgb(&t.path)).collect::<Result<_, _>>()?;
             let views: Vec<(&[u8], u32, u32)> = imgs.iter().map(|i| (i.as_raw().as_slice(), i.width(), i.height())).collect();
             let out = engine.score(&views, &bank)?;
-            for (t, map) in chunk.iter().zip(out) {
+            for ((t, map), img) in chunk.iter().zip(out).zip(&imgs) {
                 let (v, _) = kensa_verdict::judge(&map, &bank.meta.calibration);
                 scores.push(v.score);
                 labels.push(t.anomalous);
                 preds.push(v.anomalous);
-                if let Some(m) = load_mask(t.mask.as_ref(), map.width, map.height)? {
+                let mask = load_mask(t.mask.as_ref(), map.width, map.height)?;
+                let truth = mask.as_ref().map(|m| crate::judge::mask_cells(m, map.width as usize, map.height as usize)).unwrap_or_default();
+                calibrated.add(&v.locations, t.anomalous, v.anomalous, &truth);
+                if let Some(j) = &lm_judge {
+                    let (cells, _) = j.judge(&crate::judge::judge_input(&engine, &bank, img)?)?;
+                    language.add(&cells, t.anomalous, !cells.is_empty(), &truth);
+                }
+                if let Some(m) = mask {
                     widths.push(map.width as usize);
                     masks.push(m);
                     maps.push(map.data);
@@ -195,6 +269,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             verdict_f1: f1,
             images_per_second: tests.len() as f64 / secs.max(1e-9),
             images: tests.len(),
+            judges: std::iter::once(calibrated.finish()).chain(lm_judge.is_some().then(|| language.finish())).collect(),
         });
     }
     bar.finish_and_clear();
@@ -237,7 +312,43 @@ fn summary(results: &[RunResult]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Per class, shot count and judge: means over runs of accuracy, precision, recall, location.
+fn judge_rows(results: &[RunResult]) -> Vec<(String, usize, String, [f64; 4])> {
+    let mut rows: Vec<(String, usize, String, [f64; 4])> = Vec::new();
+    let mut n: Vec<f64> = Vec::new();
+    for r in results {
+        for j in &r.judges {
+            let v = [j.accuracy, j.precision, j.recall, j.location_accuracy];
+            match rows.iter().position(|x| x.0 == r.class && x.1 == r.shots && x.2 == j.judge) {
+                Some(i) => {
+                    for k in 0..4 {
+                        rows[i].3[k] += v[k];
+                    }
+                    n[i] += 1.0;
+                }
+                None => {
+                    rows.push((r.class.clone(), r.shots, j.judge.clone(), v));
+                    n.push(1.0);
+                }
+            }
+        }
+    }
+    for (row, c) in rows.iter_mut().zip(n) {
+        row.3.iter_mut().for_each(|x| *x /= c);
+    }
+    rows
+}
+
 fn print_table(results: &[RunResult]) {
+    print_main_table(results);
+    println!();
+    println!("{:<22} {:>5} {:<15} {:>8} {:>9} {:>6} {:>8}", "class", "shots", "judge", "accuracy", "precision", "recall", "location");
+    for (c, k, j, v) in judge_rows(results) {
+        println!("{c:<22} {k:>5} {j:<15} {:>8.3} {:>9.3} {:>6.3} {:>8.3}", v[0], v[1], v[2], v[3]);
+    }
+}
+
+fn print_main_table(results: &[RunResult]) {
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
     println!(
         "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7}",

@@ -93,6 +93,36 @@ pub fn load_lm(lm: &Path, tokenizer: Option<&Path>, device: tch::Device) -> Resu
     Ok((model, tok))
 }
 
+/// Synthetic training examples from references: augmented references (normal) and synthetic
+/// defects with exact masks, alternating, seeded.
+pub fn synth_examples(
+    engine: &Engine,
+    bank: &Bank,
+    refs: &[image::RgbImage],
+    n: usize,
+    seed: u64,
+    mut tick: impl FnMut(),
+) -> Result<Vec<(JudgeInput, Vec<Cell>)>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut data = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = rng.random_range(0..refs.len());
+        let img = kensa_model::pseudo::augment(&refs[r], &mut rng);
+        let (img, cells) = if i % 2 == 0 {
+            (img, Vec::new())
+        } else {
+            let donor = &refs[rng.random_range(0..refs.len())];
+            let (d, mask) = kensa_model::pseudo::defect(&img, donor, &mut rng);
+            let m: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
+            let cells = mask_cells(&m, mask.width() as usize, mask.height() as usize);
+            (d, cells)
+        };
+        data.push((judge_input(engine, bank, &img)?, cells));
+        tick();
+    }
+    Ok(data)
+}
+
 pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
     let backbone = a.model.backbone()?;
@@ -110,27 +140,9 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
     let scale = bank.meta.calibration.image_threshold as f64;
     let mut judge = LmJudge::new(lm, tok, image_dim, &a.description, scale);
 
-    // Synthetic examples: augmented references (normal) and synthetic defects with exact masks.
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let bar = indicatif::ProgressBar::new(a.examples as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("synthesising {bar:30} {pos}/{len} ({elapsed})").expect("template"));
-    let mut data: Vec<(JudgeInput, Vec<Cell>)> = Vec::with_capacity(a.examples);
-    for i in 0..a.examples {
-        let r = rng.random_range(0..refs.len());
-        let img = kensa_model::pseudo::augment(&refs[r], &mut rng);
-        let (img, cells) = if i % 2 == 0 {
-            (img, Vec::new())
-        } else {
-            let donor = &refs[rng.random_range(0..refs.len())];
-            let (d, mask) = kensa_model::pseudo::defect(&img, donor, &mut rng);
-            let m: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
-            let cells = mask_cells(&m, mask.width() as usize, mask.height() as usize);
-            (d, cells)
-        };
-        let x = judge_input(&engine, &bank, &img)?;
-        data.push((x, cells));
-        bar.inc(1);
-    }
+    let data = synth_examples(&engine, &bank, &refs, a.examples, a.seed, || bar.inc(1))?;
     bar.finish_and_clear();
     if data.len() < 10 {
         bail!("only {} usable synthetic examples; raise --examples", data.len());
