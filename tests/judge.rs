@@ -36,3 +36,34 @@ fn train_judge_learns_synthetic_anomalies() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--images"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `kensa eval --lm` trains the LM judge per run and reports both judges: accuracy, precision,
+/// recall and location accuracy, in the table and in the JSON.
+#[test]
+fn eval_reports_both_judges() {
+    let Some(shared) = shared() else {
+        eprintln!("SKIP eval_reports_both_judges: ../shared is absent");
+        return;
+    };
+    let lm = shared.join("models/stories260K/stories260K.bin");
+    let dir = TempDir::new("judge-eval");
+    let data = dir.path().join("disc");
+    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "2", "--defect-rate", "0.5", "--seed", "6"]);
+    let json = dir.path().join("e.json");
+    let o = kensa_ok(&[
+        "eval", "--data", data.to_str().unwrap(), "--lm", lm.to_str().unwrap(), "--judge-examples", "120", "--json", json.to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("calibrated") && table.contains("language-model") && table.contains("location"), "{table}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let judges = j["runs"][0]["judges"].as_array().unwrap();
+    assert_eq!(judges.len(), 2);
+    for jd in judges {
+        for k in ["accuracy", "precision", "recall", "location_accuracy"] {
+            let v = jd[k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+        }
+    }
+    assert_eq!(judges[0]["judge"], "calibrated");
+    assert!(judges[0]["accuracy"].as_f64().unwrap() >= 0.8, "{}", judges[0]);
+}
