@@ -67,3 +67,52 @@ fn eval_reports_both_judges() {
     assert_eq!(judges[0]["judge"], "calibrated");
     assert!(judges[0]["accuracy"].as_f64().unwrap() >= 0.8, "{}", judges[0]);
 }
+
+/// The daemon with `judges.mode`: `both` puts the calibrated and the language-model verdicts
+/// in every event (the calibrated one decides) and says whether they agree;
+/// `language_model` lets the LM decide; a judge file that is missing is a named config error.
+#[test]
+fn daemon_runs_both_judges() {
+    use std::time::Duration;
+    let Some(shared) = shared() else {
+        eprintln!("SKIP daemon_runs_both_judges: ../shared is absent");
+        return;
+    };
+    let lm = shared.join("models/stories260K/stories260K.bin");
+    let dir = TempDir::new("judge-daemon");
+    let bank = synthetic_bank_of(dir.path(), "disc", 2);
+    let judge = dir.path().join("disc.judge.safetensors");
+    kensa_ok(&[
+        "train-judge", "--bank", bank.to_str().unwrap(), "--images", dir.path().join("refs/train/good").to_str().unwrap(),
+        "--lm", lm.to_str().unwrap(), "--out", judge.to_str().unwrap(), "--examples", "60", "--epochs", "2",
+    ]);
+    for (mode, decider) in [("both", "calibrated"), ("language_model", "language-model")] {
+        let topic = format!("judges-{mode}-{}", unique());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let n = 10;
+        let cams = format!("[[cameras]]\nid = \"c1\"\nproduct = \"disc\"\nsource = {{ kind = \"synthetic\", seed = 5, count = {n}, defect_rate = 0.5 }}\n");
+        let extra = format!("judge = \"{}\"\n\n[judges]\nmode = \"{mode}\"\nbudget_per_s = 1000\n", judge.display());
+        let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, &extra, &cams);
+        let mut d = Daemon::start(&cfg, &[], &metrics);
+        let events = consume(&brokers(), &topic, n, Duration::from_secs(120)).unwrap();
+        assert_eq!(events.len(), n, "log:\n{}", d.log_text());
+        for (_, ev) in &events {
+            let judges: Vec<&str> = ev.verdicts.iter().map(|v| v.judge.as_str()).collect();
+            assert_eq!(judges, ["calibrated", "language-model"], "{mode}");
+            assert_eq!(ev.judges_agree, ev.verdicts[0].anomalous == ev.verdicts[1].anomalous);
+            assert_eq!(ev.judge, decider);
+            let deciding = ev.verdicts.iter().find(|v| v.judge == decider).unwrap();
+            assert_eq!((ev.anomalous, &ev.answer), (deciding.anomalous, &deciding.answer));
+            assert!(kensa_core::grid::parse_answer(&ev.answer).is_some(), "{}", ev.answer);
+        }
+        let text = d.scrape();
+        assert!(metric(&text, "kensa_lm_judgements_total", &[("result", "ran")]).unwrap_or(0.0) >= n as f64, "{text}");
+        d.terminate(Duration::from_secs(30));
+    }
+    // A missing judge file is named by `kensa check`.
+    let extra = "judge = \"/nonexistent/disc.judge.safetensors\"\n\n[judges]\nmode = \"both\"\n";
+    let cfg = config_with(dir.path(), &bank, "t", &brokers(), "127.0.0.1:1", extra, "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\" }\n");
+    let o = kensa(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("products.disc.judge"), "{}", String::from_utf8_lossy(&o.stderr));
+}

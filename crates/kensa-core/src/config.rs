@@ -33,6 +33,8 @@ pub struct KensaConfig {
     pub publish: PublishConfig,
     #[serde(default)]
     pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub judges: JudgesConfig,
     /// Products by name: each has a memory bank made by `kensa enroll`.
     #[serde(default)]
     pub products: BTreeMap<String, ProductConfig>,
@@ -223,6 +225,43 @@ impl Default for OutboxConfig {
 pub struct ProductConfig {
     /// Memory bank file written by `kensa enroll`.
     pub bank: PathBuf,
+    /// Language-model judge trained for this product by `kensa train-judge` (needed when
+    /// `judges.mode` is not `calibrated`).
+    #[serde(default)]
+    pub judge: Option<PathBuf>,
+}
+
+/// Which judges decide the verdict.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JudgeMode {
+    /// The self-calibrating judge only.
+    #[default]
+    Calibrated,
+    /// Both on every frame (the language model within the budget); the calibrated one decides.
+    Both,
+    /// The language model decides (within the budget; the calibrated judge otherwise).
+    LanguageModel,
+    /// The language model runs, and decides, only on frames the calibrated judge finds
+    /// anomalous or uncertain, within the budget.
+    LanguageModelOnUncertain,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgesConfig {
+    pub mode: JudgeMode,
+    /// Most language-model judgements per second (token bucket); frames over it keep the
+    /// calibrated verdict and are counted in `kensa_lm_judgements_total{result="over_budget"}`.
+    pub budget_per_s: f64,
+    /// "Uncertain" for `language_model_on_uncertain`: calibrated confidence within this of 0.5.
+    pub uncertain_band: f64,
+}
+
+impl Default for JudgesConfig {
+    fn default() -> Self {
+        Self { mode: JudgeMode::Calibrated, budget_per_s: 20.0, uncertain_band: 0.25 }
+    }
 }
 
 /// What a camera does when the scoring queue is full.
@@ -424,6 +463,9 @@ impl KensaConfig {
         }
         for p in self.products.values_mut() {
             fix(&mut p.bank);
+            if let Some(j) = p.judge.as_mut() {
+                fix(j);
+            }
         }
         fix(&mut self.outbox.dir);
         if let Some(d) = self.publish.store_dir.as_mut() {
@@ -475,7 +517,24 @@ impl KensaConfig {
         if self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!("telemetry.listen: `{}` is not an address like 127.0.0.1:9898", self.telemetry.listen));
         }
+        if !(self.judges.budget_per_s > 0.0 && self.judges.budget_per_s.is_finite()) {
+            p.push(format!("judges.budget_per_s: {} must be > 0", self.judges.budget_per_s));
+        }
+        if !(0.0..=0.5).contains(&self.judges.uncertain_band) {
+            p.push(format!("judges.uncertain_band: {} is outside 0..=0.5", self.judges.uncertain_band));
+        }
         for (name, prod) in &self.products {
+            match &prod.judge {
+                Some(j) if !j.is_file() => p.push(format!(
+                    "products.{name}.judge: judge file not found: {} (make one with `kensa train-judge`)",
+                    j.display()
+                )),
+                None if self.judges.mode != JudgeMode::Calibrated => p.push(format!(
+                    "products.{name}.judge: judges.mode = {:?} needs a language-model judge for every product (make one with `kensa train-judge`)",
+                    self.judges.mode
+                )),
+                _ => {}
+            }
             if !prod.bank.is_file() {
                 p.push(format!(
                     "products.{name}.bank: bank file not found: {} (make one with `kensa enroll`)",

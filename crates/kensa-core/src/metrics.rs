@@ -65,4 +65,5 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (CAMERA_ERRORS, "Camera pipeline errors.", "count"),
     (CAMERA_STATE, "1 for the camera's current state: up, reconnecting, failed, ended.", "bool"),
     (CAMERA_RECONNECTS, "Reconnection attempts of live cameras.", "count"),
+    ("kensa_lm_judgements_total", "Language-model judge runs by product and result (ran, over_budget, error).", "count"),
 ];

@@ -393,6 +393,7 @@ pub fn event_to_json(ev: &InspectionEvent) -> serde_json::Value {
         "mask_height": ev.mask_height,
         "map_path": ev.map_path,
         "snapshot_path": ev.snapshot_path,
+        "judges_agree": ev.judges_agree,
     })
 }
 

@@ -90,7 +90,11 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             }
             Ok((Engine::new(backbone, model_cfg.model.input_size), banks))
         })();
-        let (engine, banks) = match setup {
+        let setup = setup.and_then(|(engine, banks)| {
+            let judges = load_judges(&model_cfg, &engine)?;
+            Ok((engine, banks, judges))
+        });
+        let (engine, banks, judges) = match setup {
             Ok(v) => v,
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -110,8 +114,10 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             model_id,
             cameras: model_cfg.cameras.iter().map(|c| (c.id.clone(), (c.line.clone(), c.station.clone()))).collect(),
             publish: model_cfg.publish.clone(),
+            judges: model_cfg.judges.clone(),
         };
         let mut banks = banks;
+        let mut judges = judges;
         // Closed when the model thread ends (or panics), so the batcher never waits forever.
         struct CloseOnDrop(Arc<tokio::sync::Semaphore>);
         impl Drop for CloseOnDrop {
@@ -120,7 +126,7 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             }
         }
         let _close = CloseOnDrop(model_free_m.clone());
-        model_loop(&engine, &mut banks, &ctx, &mut batch_rx, &scored_tx, &model_free_m);
+        model_loop(&engine, &mut banks, &mut judges, &ctx, &mut batch_rx, &scored_tx, &model_free_m);
     })?;
     let (model_desc, versions, loader) = tokio::task::spawn_blocking(move || ready_rx.recv())
         .await?
@@ -360,18 +366,69 @@ struct ModelCtx {
     /// Camera id → (line, station).
     cameras: HashMap<String, (String, String)>,
     publish: kensa_core::config::PublishConfig,
+    judges: kensa_core::config::JudgesConfig,
+}
+
+/// The language-model judges of the products that have one (`products.NAME.judge`), each
+/// with its trained prompt learner; the LM named in the judge's sidecar is loaded per product.
+fn load_judges(cfg: &KensaConfig, engine: &Engine) -> Result<HashMap<String, kensa_lm::judge::LmJudge>> {
+    let mut out = HashMap::new();
+    for (name, p) in &cfg.products {
+        let Some(file) = &p.judge else { continue };
+        let side = PathBuf::from(format!("{}.json", file.display()));
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&side).with_context(|| format!("products.{name}.judge: cannot read its sidecar {}", side.display()))?,
+        )
+        .with_context(|| format!("products.{name}.judge: bad sidecar {}", side.display()))?;
+        let lm = PathBuf::from(meta["lm"].as_str().unwrap_or_default());
+        let tok = meta["tokenizer"].as_str().map(PathBuf::from);
+        let (model, tok) = crate::judge::load_lm(&lm, tok.as_deref(), engine.device())
+            .with_context(|| format!("products.{name}.judge: language model {}", lm.display()))?;
+        let dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
+        if meta["image_dim"].as_i64() != Some(dim) {
+            anyhow::bail!("products.{name}.judge: trained with image features of size {}, the backbone gives {dim}", meta["image_dim"]);
+        }
+        let mut j = kensa_lm::judge::LmJudge::new(model, tok, dim, meta["description"].as_str().unwrap_or(""), meta["scale"].as_f64().unwrap_or(1.0));
+        j.load_weights(file).with_context(|| format!("products.{name}.judge"))?;
+        tracing::info!(product = %name, judge = %file.display(), lm = %lm.display(), "language-model judge loaded");
+        out.insert(name.clone(), j);
+    }
+    Ok(out)
+}
+
+/// Token bucket for language-model judgements.
+struct Budget {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl Budget {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate.max(1.0));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The model thread: scores each batch (grouped by product), judges, and builds the events.
 fn model_loop(
     engine: &Engine,
     banks: &mut HashMap<String, Bank>,
+    judges: &mut HashMap<String, kensa_lm::judge::LmJudge>,
     ctx: &ModelCtx,
     batches: &mut mpsc::Receiver<Work>,
     out: &mpsc::Sender<Scored>,
     model_free: &tokio::sync::Semaphore,
 ) {
     let run_id = format!("{:x}", unix_nanos(SystemTime::now()));
+    let mut budget = Budget { tokens: ctx.judges.budget_per_s.max(1.0), rate: ctx.judges.budget_per_s, last: Instant::now() };
     // Camera → product overrides from changeovers.
     let mut assigned: HashMap<String, String> = HashMap::new();
     while let Some(work) = batches.blocking_recv() {
@@ -418,7 +475,14 @@ fn model_loop(
             let model_s = t_model.elapsed().as_secs_f64() / frames.len() as f64;
             for (f, map) in frames.iter().zip(maps) {
                 let t_verdict = Instant::now();
-                let (v, mask) = kensa_verdict::judge(&map, &bank.meta.calibration);
+                let (calibrated, mask) = kensa_verdict::judge(&map, &bank.meta.calibration);
+                let lm = language_model_verdict(engine, bank, judges.get(product), &ctx.judges, &mut budget, f, &calibrated, product);
+                use kensa_core::config::JudgeMode;
+                let lm_decides = lm.is_some() && matches!(ctx.judges.mode, JudgeMode::LanguageModel | JudgeMode::LanguageModelOnUncertain);
+                let v = match (&lm, lm_decides) {
+                    (Some(l), true) => l.clone(),
+                    _ => calibrated.clone(),
+                };
                 let (mask, mw, mh) = downscale_mask(&mask, map.width, map.height, ctx.publish.mask_max_side);
                 let (map_path, snapshot_path) = match &ctx.publish.store_dir {
                     Some(dir) if v.anomalous || ctx.publish.store == StoreWhich::All => store(dir, f, &map),
@@ -468,19 +532,23 @@ fn model_loop(
                     line,
                     station,
                     stages: Vec::new(),
-                    verdicts: vec![proto::Judgement {
-                        judge: v.judge.to_string(),
-                        anomalous: v.anomalous,
-                        answer: v.answer.clone(),
-                        confidence: v.confidence,
-                    }],
+                    verdicts: std::iter::once(&calibrated)
+                        .chain(lm.as_ref())
+                        .map(|j| proto::Judgement {
+                            judge: j.judge.to_string(),
+                            anomalous: j.anomalous,
+                            answer: j.answer.clone(),
+                            confidence: j.confidence,
+                        })
+                        .collect(),
+                    judges_agree: lm.as_ref().is_none_or(|l| l.anomalous == calibrated.anomalous),
                     mask_width: mw,
                     mask_height: mh,
                     map_path,
                     snapshot_path,
                 };
                 let mut event = event;
-                if event.verdicts.iter().any(|j| j.anomalous != event.anomalous) {
+                if !event.judges_agree {
                     metrics::counter!(m::JUDGE_DISAGREEMENTS, "camera" => f.camera.to_string(), "product" => product.to_string())
                         .increment(1);
                 }
@@ -589,4 +657,55 @@ where
 fn hard_exit(code: i32) -> ! {
     // SAFETY: _exit takes no pointers and never returns; skipping destructors is the point.
     unsafe { libc::_exit(code) }
+}
+
+/// The language-model judge's verdict on a frame, when the mode, the frame and the budget call
+/// for one; `None` otherwise (and on a judge error, which is logged and counted).
+#[allow(clippy::too_many_arguments)]
+fn language_model_verdict(
+    engine: &Engine,
+    bank: &Bank,
+    judge: Option<&kensa_lm::judge::LmJudge>,
+    cfg: &kensa_core::config::JudgesConfig,
+    budget: &mut Budget,
+    f: &Frame,
+    calibrated: &kensa_verdict::Verdict,
+    product: &str,
+) -> Option<kensa_verdict::Verdict> {
+    use kensa_core::config::JudgeMode;
+    let judge = judge?;
+    let wanted = match cfg.mode {
+        JudgeMode::Calibrated => false,
+        JudgeMode::Both | JudgeMode::LanguageModel => true,
+        JudgeMode::LanguageModelOnUncertain => {
+            calibrated.anomalous || (calibrated.confidence - 0.5).abs() < cfg.uncertain_band as f32
+        }
+    };
+    if !wanted {
+        return None;
+    }
+    if !budget.take() {
+        metrics::counter!("kensa_lm_judgements_total", "product" => product.to_string(), "result" => "over_budget").increment(1);
+        return None;
+    }
+    let img = image::RgbImage::from_raw(f.width, f.height, f.data.to_vec())?;
+    let res = crate::judge::judge_input(engine, bank, &img).map_err(|e| e.to_string()).and_then(|x| judge.judge(&x).map_err(|e| e.to_string()));
+    match res {
+        Ok((cells, confidence)) => {
+            metrics::counter!("kensa_lm_judgements_total", "product" => product.to_string(), "result" => "ran").increment(1);
+            Some(kensa_verdict::Verdict {
+                anomalous: !cells.is_empty(),
+                answer: kensa_core::grid::answer(&cells),
+                locations: cells,
+                confidence,
+                judge: "language-model",
+                ..calibrated.clone()
+            })
+        }
+        Err(e) => {
+            metrics::counter!("kensa_lm_judgements_total", "product" => product.to_string(), "result" => "error").increment(1);
+            tracing::error!(product, camera = %f.camera, frame = f.seq, "language-model judge failed: {e}");
+            None
+        }
+    }
 }
