@@ -115,6 +115,35 @@ pub struct Verdict {
 
 pub const JUDGE_CALIBRATED: &str = "calibrated";
 
+/// What a judge sees of a frame: its anomaly map (at the frame's resolution) and the frame.
+pub struct Evidence<'a> {
+    pub map: &'a AnomalyMap,
+    pub image: &'a image::RgbImage,
+}
+
+/// A verdict maker. Both of Kensa's judges implement it: [`CalibratedJudge`] (thresholdless,
+/// calibrated from the references) and the language-model judge (`kensa` binary, on
+/// `kensa_lm::judge::LmJudge`).
+pub trait Judge {
+    /// The name events carry in `verdicts[].judge`.
+    fn name(&self) -> &'static str;
+    /// A verdict in AnomalyGPT's grammar, or why there is none.
+    fn judge(&self, e: &Evidence<'_>) -> Result<Verdict, String>;
+}
+
+/// The self-calibrating judge of a bank.
+pub struct CalibratedJudge<'a>(pub &'a Calibration);
+
+impl Judge for CalibratedJudge<'_> {
+    fn name(&self) -> &'static str {
+        JUDGE_CALIBRATED
+    }
+
+    fn judge(&self, e: &Evidence<'_>) -> Result<Verdict, String> {
+        Ok(judge(e.map, self.0).0)
+    }
+}
+
 /// Judges a map with a calibration. Also returns the binary mask (0/255, map size) of the kept
 /// regions.
 pub fn judge(map: &AnomalyMap, cal: &Calibration) -> (Verdict, Vec<u8>) {
@@ -276,5 +305,28 @@ mod tests {
         let img = image::load_from_memory(&png).unwrap().to_luma8();
         assert_eq!(img.dimensions(), (2, 2));
         assert_eq!(img.get_pixel(1, 0).0[0], 255);
+    }
+}
+
+#[cfg(test)]
+mod judge_trait_tests {
+    use super::*;
+
+    #[test]
+    fn calibrated_judge_through_the_trait_matches_the_function() {
+        let cal = Calibration::fit(&[0.1, 0.12, 0.11], &[0.5, 0.6, 0.55]);
+        let mut data = vec![0.0f32; 30 * 30];
+        for y in 2..6 {
+            for x in 2..6 {
+                data[y * 30 + x] = 0.8;
+            }
+        }
+        let map = AnomalyMap::new(30, 30, data);
+        let img = image::RgbImage::new(30, 30);
+        let j: &dyn Judge = &CalibratedJudge(&cal);
+        let v = j.judge(&Evidence { map: &map, image: &img }).unwrap();
+        assert_eq!(j.name(), JUDGE_CALIBRATED);
+        assert_eq!(v, judge(&map, &cal).0);
+        assert!(v.anomalous && v.locations == vec![Cell::TopLeft], "{v:?}");
     }
 }

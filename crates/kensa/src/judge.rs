@@ -54,6 +54,34 @@ pub struct TrainJudgeArgs {
     model: ModelArgs,
 }
 
+/// The language-model judge of one bank, as a [`kensa_verdict::Judge`]: it reads the frame's
+/// map and pooled features, answers along the grammar, and keeps the map's regions and score.
+pub struct LanguageModelJudge<'a> {
+    pub lm: &'a LmJudge,
+    pub engine: &'a Engine,
+    pub bank: &'a Bank,
+}
+
+impl kensa_verdict::Judge for LanguageModelJudge<'_> {
+    fn name(&self) -> &'static str {
+        "language-model"
+    }
+
+    fn judge(&self, e: &kensa_verdict::Evidence<'_>) -> std::result::Result<kensa_verdict::Verdict, String> {
+        let x = judge_input(self.engine, self.bank, e.image).map_err(|e| e.to_string())?;
+        let (cells, confidence) = self.lm.judge(&x).map_err(|e| e.to_string())?;
+        let (map_verdict, _) = kensa_verdict::judge(e.map, &self.bank.meta.calibration);
+        Ok(kensa_verdict::Verdict {
+            anomalous: !cells.is_empty(),
+            answer: kensa_core::grid::answer(&cells),
+            locations: cells,
+            confidence,
+            judge: self.name(),
+            ..map_verdict
+        })
+    }
+}
+
 /// Distinct grid cells of a binary mask's connected regions (by region centre).
 pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
     let mut cells: Vec<Cell> = kensa_core::eval::regions(mask, w)

@@ -476,7 +476,7 @@ fn model_loop(
             for (f, map) in frames.iter().zip(maps) {
                 let t_verdict = Instant::now();
                 let (calibrated, mask) = kensa_verdict::judge(&map, &bank.meta.calibration);
-                let lm = language_model_verdict(engine, bank, judges.get(product), &ctx.judges, &mut budget, f, &calibrated, product);
+                let lm = language_model_verdict(engine, bank, judges.get(product), &ctx.judges, &mut budget, f, &map, &calibrated, product);
                 use kensa_core::config::JudgeMode;
                 let lm_decides = lm.is_some() && matches!(ctx.judges.mode, JudgeMode::LanguageModel | JudgeMode::LanguageModelOnUncertain);
                 let v = match (&lm, lm_decides) {
@@ -669,6 +669,7 @@ fn language_model_verdict(
     cfg: &kensa_core::config::JudgesConfig,
     budget: &mut Budget,
     f: &Frame,
+    map: &kensa_core::AnomalyMap,
     calibrated: &kensa_verdict::Verdict,
     product: &str,
 ) -> Option<kensa_verdict::Verdict> {
@@ -688,19 +689,13 @@ fn language_model_verdict(
         metrics::counter!("kensa_lm_judgements_total", "product" => product.to_string(), "result" => "over_budget").increment(1);
         return None;
     }
+    use kensa_verdict::Judge as _;
     let img = image::RgbImage::from_raw(f.width, f.height, f.data.to_vec())?;
-    let res = crate::judge::judge_input(engine, bank, &img).map_err(|e| e.to_string()).and_then(|x| judge.judge(&x).map_err(|e| e.to_string()));
-    match res {
-        Ok((cells, confidence)) => {
+    let judge = crate::judge::LanguageModelJudge { lm: judge, engine, bank };
+    match judge.judge(&kensa_verdict::Evidence { map, image: &img }) {
+        Ok(v) => {
             metrics::counter!("kensa_lm_judgements_total", "product" => product.to_string(), "result" => "ran").increment(1);
-            Some(kensa_verdict::Verdict {
-                anomalous: !cells.is_empty(),
-                answer: kensa_core::grid::answer(&cells),
-                locations: cells,
-                confidence,
-                judge: "language-model",
-                ..calibrated.clone()
-            })
+            Some(v)
         }
         Err(e) => {
             metrics::counter!("kensa_lm_judgements_total", "product" => product.to_string(), "result" => "error").increment(1);
