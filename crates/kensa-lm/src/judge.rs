@@ -87,6 +87,8 @@ pub struct LmJudge {
 }
 
 impl LmJudge {
+    /// A judge with a freshly initialised prompt learner; the initialisation is drawn from
+    /// libtorch's global generator, so call `tch::manual_seed` first for a reproducible one.
     pub fn new(lm: Llama, tok: Tokenizer, image_dim: i64, description: &str, scale: f64) -> Self {
         let device = lm.device;
         let answers = AnswerSet::new(&tok);

@@ -166,6 +166,7 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
     let (lm, tok) = load_lm(&a.lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
     let image_dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
     let scale = bank.meta.calibration.image_threshold as f64;
+    tch::manual_seed(a.seed as i64);
     let mut judge = LmJudge::new(lm, tok, image_dim, &a.description, scale);
 
     let bar = indicatif::ProgressBar::new(a.examples as u64);
