@@ -281,14 +281,7 @@ fn baseline(d: &Data, bank: &Path) {
         let o = kensa(&args);
         let wall = t0.elapsed().as_secs_f64();
         assert!(o.status.success(), "kensa score: {}", String::from_utf8_lossy(&o.stderr));
-        let err = String::from_utf8_lossy(&o.stderr);
-        // "scored N image(s) in T s (R img/s) -> DIR"
-        let steady: f64 = err
-            .split(" img/s)")
-            .next()
-            .and_then(|r| r.rsplit('(').next())
-            .and_then(|x| x.trim().parse().ok())
-            .unwrap_or(f64::NAN);
+        let steady = score_rate(&o);
         let scores: std::collections::HashMap<String, f32> = labels
             .keys()
             .map(|k| {
@@ -353,34 +346,11 @@ fn quantile(before: &str, after: &str, name: &str, q: f64) -> f64 {
     f64::NAN
 }
 
-fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
-    let mut v: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with(&format!("{name}_bucket"))) {
-        let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("+Inf");
-        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
-        let c: f64 = line.rsplit(' ').next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
-        match v.iter_mut().find(|(b, _)| *b == le) {
-            Some(e) => e.1 += c,
-            None => v.push((le, c)),
-        }
-    }
-    v.sort_by(|a, b| a.0.total_cmp(&b.0));
-    v
-}
-
 fn sum_metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn rss_peak_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 /// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
@@ -424,7 +394,7 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, spread: bool, ba
         model_p99_ms: 1e3 * quantile(&before, &after, "kensa_score_batch_seconds", 0.99),
         batch_mean: delta("kensa_batch_size_sum") / batches.max(1.0),
         model_busy: delta("kensa_score_batch_seconds_sum") / dt,
-        rss_peak_mib: rss_peak_mib(d.child.id()),
+        rss_peak_mib: proc_status_kib(d.child.id(), "VmHWM") / 1024.0,
         kensa_cpu_ms: 0.0,
         broker_cpu_ms: 0.0,
     };
@@ -459,6 +429,11 @@ fn score_fps(bank: &Path) -> f64 {
     let data = tmp.path().join("line");
     kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "200", "--train", "0", "--seed", "3"]);
     let o = kensa(&["score", "--bank", bank.to_str().unwrap(), "--out", tmp.path().join("out").to_str().unwrap(), data.join("test/good").to_str().unwrap()]);
+    score_rate(&o)
+}
+
+/// The rate `kensa score` reports: "scored N image(s) in T s (R img/s) -> DIR".
+fn score_rate(o: &std::process::Output) -> f64 {
     let err = String::from_utf8_lossy(&o.stderr);
     err.split(" img/s)").next().and_then(|r| r.rsplit('(').next()).and_then(|x| x.trim().parse().ok()).unwrap_or(f64::NAN)
 }

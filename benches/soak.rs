@@ -16,31 +16,8 @@ fn env(name: &str, default: f64) -> f64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn proc_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
-}
-
 fn proc_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-/// (upper bound, cumulative count) of a histogram's buckets, summed over labels.
-fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
-    let mut v: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with(&format!("{name}_bucket"))) {
-        let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("+Inf");
-        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
-        let c: f64 = line.rsplit(' ').next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
-        match v.iter_mut().find(|(b, _)| *b == le) {
-            Some(e) => e.1 += c,
-            None => v.push((le, c)),
-        }
-    }
-    v.sort_by(|a, b| a.0.total_cmp(&b.0));
-    v
 }
 
 /// p99 of the observations between two scrapes, from bucket deltas (upper bucket bound).
@@ -80,7 +57,7 @@ fn main() {
     let t0 = Instant::now();
     let mut prev = d.scrape();
     let mut prev_scored = metric(&prev, "kensa_frames_scored_total", &[]).unwrap_or(0.0);
-    let rss_start = proc_rss_kib(pid);
+    let rss_start = proc_status_kib(pid, "VmRSS") as u64;
     let fds_start = proc_fds(pid);
     let mut rss_samples = vec![rss_start];
     let mut p99s = Vec::new();
@@ -90,7 +67,7 @@ fn main() {
         let scored = metric(&now, "kensa_frames_scored_total", &[]).unwrap_or(0.0);
         let dropped = metric(&now, "kensa_frames_dropped_total", &[]).unwrap_or(0.0);
         let p = p99(&buckets(&prev, "kensa_end_to_end_latency_seconds"), &buckets(&now, "kensa_end_to_end_latency_seconds"));
-        let rss = proc_rss_kib(pid);
+        let rss = proc_status_kib(pid, "VmRSS") as u64;
         rss_samples.push(rss);
         p99s.extend(p);
         println!(
@@ -125,10 +102,7 @@ fn main() {
         proc_fds(pid),
         p99s.iter().copied().fold(0.0f64, f64::max) * 1000.0
     );
-    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .unwrap_or(0.0);
+    let hwm = proc_status_kib(pid, "VmHWM");
     println!("peak RSS (VmHWM) {:.1} MiB", hwm / 1024.0);
     let code = d.terminate(Duration::from_secs(60));
     println!("kensa exited with {code:?}");

@@ -463,3 +463,32 @@ pub fn own_broker_rig(name: &str) -> (Broker, TempDir, PathBuf, String, String) 
     let metrics = format!("127.0.0.1:{}", free_port());
     (broker, dir, bank, topic, metrics)
 }
+
+/// (upper bound, cumulative count) of a Prometheus histogram's buckets in a scrape, summed over
+/// labels, by bound. For the benchmarks' latency percentiles.
+pub fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let mut v: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with(&format!("{name}_bucket"))) {
+        let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("+Inf");
+        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+        let c: f64 = line.rsplit(' ').next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+        match v.iter_mut().find(|(b, _)| *b == le) {
+            Some(e) => e.1 += c,
+            None => v.push((le, c)),
+        }
+    }
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, ...); 0 when unreadable.
+pub fn proc_status_kib(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}

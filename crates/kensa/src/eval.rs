@@ -57,10 +57,10 @@ pub struct EvalArgs {
     model: ModelArgs,
 }
 
-struct TestImage {
-    path: PathBuf,
-    anomalous: bool,
-    mask: Option<PathBuf>,
+pub(crate) struct TestImage {
+    pub path: PathBuf,
+    pub anomalous: bool,
+    pub mask: Option<PathBuf>,
 }
 
 fn classes(root: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -81,7 +81,7 @@ fn classes(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(v)
 }
 
-fn test_images(class: &Path) -> Result<Vec<TestImage>> {
+pub(crate) fn test_images(class: &Path) -> Result<Vec<TestImage>> {
     let mut out = Vec::new();
     let mut kinds: Vec<PathBuf> = std::fs::read_dir(class.join("test"))
         .with_context(|| format!("{} has no test folder", class.display()))?
@@ -102,7 +102,9 @@ fn test_images(class: &Path) -> Result<Vec<TestImage>> {
     Ok(out)
 }
 
-fn load_mask(p: Option<&PathBuf>, w: u32, h: u32) -> Result<Option<Vec<bool>>> {
+/// The ground-truth mask at `w × h`: all false for a normal image (`p` None), `None` when an
+/// anomalous image's mask file is missing.
+pub(crate) fn load_mask(p: Option<&PathBuf>, w: u32, h: u32) -> Result<Option<Vec<bool>>> {
     let Some(p) = p else { return Ok(Some(vec![false; (w * h) as usize])) };
     if !p.is_file() {
         return Ok(None);
@@ -349,25 +351,34 @@ fn print_table(results: &[RunResult]) {
     }
 }
 
-fn print_main_table(results: &[RunResult]) {
+/// One summary row as printed: class, shots, runs, the five metrics (3 decimals, "-" when
+/// undefined) and images per second (1 decimal).
+fn summary_cells(r: &serde_json::Value) -> [String; 9] {
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    [
+        r["class"].as_str().unwrap_or("").to_string(),
+        r["shots"].as_u64().unwrap_or(0).to_string(),
+        r["runs"].as_u64().unwrap_or(0).to_string(),
+        f(&r["image_auroc"]),
+        f(&r["pixel_auroc"]),
+        f(&r["pro"]),
+        f(&r["verdict_accuracy"]),
+        f(&r["verdict_f1"]),
+        format!("{:.1}", r["images_per_second"].as_f64().unwrap_or(0.0)),
+    ]
+}
+
+fn print_main_table(results: &[RunResult]) {
     println!(
         "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7}",
         "class", "shots", "runs", "img_AUROC", "pix_AUROC", "PRO", "accuracy", "F1", "img/s"
     );
     let rows = summary(results);
     for r in &rows {
+        let c = summary_cells(r);
         println!(
-            "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7.1}",
-            r["class"].as_str().unwrap_or(""),
-            r["shots"].as_u64().unwrap_or(0),
-            r["runs"].as_u64().unwrap_or(0),
-            f(&r["image_auroc"]),
-            f(&r["pixel_auroc"]),
-            f(&r["pro"]),
-            f(&r["verdict_accuracy"]),
-            f(&r["verdict_f1"]),
-            r["images_per_second"].as_f64().unwrap_or(0.0)
+            "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
         );
     }
     let shots: std::collections::BTreeSet<u64> = rows.iter().filter_map(|r| r["shots"].as_u64()).collect();
@@ -476,7 +487,6 @@ fn roc_svg(pts: &[(f64, f64)]) -> String {
 
 fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> String {
     use base64::Engine as _;
-    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
     let mut html = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Kensa evaluation</title><style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}figure{display:inline-block;margin:6px}figcaption{font-size:12px;max-width:780px}img{max-width:780px}</style></head><body>",
     );
@@ -490,18 +500,8 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
     ));
     html.push_str("<table><tr><th>class</th><th>shots</th><th>runs</th><th>image AUROC</th><th>pixel AUROC</th><th>PRO</th><th>verdict accuracy</th><th>F1</th><th>img/s</th></tr>");
     for r in summary(results) {
-        html.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
-            esc(r["class"].as_str().unwrap_or("")),
-            r["shots"],
-            r["runs"],
-            f(&r["image_auroc"]),
-            f(&r["pixel_auroc"]),
-            f(&r["pro"]),
-            f(&r["verdict_accuracy"]),
-            f(&r["verdict_f1"]),
-            r["images_per_second"].as_f64().unwrap_or(0.0)
-        ));
+        let cells: String = summary_cells(&r).iter().map(|c| format!("<td>{}</td>", esc(c))).collect();
+        html.push_str(&format!("<tr>{cells}</tr>"));
     }
     html.push_str("</table>");
     for s in sections {

@@ -212,29 +212,15 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
         a.out.display()
     );
     if let Some(dir) = &a.eval {
-        let mut real = Vec::new();
         let test_dir = dir.join("test");
-        let mut kinds: Vec<PathBuf> = std::fs::read_dir(&test_dir).with_context(|| test_dir.display().to_string())?.flatten().map(|e| e.path()).collect();
-        kinds.sort();
-        for k in kinds {
-            let good = k.file_name().is_some_and(|n| n == "good");
-            for p in images::list_images(&k)? {
-                let img = images::load_rgb(&p)?;
-                let cells = if good {
-                    Vec::new()
-                } else {
-                    let gt = dir.join("ground_truth").join(k.file_name().unwrap()).join(format!("{}_mask.png", p.file_stem().unwrap().to_string_lossy()));
-                    match image::open(&gt) {
-                        Ok(m) => {
-                            let m = m.to_luma8();
-                            let v: Vec<bool> = m.as_raw().iter().map(|&x| x > 127).collect();
-                            mask_cells(&v, m.width() as usize, m.height() as usize)
-                        }
-                        Err(_) => vec![Cell::Center],
-                    }
-                };
-                real.push((judge_input(&engine, &bank, &img)?, cells));
-            }
+        let mut real = Vec::new();
+        for t in crate::eval::test_images(dir)? {
+            let img = images::load_rgb(&t.path)?;
+            let cells = match crate::eval::load_mask(t.mask.as_ref(), img.width(), img.height())? {
+                Some(m) => mask_cells(&m, img.width() as usize, img.height() as usize),
+                None => vec![Cell::Center], // anomalous, but its mask is missing
+            };
+            real.push((judge_input(&engine, &bank, &img)?, cells));
         }
         let (acc, exact) = accuracy(&judge, &real)?;
         eprintln!("real images in {}: verdict accuracy {acc:.3}, exact answer {exact:.3} ({} images)", test_dir.display(), real.len());
