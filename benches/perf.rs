@@ -21,6 +21,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
+/// Model input side of the kernel benchmarks: the enrollment default, as `kensa enroll` builds
+/// the banks the other sections use.
+const S: i64 = kensa_model::DEFAULT_INPUT_SIZE as i64;
+
 type Img = (Vec<u8>, u32, u32);
 
 fn env_str(name: &str, default: &str) -> String {
@@ -95,18 +99,18 @@ fn kernels(d: &Data, device: Device, bank1: &Path) {
     let bb_path = PathBuf::from(env_str("KENSA_BACKBONE", ""));
     let backbone = Backbone::load(&bb_path, device).expect("backbone");
     println!(
-        "\n== kernels: {} ({} threads, device {device:?}), input 256 px, images from {}",
+        "\n== kernels: {} ({} threads, device {device:?}), input {S} px, images from {}",
         backbone.meta.name,
         tch::get_num_threads(),
         d.root.display()
     );
-    let engine = Engine::new(backbone, 256);
+    let engine = Engine::new(backbone, S as u32);
     let imgs: Vec<Img> = d.test.iter().take(16).map(|(p, _)| load_rgb(p)).collect();
     let views = |b: usize| -> Vec<(&[u8], u32, u32)> {
         (0..b).map(|i| &imgs[i % imgs.len()]).map(|(v, w, h)| (v.as_slice(), *w, *h)).collect()
     };
     let (w0, h0) = (imgs[0].1, imgs[0].2);
-    println!("frames: {w0}x{h0} RGB, resized to 256x256");
+    println!("frames: {w0}x{h0} RGB, resized to {S}x{S}");
 
     // Bank layers from R references (flips of the train images when there are fewer than R).
     let refs: Vec<Img> = d.train.iter().map(|p| load_rgb(p)).collect();
@@ -114,14 +118,14 @@ fn kernels(d: &Data, device: Device, bank1: &Path) {
         let feats: Vec<Vec<Tensor>> = (0..r)
             .map(|i| {
                 let (v, w, h) = &refs[i % refs.len()];
-                let x = images_to_batch(&[(v.as_slice(), *w, *h)], 256, device);
+                let x = images_to_batch(&[(v.as_slice(), *w, *h)], S, device);
                 let x = match (i / refs.len()) % 4 {
                     0 => x,
                     1 => x.flip([3]),
                     2 => x.flip([2]),
                     _ => x.flip([2, 3]),
                 };
-                engine.backbone.patch_features(&x).unwrap().iter().map(flatten).collect()
+                engine.backbone.patch_features(&x, &engine.aggregation).unwrap().iter().map(flatten).collect()
             })
             .collect();
         (0..feats[0].len()).map(|l| Tensor::cat(&feats.iter().map(|f| &f[l]).collect::<Vec<_>>(), 0)).collect()
@@ -138,10 +142,10 @@ fn kernels(d: &Data, device: Device, bank1: &Path) {
     for &b in &batches {
         let v = views(b);
         let prep = time_it(5, || {
-            let _ = images_to_batch(&v, 256, device);
+            let _ = images_to_batch(&v, S, device);
             sync();
         });
-        let x = images_to_batch(&v, 256, device);
+        let x = images_to_batch(&v, S, device);
         let fwd = time_it(5, || {
             let _ = engine.backbone.forward(&x).unwrap();
             sync();
@@ -160,8 +164,8 @@ fn kernels(d: &Data, device: Device, bank1: &Path) {
         let mib: f64 = bank.iter().map(|t| (t.numel() * 4) as f64).sum::<f64>() / (1024.0 * 1024.0);
         print!("{r:>10}");
         for &b in &batches {
-            let x = images_to_batch(&views(b), 256, device);
-            let feats = engine.backbone.patch_features(&x).unwrap();
+            let x = images_to_batch(&views(b), S, device);
+            let feats = engine.backbone.patch_features(&x, &engine.aggregation).unwrap();
             let t = time_it(3, || {
                 let _ = engine.nearest(&feats, &bank);
                 sync();
@@ -172,18 +176,18 @@ fn kernels(d: &Data, device: Device, bank1: &Path) {
     }
 
     // The enrolled 1-reference bank, with its calibration, for the verdict step.
-    let bank1 = Bank::load(bank1, &engine.backbone.meta, 256, device).expect("bank");
+    let bank1 = Bank::load(bank1, &engine.backbone.meta, 0, device).expect("bank");
     println!("\n-- post-processing (ms per image): fuse+blur | to frame size + judge + mask PNG");
     println!("{:>6} {:>10} {:>14}", "batch", "fuse_ms", "verdict_ms");
     for &b in &[1usize, 8] {
-        let x = images_to_batch(&views(b), 256, device);
-        let feats = engine.backbone.patch_features(&x).unwrap();
+        let x = images_to_batch(&views(b), S, device);
+        let feats = engine.backbone.patch_features(&x, &engine.aggregation).unwrap();
         let layers = engine.nearest(&feats, &bank1.layers);
         let fuse = time_it(5, || {
-            let _ = engine.fuse(&layers);
+            let _ = engine.fuse(&layers, S);
             sync();
         });
-        let maps = engine.fuse(&layers);
+        let maps = engine.fuse(&layers, S);
         let verdict = time_it(5, || {
             for i in 0..b {
                 let m = to_map(&maps.get(i as i64), w0, h0);
@@ -410,8 +414,8 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, spread: bool, ba
 /// and bank the pipeline uses.
 fn model_step(frames: &Path, bank: &Path, device: Device) -> (f64, f64) {
     let backbone = Backbone::load(Path::new(&env_str("KENSA_BACKBONE", "")), device).expect("backbone");
-    let bank = Bank::load(bank, &backbone.meta, 256, device).expect("bank");
-    let engine = Engine::new(backbone, 256);
+    let bank = Bank::load(bank, &backbone.meta, 0, device).expect("bank");
+    let engine = Engine::new(backbone, bank.meta.input_size);
     let imgs: Vec<Img> = list_pngs(frames).iter().take(8).map(|p| load_rgb(p)).collect();
     let v: Vec<(&[u8], u32, u32)> = (0..8).map(|i| &imgs[i % imgs.len()]).map(|(x, w, h)| (x.as_slice(), *w, *h)).collect();
     let t8 = time_it(5, || {

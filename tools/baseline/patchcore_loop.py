@@ -3,9 +3,10 @@
 with PyTorch, as an anomalib-style PatchCore inference loop.
 
 Same TorchScript backbone file, same bank file (a Kensa `.kbank`, read with safetensors), same
-images and the same maths as Kensa (3x3 average pooling, L2-normalised patch features, nearest
+images and the same maths as Kensa (k x k average pooling, L2-normalised patch features, nearest
 neighbour by `torch.cdist` -> 1 - cos, mean over layers, bilinear upsampling, Gaussian blur with
-sigma 4, image score = max of the map), one image at a time: PIL decode, resize, normalise,
+sigma 4, image score = max of the map; the input size and the per-layer aggregation are read from the
+bank, as Kensa does), one image at a time: PIL decode, resize, normalise,
 forward, nearest neighbour, post-process.
 
     python tools/baseline/patchcore_loop.py --backbone B.pt --bank bottle.kbank --out scores.json DIR
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 
@@ -55,7 +57,7 @@ def main():
     p.add_argument("--backbone", required=True)
     p.add_argument("--bank", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, default=0, help="input side (default: the bank's)")
     p.add_argument("images", nargs="+")
     a = p.parse_args()
     torch.set_grad_enabled(False)
@@ -64,6 +66,11 @@ def main():
     model = torch.jit.load(a.backbone).eval()
     tensors = load_file(a.bank)
     bank = [tensors[k] for k in sorted(k for k in tensors if k.startswith("layer"))]
+    # The bank's recipe (as Kensa scores it): input size and per-layer aggregation.
+    with safe_open(a.bank, framework="pt") as f:
+        recipe = json.loads(f.metadata()["kensa"])
+    size = a.size or recipe["input_size"]
+    aggregation = recipe.get("aggregation") or [3] * len(bank)
     mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
     k = gaussian_kernel(4.0)
@@ -73,19 +80,20 @@ def main():
     files = list_images(a.images)
     t_first = None
     for i, path in enumerate(files):
-        img = Image.open(path).convert("RGB").resize((a.size, a.size), Image.BILINEAR)
+        img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
         x = (x - mean) / std
         feats = model(x)
         layer_maps = []
-        for f, b in zip(feats, bank):
-            f = F.avg_pool2d(f, 3, 1, 1)
+        for f, b, agg in zip(feats, bank, aggregation):
+            if agg > 1:
+                f = F.avg_pool2d(f, agg, 1, agg // 2, count_include_pad=False)
             f = F.normalize(f, dim=1)
             _, c, h, w = f.shape
             emb = f.permute(0, 2, 3, 1).reshape(-1, c)
             d = torch.cdist(emb, b).min(dim=1).values  # |a-b|^2 = 2 - 2cos for unit vectors
             s = (d * d / 2).view(1, 1, h, w)
-            layer_maps.append(F.interpolate(s, size=(a.size, a.size), mode="bilinear", align_corners=False))
+            layer_maps.append(F.interpolate(s, size=(size, size), mode="bilinear", align_corners=False))
         m = torch.stack(layer_maps).mean(0)
         m = F.conv2d(F.pad(m, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
         m = F.conv2d(F.pad(m, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1))

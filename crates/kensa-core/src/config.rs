@@ -49,7 +49,8 @@ pub struct ModelConfig {
     pub backbone: Option<PathBuf>,
     /// `auto` (CUDA when present), `cpu` or `cuda`.
     pub device: String,
-    /// Side of the square model input, in pixels.
+    /// Input side (pixels) every bank must have been enrolled at; 0 (the default): any, each
+    /// product is scored at its own bank's size (`kensa enroll --input-size`).
     pub input_size: u32,
     /// libtorch intra-op threads; 0 leaves libtorch's default.
     pub threads: usize,
@@ -63,7 +64,7 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { backbone: None, device: "auto".into(), input_size: 256, threads: 0, precision: "auto".into(), bank_poll_s: 2 }
+        Self { backbone: None, device: "auto".into(), input_size: 0, threads: 0, precision: "auto".into(), bank_poll_s: 2 }
     }
 }
 
@@ -488,8 +489,8 @@ impl KensaConfig {
         if !matches!(self.model.device.as_str(), "auto" | "cpu" | "cuda") {
             p.push(format!("model.device: `{}` is not one of auto, cpu, cuda", self.model.device));
         }
-        if !(32..=4096).contains(&self.model.input_size) {
-            p.push(format!("model.input_size: {} is outside 32..=4096", self.model.input_size));
+        if self.model.input_size != 0 && !(32..=4096).contains(&self.model.input_size) {
+            p.push(format!("model.input_size: {} is outside 32..=4096 (or 0: follow each bank)", self.model.input_size));
         }
         if self.batch.max_size == 0 || self.batch.max_size > 256 {
             p.push(format!("batch.max_size: {} is outside 1..=256", self.batch.max_size));

@@ -128,15 +128,30 @@ impl Backbone {
         Ok(maps)
     }
 
-    /// Patch features: each map aggregated over a 3×3 neighbourhood and L2-normalised over
-    /// channels. Returns `[B, C_i, h_i, w_i]` per layer.
-    pub fn patch_features(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+    /// Patch features: each map averaged over a `k×k` neighbourhood (`aggregation[i]` for layer
+    /// `i`; 1 = the patch alone) and L2-normalised over channels. Returns `[B, C_i, h_i, w_i]`
+    /// per layer.
+    pub fn patch_features(&self, images: &Tensor, aggregation: &[u32]) -> Result<Vec<Tensor>> {
         let _g = tch::no_grad_guard();
-        Ok(self
-            .forward(images)?
+        let maps = self.forward(images)?;
+        if aggregation.len() != maps.len() {
+            return Err(ModelError::Other(format!(
+                "{} aggregation sizes given for a backbone with {} layers",
+                aggregation.len(),
+                maps.len()
+            )));
+        }
+        Ok(maps
             .into_iter()
-            .map(|f| {
-                let f = f.to_kind(self.kind).avg_pool2d([3, 3], [1, 1], [1, 1], false, false, None::<i64>);
+            .zip(aggregation)
+            .map(|(f, &k)| {
+                let f = f.to_kind(self.kind);
+                let f = if k > 1 {
+                    let k = k as i64;
+                    f.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None::<i64>)
+                } else {
+                    f
+                };
                 let n = f.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-6);
                 f / n
             })

@@ -39,6 +39,13 @@ pub struct BankMeta {
     /// Fraction of each reference's patches kept (greedy coreset); 1 = all.
     #[serde(default = "full_coreset")]
     pub coreset: f64,
+    /// Side of the neighbourhood averaged into each patch feature, per layer (1 = the patch
+    /// alone). Scoring uses the bank's own value; banks from before it was recorded used 3.
+    #[serde(default)]
+    pub aggregation: Vec<u32>,
+    /// Augmentations of the references whose features are in the bank (`none` when empty).
+    #[serde(default)]
+    pub augment: Vec<String>,
 }
 
 fn full_coreset() -> f64 {
@@ -49,6 +56,16 @@ impl BankMeta {
     /// Short version string for logs, events and metrics.
     pub fn version(&self) -> String {
         self.content_sha256.chars().take(12).collect()
+    }
+
+    /// The aggregation sizes features are scored with (3 per layer for banks that predate the
+    /// field).
+    pub fn aggregation(&self) -> Vec<u32> {
+        if self.aggregation.is_empty() {
+            vec![3; self.strides.len()]
+        } else {
+            self.aggregation.clone()
+        }
     }
 }
 
@@ -104,7 +121,8 @@ impl Bank {
         Ok(())
     }
 
-    /// Loads and validates a bank for use with `backbone` at `input_size`.
+    /// Loads and validates a bank for use with `backbone`; `input_size` > 0 also requires the
+    /// bank to have been enrolled at that size (0: any; the bank's own size is used to score).
     pub fn load(path: &Path, backbone: &BackboneMeta, input_size: u32, device: Device) -> Result<Self> {
         let bank = Self::load_unchecked(path, device)?;
         let m = &bank.meta;
@@ -121,9 +139,9 @@ impl Bank {
                 m.backbone_weights, backbone.weights
             )));
         }
-        if m.input_size != input_size {
+        if input_size > 0 && m.input_size != input_size {
             return Err(err(format!(
-                "built at input size {}, but model.input_size is {input_size}; re-enroll or change the config",
+                "built at input size {}, but the config asks for {input_size}; re-enroll or change the config",
                 m.input_size
             )));
         }
@@ -151,6 +169,15 @@ impl Bank {
         let meta: BankMeta = serde_json::from_str(meta_json).map_err(|e| err(format!("bad bank metadata: {e}")))?;
         if meta.format != BANK_FORMAT {
             return Err(err(format!("format `{}` is not supported (expected {BANK_FORMAT})", meta.format)));
+        }
+        if !meta.aggregation.is_empty()
+            && (meta.aggregation.len() != meta.channels.len() || meta.aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15))
+        {
+            return Err(err(format!(
+                "aggregation {:?} is not one odd size (1-15) per layer ({} layers)",
+                meta.aggregation,
+                meta.channels.len()
+            )));
         }
         let mut layers = Vec::new();
         for (i, &c) in meta.channels.iter().enumerate() {

@@ -1,5 +1,6 @@
-//! Scoring: per layer `s = 1 − max_j cos(f, B[j])`, mean over layers, upsampled to the model
-//! input, smoothed with a Gaussian (σ = 4 px), then resized to each frame's own resolution.
+//! Scoring: patch features at the bank's input size and aggregation; per layer
+//! `s = 1 − max_j cos(f, B[j])`, mean over layers, upsampled to the model input, smoothed with a
+//! Gaussian (σ = 4 px), then resized to each frame's own resolution.
 
 use crate::backbone::{images_to_batch, Backbone};
 use crate::bank::Bank;
@@ -14,31 +15,61 @@ const SIM_BLOCK: i64 = 1 << 22;
 const BANK_BLOCK: i64 = 2048;
 const SMOOTH_SIGMA: f64 = 4.0;
 
+/// Default neighbourhood averaged into each patch feature, per layer: the finest layer alone
+/// (1), coarser layers 3×3. Chosen by `kensa eval` on ../shared/data with EfficientNet-Lite0
+/// (strides 8 and 16): tiny defects (VisA) need the unblurred stride-8 patch, while the
+/// stride-16 layer gains from the 3×3 context; 3×3 everywhere (PatchCore's choice) loses 5-12
+/// points of pixel AUROC on VisA (README, "Evaluation").
+pub fn default_aggregation(layers: usize) -> Vec<u32> {
+    (0..layers).map(|i| if i == 0 { 1 } else { 3 }).collect()
+}
+
 pub struct Engine {
     pub backbone: Backbone,
+    /// Input side and per-layer aggregation used by [`Engine::features`] (enrollment); scoring
+    /// against a bank uses the bank's own.
     pub input_size: i64,
+    pub aggregation: Vec<u32>,
     kernel: Tensor,
 }
 
 impl Engine {
     pub fn new(backbone: Backbone, input_size: u32) -> Self {
         let kernel = gaussian_kernel(SMOOTH_SIGMA, backbone.device);
-        Self { backbone, input_size: input_size as i64, kernel }
+        let aggregation = default_aggregation(backbone.meta.strides.len());
+        Self { backbone, input_size: input_size as i64, aggregation, kernel }
+    }
+
+    /// Sets the per-layer aggregation used for enrollment (one odd size per layer).
+    pub fn with_aggregation(mut self, aggregation: Vec<u32>) -> Result<Self> {
+        let n = self.backbone.meta.strides.len();
+        if aggregation.len() != n || aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15) {
+            return Err(crate::ModelError::Other(format!(
+                "aggregation {aggregation:?}: give one odd size (1-15) per backbone layer ({n} layers)"
+            )));
+        }
+        self.aggregation = aggregation;
+        Ok(self)
     }
 
     pub fn device(&self) -> Device {
         self.backbone.device
     }
 
-    /// Patch features of RGB8 images (any sizes).
+    /// Patch features of RGB8 images (any sizes) at the engine's input size and aggregation.
     pub fn features(&self, images: &[(&[u8], u32, u32)]) -> Result<Vec<Tensor>> {
-        let batch = images_to_batch(images, self.input_size, self.backbone.device);
-        self.backbone.patch_features(&batch)
+        self.features_at(images, self.input_size, &self.aggregation)
     }
 
-    /// Anomaly maps at model input size, `[B, S, S]`, of features against a bank.
-    pub fn maps_from_features(&self, feats: &[Tensor], bank_layers: &[Tensor]) -> Tensor {
-        self.fuse(&self.nearest(feats, bank_layers))
+    /// Patch features of RGB8 images resized to `size`, aggregated as given.
+    pub fn features_at(&self, images: &[(&[u8], u32, u32)], size: i64, aggregation: &[u32]) -> Result<Vec<Tensor>> {
+        let batch = images_to_batch(images, size, self.backbone.device);
+        self.backbone.patch_features(&batch, aggregation)
+    }
+
+    /// Anomaly maps at `size × size`, `[B, S, S]`, of features against a bank's layers.
+    pub fn maps_from_features(&self, feats: &[Tensor], bank_layers: &[Tensor], size: i64) -> Tensor {
+        self.fuse(&self.nearest(feats, bank_layers), size)
     }
 
     /// Per layer, `1 − max_j cos(f, B[j])` for every patch: `[B, 1, h_i, w_i]`. The bank is
@@ -83,10 +114,10 @@ impl Engine {
             .collect()
     }
 
-    /// Post-processing: every layer upsampled to the input size, averaged, smoothed: `[B, S, S]`.
-    pub fn fuse(&self, layers: &[Tensor]) -> Tensor {
+    /// Post-processing: every layer upsampled to `s × s` (the input size), averaged, smoothed:
+    /// `[B, S, S]`.
+    pub fn fuse(&self, layers: &[Tensor], s: i64) -> Tensor {
         let _g = tch::no_grad_guard();
-        let s = self.input_size;
         let mut acc: Option<Tensor> = None;
         for l in layers {
             let layer = l.upsample_bilinear2d([s, s], false, None::<f64>, None::<f64>);
@@ -108,11 +139,13 @@ impl Engine {
         x.reflection_pad2d([0, 0, pad, pad]).conv2d(&kv, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
     }
 
-    /// Scores RGB8 images against a bank; each map is at its image's own resolution.
+    /// Scores RGB8 images against a bank, at the bank's input size and aggregation; each map is
+    /// at its image's own resolution.
     pub fn score(&self, images: &[(&[u8], u32, u32)], bank: &Bank) -> Result<Vec<AnomalyMap>> {
         let _g = tch::no_grad_guard();
-        let feats = self.features(images)?;
-        let maps = self.maps_from_features(&feats, &bank.layers);
+        let size = bank.meta.input_size as i64;
+        let feats = self.features_at(images, size, &bank.meta.aggregation())?;
+        let maps = self.maps_from_features(&feats, &bank.layers, size);
         Ok(images.iter().enumerate().map(|(i, &(_, w, h))| to_map(&maps.get(i as i64), w, h)).collect())
     }
 }

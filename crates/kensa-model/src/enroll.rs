@@ -3,6 +3,8 @@
 
 use crate::bank::{Bank, BankMeta, BANK_FORMAT};
 use crate::engine::Engine;
+use crate::augment::{self, Augment};
+use crate::backbone::images_to_batch;
 use crate::{pseudo, ModelError, Result};
 use image::RgbImage;
 use kensa_verdict::Calibration;
@@ -15,11 +17,15 @@ pub struct EnrollOptions {
     /// Fraction of each reference's patches kept, by greedy k-center selection (PatchCore's
     /// coreset); 1.0 keeps all. Calibration uses the reduced bank, so the decision matches it.
     pub coreset: f64,
+    /// Transformed copies of each reference added to the bank (see [`crate::augment`]).
+    pub augment: Vec<Augment>,
 }
 
 impl EnrollOptions {
+    /// Defaults: all patches, the default augmentation.
     pub fn new(product: &str, seed: u64) -> Self {
-        Self { product: product.to_string(), seed, coreset: 1.0 }
+        let augment = augment::parse_list(augment::DEFAULT).expect("valid default");
+        Self { product: product.to_string(), seed, coreset: 1.0, augment }
     }
 }
 
@@ -79,11 +85,17 @@ pub fn enroll(
     }
     let _g = tch::no_grad_guard();
     let k = refs.len();
-    // Patch features of each reference, flattened to [h*w, C] per layer.
+    // Patch features of each reference and its augmented copies, flattened to [n*h*w, C] per
+    // layer.
     let per_ref: Vec<Vec<Tensor>> = refs
         .iter()
         .map(|(_, img)| {
-            let f = engine.features(&[(img.as_raw(), img.width(), img.height())])?;
+            let x = images_to_batch(&[(img.as_raw(), img.width(), img.height())], engine.input_size, engine.device());
+            let mut copies = vec![x.shallow_clone()];
+            for a in &opts.augment {
+                copies.extend(a.apply(&x));
+            }
+            let f = engine.backbone.patch_features(&Tensor::cat(&copies, 0), &engine.aggregation)?;
             Ok(f.into_iter()
                 .map(|t| {
                     let p = flatten_patches(&t);
@@ -136,7 +148,7 @@ pub fn enroll(
             let views: Vec<(&[u8], u32, u32)> =
                 chunk.iter().map(|(im, _)| (im.as_raw().as_slice(), im.width(), im.height())).collect();
             let feats = engine.features(&views)?;
-            let maps = engine.maps_from_features(&feats, &bank_i);
+            let maps = engine.maps_from_features(&feats, &bank_i, engine.input_size);
             let maxes: Vec<f32> = Vec::try_from(maps.flatten(1, -1).amax([1], false).to_device(tch::Device::Cpu))
                 .map_err(ModelError::Torch)?;
             for ((_, is_anom), s) in chunk.iter().zip(maxes) {
@@ -171,6 +183,8 @@ pub fn enroll(
         calibration,
         content_sha256: String::new(),
         coreset: opts.coreset,
+        aggregation: engine.aggregation.clone(),
+        augment: augment::names(&opts.augment),
     };
     Ok(Bank::new(meta, full))
 }

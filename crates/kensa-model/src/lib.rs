@@ -1,6 +1,7 @@
 //! The model stage: a TorchScript backbone (tch), memory banks, and few-shot patch scoring.
 //!
 //! # Layout
+//! - [`augment`]: transformed copies of the references added to a bank (flips, turns, shifts).
 //! - [`backbone`]: loads a TorchScript feature extractor and its sidecar JSON, turns images
 //!   into locally aggregated, L2-normalised patch features.
 //! - [`bank`]: the memory bank file (safetensors + validated metadata + calibration).
@@ -11,6 +12,7 @@
 //!
 //! tch tensors are not `Sync`: an [`engine::Engine`] lives on one OS thread.
 
+pub mod augment;
 pub mod backbone;
 pub mod bank;
 pub mod engine;
@@ -18,6 +20,12 @@ pub mod enroll;
 pub mod pseudo;
 
 use std::path::PathBuf;
+
+/// Default model input side for enrollment (pixels). Chosen by `kensa eval` on ../shared/data:
+/// 320 px lets the stride-8 layer see defects a few pixels wide (VisA pixel AUROC +3 to +4
+/// points over 256 px) for 1.6x the backbone time; 384 px gained no more (README,
+/// "Evaluation").
+pub const DEFAULT_INPUT_SIZE: u32 = 320;
 
 /// Keeps libtorch's large, short-lived tensors in the malloc heap instead of fresh `mmap`s.
 ///

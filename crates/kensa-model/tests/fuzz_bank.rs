@@ -20,6 +20,8 @@ fn valid_bank() -> Vec<u8> {
         calibration: Calibration::fit(&[0.1], &[0.5]),
         content_sha256: String::new(),
         coreset: 1.0,
+        aggregation: vec![1, 3],
+        augment: vec!["rot90".into()],
     };
     let layers = vec![tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)), tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu))];
     let bank = Bank::new(meta, layers);

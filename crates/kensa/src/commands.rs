@@ -40,6 +40,43 @@ impl ModelArgs {
     }
 }
 
+/// How a bank is built: recorded in it, and used by everything that scores against it.
+#[derive(Args, Clone)]
+pub struct RecipeArgs {
+    /// Model input side in pixels (recorded in the bank; scoring uses the bank's own).
+    #[arg(long, default_value_t = kensa_model::DEFAULT_INPUT_SIZE)]
+    pub input_size: u32,
+    /// Neighbourhood averaged into each patch feature, one odd size per backbone layer, comma
+    /// separated (default: 1 for the finest layer, 3 for the others).
+    #[arg(long, value_delimiter = ',')]
+    pub aggregation: Option<Vec<u32>>,
+    /// Transformed copies of each reference added to the bank: `none`, or a comma list of
+    /// hflip, vflip, rot90, rot180, rot270, rotate:DEGREES, shift:FRACTION. Use `none` (or flips
+    /// only) for parts whose orientation matters.
+    #[arg(long, default_value = kensa_model::augment::DEFAULT)]
+    pub augment: String,
+    /// Keep this fraction of each reference's patches (greedy k-center coreset, 0 < f ≤ 1):
+    /// smaller, faster banks for many references. 1 keeps all.
+    #[arg(long, default_value_t = 1.0)]
+    pub coreset: f64,
+}
+
+impl RecipeArgs {
+    /// An engine that extracts features as this recipe says.
+    pub fn engine(&self, backbone: Backbone) -> Result<Engine> {
+        let engine = Engine::new(backbone, self.input_size);
+        Ok(match &self.aggregation {
+            Some(a) => engine.with_aggregation(a.clone())?,
+            None => engine,
+        })
+    }
+
+    pub fn options(&self, product: &str, seed: u64) -> Result<EnrollOptions> {
+        let augment = kensa_model::augment::parse_list(&self.augment).context("--augment")?;
+        Ok(EnrollOptions { coreset: self.coreset, augment, ..EnrollOptions::new(product, seed) })
+    }
+}
+
 #[derive(Args)]
 pub struct EnrollArgs {
     /// Product name recorded in the bank.
@@ -54,16 +91,11 @@ pub struct EnrollArgs {
     /// Use only the first N images of the folder.
     #[arg(long)]
     shots: Option<usize>,
-    /// Model input side in pixels (must match model.input_size of the daemon's config).
-    #[arg(long, default_value_t = 256)]
-    input_size: u32,
     /// Seed of the calibration's augmentations and synthetic defects.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Keep this fraction of each reference's patches (greedy k-center coreset, 0 < f ≤ 1):
-    /// smaller, faster banks for many references. 1 keeps all.
-    #[arg(long, default_value_t = 1.0)]
-    coreset: f64,
+    #[command(flatten)]
+    recipe: RecipeArgs,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -80,14 +112,15 @@ pub fn enroll(a: EnrollArgs) -> Result<ExitCode> {
         .iter()
         .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), images::load_rgb(p)?)))
         .collect::<Result<_>>()?;
-    let engine = Engine::new(a.model.backbone()?, a.input_size);
+    let engine = a.recipe.engine(a.model.backbone()?)?;
+    let opts = a.recipe.options(&a.product, a.seed)?;
     let t0 = Instant::now();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} samples ({elapsed})")
             .expect("valid template"),
     );
-    let bank = do_enroll(&engine, &refs, &EnrollOptions { coreset: a.coreset, ..EnrollOptions::new(&a.product, a.seed) }, |d, t| {
+    let bank = do_enroll(&engine, &refs, &opts, |d, t| {
         bar.set_length(t as u64);
         bar.set_position(d as u64);
     })?;

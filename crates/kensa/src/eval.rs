@@ -9,7 +9,7 @@ use clap::Args;
 use kensa_capture::images;
 use kensa_core::eval;
 use kensa_model::engine::Engine;
-use kensa_model::enroll::{enroll, EnrollOptions};
+use kensa_model::enroll::enroll;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -32,9 +32,6 @@ pub struct EvalArgs {
     /// Write every result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Model input side.
-    #[arg(long, default_value_t = 256)]
-    input_size: u32,
     /// Also evaluate the language-model judge: a llama2.c checkpoint (tokenizer beside it as
     /// tok512.bin, or --tokenizer). For every run it is trained on that run's references (as
     /// `kensa train-judge`), then judges every test image.
@@ -45,14 +42,14 @@ pub struct EvalArgs {
     /// Synthetic examples per LM-judge training.
     #[arg(long, default_value_t = 240)]
     judge_examples: usize,
-    /// Coreset fraction of each reference's patches (as `kensa enroll --coreset`).
-    #[arg(long, default_value_t = 1.0)]
-    coreset: f64,
     /// Write a self-contained HTML report here (DIR/report.html): the table, ROC curves per
     /// class and shot count, and the worst false positives and negatives as
     /// image | ground truth | heatmap overlay (from each shot count's first run).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// How each run's bank is built (as `kensa enroll`).
+    #[command(flatten)]
+    recipe: crate::commands::RecipeArgs,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -176,7 +173,7 @@ impl JudgeStats {
 }
 
 pub fn main(a: EvalArgs) -> Result<ExitCode> {
-    let engine = Engine::new(a.model.backbone()?, a.input_size);
+    let engine = a.recipe.engine(a.model.backbone()?)?;
     let classes = classes(&a.data)?;
     let mut plan = Vec::new();
     for (name, dir) in &classes {
@@ -208,7 +205,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             .iter()
             .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), images::load_rgb(p)?)))
             .collect::<Result<_>>()?;
-        let bank = enroll(&engine, &refs, &EnrollOptions { coreset: a.coreset, ..EnrollOptions::new(&name, a.seed) }, |_, _| {})?;
+        let bank = enroll(&engine, &refs, &a.recipe.options(&name, a.seed)?, |_, _| {})?;
         let tests = test_images(&dir)?;
         let lm_judge = match &a.lm {
             Some(lm) => {
@@ -491,12 +488,15 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Kensa evaluation</title><style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}figure{display:inline-block;margin:6px}figcaption{font-size:12px;max-width:780px}img{max-width:780px}</style></head><body>",
     );
     html.push_str(&format!(
-        "<h1>Kensa evaluation</h1><p>data <code>{}</code>, shots {:?}, runs {}, seed {}, input {} px. Verdicts are thresholdless (calibrated from the references).</p>",
+        "<h1>Kensa evaluation</h1><p>data <code>{}</code>, shots {:?}, runs {}, seed {}, input {} px, aggregation {}, augmentation {}, coreset {}. Verdicts are thresholdless (calibrated from the references).</p>",
         esc(&a.data.display().to_string()),
         a.shots,
         a.runs,
         a.seed,
-        a.input_size
+        a.recipe.input_size,
+        a.recipe.aggregation.as_ref().map(|v| format!("{v:?}")).unwrap_or_else(|| "default".into()),
+        esc(&a.recipe.augment),
+        a.recipe.coreset
     ));
     html.push_str("<table><tr><th>class</th><th>shots</th><th>runs</th><th>image AUROC</th><th>pixel AUROC</th><th>PRO</th><th>verdict accuracy</th><th>F1</th><th>img/s</th></tr>");
     for r in summary(results) {

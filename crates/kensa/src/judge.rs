@@ -102,11 +102,12 @@ pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
 pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Result<JudgeInput> {
     let _g = tch::no_grad_guard();
     let view = [(img.as_raw().as_slice(), img.width(), img.height())];
-    let batch = images_to_batch(&view, engine.input_size, engine.device());
-    let feats = engine.backbone.patch_features(&batch)?;
+    let size = bank.meta.input_size as i64;
+    let batch = images_to_batch(&view, size, engine.device());
+    let feats = engine.backbone.patch_features(&batch, &bank.meta.aggregation())?;
     let pooled: Vec<Tensor> = feats.iter().map(|f| f.to_kind(Kind::Float).mean_dim([2i64, 3].as_slice(), false, Kind::Float)).collect();
     let image = Tensor::cat(&pooled, 1).squeeze_dim(0);
-    let maps = engine.maps_from_features(&feats, &bank.layers); // [1, S, S]
+    let maps = engine.maps_from_features(&feats, &bank.layers, size); // [1, S, S]
     let map = maps.unsqueeze(1).adaptive_max_pool2d([MAP_SIDE, MAP_SIDE]).0.view([MAP_SIDE, MAP_SIDE]);
     Ok(JudgeInput { map, image })
 }
