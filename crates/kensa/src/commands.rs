@@ -154,8 +154,9 @@ pub struct ScoreArgs {
     /// Images, or folders of images.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// Images per model call (4, like the daemon's default batch.max_size).
-    #[arg(long, default_value_t = 4)]
+    /// Images per model call. 1 is the fastest per image on a CPU (2-core EPYC, 320 px: 91, 84,
+    /// 80, 71 img/s at 1, 2, 4, 8); raise it on a GPU.
+    #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Also write <stem>_overlay.png: the image beside the map as a heat overlay, with the
     /// outline of the regions above the calibrated level.

@@ -47,6 +47,9 @@ pub struct EvalArgs {
     /// image | ground truth | heatmap overlay (from each shot count's first run).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Images per model call (as `kensa score --batch`).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// How each run's bank is built (as `kensa enroll`).
     #[command(flatten)]
     recipe: crate::commands::RecipeArgs,
@@ -226,7 +229,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
         let (mut scores, mut labels, mut preds) = (Vec::new(), Vec::new(), Vec::new());
         let (mut maps, mut masks, mut widths) = (Vec::new(), Vec::new(), Vec::new());
         let t0 = Instant::now();
-        for chunk in tests.chunks(4) {
+        for chunk in tests.chunks(a.batch.max(1)) {
             let imgs: Vec<image::RgbImage> = chunk.iter().map(|t| images::load_rgb(&t.path)).collect::<Result<_, _>>()?;
             let views: Vec<(&[u8], u32, u32)> = imgs.iter().map(|i| (i.as_raw().as_slice(), i.width(), i.height())).collect();
             let out = engine.score(&views, &bank)?;
