@@ -188,3 +188,85 @@ fn coreset_bank_is_smaller_and_still_works() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("coreset"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// The bank records how it was built (input size, aggregation, augmentation), scoring follows
+/// it, and an augmented bank accepts the transformed part while a plain one flags it.
+#[test]
+fn bank_recipe_is_recorded_and_followed() {
+    let dir = TempDir::new("recipe");
+    // An asymmetric part: a ramp with a bright block near the top left.
+    let refs = dir.path().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    let part = image::RgbImage::from_fn(200, 200, |x, y| {
+        let v = if (20..70).contains(&x) && (30..60).contains(&y) { 240 } else { (x / 2 + 40) as u8 };
+        image::Rgb([v, (y / 3 + 30) as u8, 90])
+    });
+    part.save(refs.join("part.png")).unwrap();
+    let flipped = dir.path().join("flipped");
+    std::fs::create_dir_all(&flipped).unwrap();
+    image::imageops::flip_horizontal(&part).save(flipped.join("part_flipped.png")).unwrap();
+
+    let enroll = |name: &str, extra: &[&str]| {
+        let bank = dir.path().join(format!("{name}.kbank"));
+        let mut args = vec!["enroll", "--product", "part", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        kensa_ok(&args);
+        bank
+    };
+    let plain = enroll("plain", &["--input-size", "256", "--aggregation", "3,3"]);
+    let flips = enroll("flips", &["--augment", "hflip,rot180"]);
+    let meta = |b: &Path| kensa_model::bank::Bank::load_unchecked(b, tch::Device::Cpu).unwrap();
+    let (p, f) = (meta(&plain), meta(&flips));
+    assert_eq!((p.meta.input_size, p.meta.aggregation.clone(), p.meta.augment.clone()), (256, vec![3, 3], vec![]));
+    assert_eq!((f.meta.input_size, f.meta.aggregation.clone()), (320, vec![1, 3]), "defaults");
+    assert_eq!(f.meta.augment, vec!["hflip", "rot180"]);
+    // Stride-8 patches: one image at 256 px = 32², three copies at 320 px = 3 × 40².
+    assert_eq!(p.layers[0].size()[0], 32 * 32);
+    assert_eq!(f.layers[0].size()[0], 3 * 40 * 40);
+
+    let score = |bank: &Path, img_dir: &Path, stem: &str| -> f64 {
+        let out = dir.path().join(format!("out-{}", bank.file_stem().unwrap().to_str().unwrap()));
+        kensa_ok(&["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), img_dir.to_str().unwrap()]);
+        let (rows, cols, _) = kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap();
+        assert_eq!((rows, cols), (200, 200), "map at the image's resolution whatever the bank's input size");
+        read_json(&out.join(format!("{stem}.json")))["score"].as_f64().unwrap()
+    };
+    // The reference itself is normal against both banks.
+    assert!(score(&plain, &refs, "part") < 0.05);
+    assert!(score(&flips, &refs, "part") < 0.05);
+    // The mirrored part: far from the plain bank, at home in the one with mirrored copies.
+    let (sp, sf) = (score(&plain, &flipped, "part_flipped"), score(&flips, &flipped, "part_flipped"));
+    eprintln!("mirrored part: plain bank {sp:.4}, hflip bank {sf:.4}");
+    assert!(sf < 0.05 && sp > 4.0 * sf.max(0.01), "mirrored part: plain bank {sp}, hflip bank {sf}");
+
+    // A crop: recorded, only the region is scored (0 outside), the reference stays normal and
+    // a defect inside the region is found.
+    let cropped = enroll("crop", &["--crop", "100,0,100,200"]);
+    assert_eq!(meta(&cropped).meta.crop, Some([100, 0, 100, 200]));
+    let defective = dir.path().join("defective");
+    std::fs::create_dir_all(&defective).unwrap();
+    let mut bad = part.clone();
+    for y in 120..140 {
+        for x in 150..170 {
+            bad.put_pixel(x, y, image::Rgb([10, 250, 10]));
+        }
+    }
+    bad.save(defective.join("bad.png")).unwrap();
+    let out = dir.path().join("out-crop");
+    kensa_ok(&["score", "--bank", cropped.to_str().unwrap(), "--out", out.to_str().unwrap(), refs.to_str().unwrap(), defective.to_str().unwrap()]);
+    let map = |stem: &str| kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap().2;
+    let (m_ref, m_bad) = (map("part"), map("bad"));
+    assert!((0..200).all(|y| (0..100).all(|x| m_ref[y * 200 + x] == 0.0 && m_bad[y * 200 + x] == 0.0)), "0 outside the crop");
+    let peak = (0..m_bad.len()).max_by(|&a, &b| m_bad[a].total_cmp(&m_bad[b])).unwrap();
+    let (px, py) = ((peak % 200) as u32, (peak / 200) as u32);
+    assert!((140..180).contains(&px) && (110..150).contains(&py), "peak at ({px}, {py}), defect at 150-170 x 120-140");
+    assert!(read_json(&out.join("bad.json"))["anomalous"].as_bool().unwrap());
+    assert!(read_json(&out.join("part.json"))["score"].as_f64().unwrap() < 0.05);
+
+    // Bad recipes are named errors.
+    for (flag, value, needle) in [("--augment", "spin", "spin"), ("--aggregation", "2,3", "aggregation"), ("--aggregation", "3", "aggregation"), ("--crop", "1,2,3", "--crop"), ("--crop", "0,0,0,5", "--crop")] {
+        let o = kensa(&["enroll", "--product", "part", "--images", refs.to_str().unwrap(), "--out", dir.path().join("bad.kbank").to_str().unwrap(), flag, value]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{flag} {value}: {err}");
+    }
+}

@@ -46,6 +46,10 @@ pub struct BankMeta {
     /// Augmentations of the references whose features are in the bank (`none` when empty).
     #[serde(default)]
     pub augment: Vec<String>,
+    /// Region of interest `[x, y, width, height]` in frame pixels: only it is scored (the map is
+    /// 0 elsewhere); clipped to each frame. None: the whole frame.
+    #[serde(default)]
+    pub crop: Option<[u32; 4]>,
 }
 
 fn full_coreset() -> f64 {
@@ -178,6 +182,11 @@ impl Bank {
                 meta.aggregation,
                 meta.channels.len()
             )));
+        }
+        if let Some(c) = meta.crop {
+            if c[2] == 0 || c[3] == 0 {
+                return Err(err(format!("crop {c:?} is empty")));
+            }
         }
         let mut layers = Vec::new();
         for (i, &c) in meta.channels.iter().enumerate() {

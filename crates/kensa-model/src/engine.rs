@@ -139,15 +139,69 @@ impl Engine {
         x.reflection_pad2d([0, 0, pad, pad]).conv2d(&kv, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
     }
 
-    /// Scores RGB8 images against a bank, at the bank's input size and aggregation; each map is
-    /// at its image's own resolution.
+    /// Scores RGB8 images against a bank, at the bank's input size and aggregation, inside the
+    /// bank's crop if it has one; each map is at its image's own resolution (0 outside the crop).
     pub fn score(&self, images: &[(&[u8], u32, u32)], bank: &Bank) -> Result<Vec<AnomalyMap>> {
         let _g = tch::no_grad_guard();
         let size = bank.meta.input_size as i64;
-        let feats = self.features_at(images, size, &bank.meta.aggregation())?;
+        let rects: Vec<Option<[u32; 4]>> =
+            images.iter().map(|&(_, w, h)| bank.meta.crop.and_then(|c| clip_crop(c, w, h))).collect();
+        let cropped: Vec<Option<Vec<u8>>> =
+            images.iter().zip(&rects).map(|(&(d, w, _), r)| r.map(|r| crop_rgb(d, w, r))).collect();
+        let views: Vec<(&[u8], u32, u32)> = images
+            .iter()
+            .zip(&rects)
+            .zip(&cropped)
+            .map(|((&v, r), c)| match (r, c) {
+                (Some(r), Some(c)) => (c.as_slice(), r[2], r[3]),
+                _ => v,
+            })
+            .collect();
+        let feats = self.features_at(&views, size, &bank.meta.aggregation())?;
         let maps = self.maps_from_features(&feats, &bank.layers, size);
-        Ok(images.iter().enumerate().map(|(i, &(_, w, h))| to_map(&maps.get(i as i64), w, h)).collect())
+        Ok(images
+            .iter()
+            .zip(&rects)
+            .enumerate()
+            .map(|(i, (&(_, w, h), r))| match r {
+                None => to_map(&maps.get(i as i64), w, h),
+                Some(r) => paste(&to_map(&maps.get(i as i64), r[2], r[3]), *r, w, h),
+            })
+            .collect())
     }
+}
+
+/// The part of `crop` (`[x, y, w, h]`) inside a `w × h` frame; None when the crop covers the
+/// whole frame or misses it entirely (then the whole frame is scored).
+pub fn clip_crop(crop: [u32; 4], w: u32, h: u32) -> Option<[u32; 4]> {
+    let (x0, y0) = (crop[0].min(w), crop[1].min(h));
+    let (x1, y1) = (crop[0].saturating_add(crop[2]).min(w), crop[1].saturating_add(crop[3]).min(h));
+    if x1 <= x0 || y1 <= y0 || (x0, y0, x1, y1) == (0, 0, w, h) {
+        None
+    } else {
+        Some([x0, y0, x1 - x0, y1 - y0])
+    }
+}
+
+/// Copies the `[x, y, w, h]` rectangle out of a tightly packed RGB8 image `width` pixels wide.
+pub fn crop_rgb(data: &[u8], width: u32, r: [u32; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity((r[2] * r[3] * 3) as usize);
+    for y in r[1]..r[1] + r[3] {
+        let start = ((y * width + r[0]) * 3) as usize;
+        out.extend_from_slice(&data[start..start + (r[2] * 3) as usize]);
+    }
+    out
+}
+
+/// A `w × h` map that is `m` inside the rectangle `r` and 0 elsewhere.
+fn paste(m: &AnomalyMap, r: [u32; 4], w: u32, h: u32) -> AnomalyMap {
+    let mut data = vec![0f32; (w * h) as usize];
+    for y in 0..r[3] {
+        let dst = ((r[1] + y) * w + r[0]) as usize;
+        let src = (y * r[2]) as usize;
+        data[dst..dst + r[2] as usize].copy_from_slice(&m.data[src..src + r[2] as usize]);
+    }
+    AnomalyMap::new(w, h, data)
 }
 
 /// Resizes one `[S, S]` map to `w × h` and copies it to the host.

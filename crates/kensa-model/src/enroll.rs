@@ -19,13 +19,16 @@ pub struct EnrollOptions {
     pub coreset: f64,
     /// Transformed copies of each reference added to the bank (see [`crate::augment`]).
     pub augment: Vec<Augment>,
+    /// Region of interest `[x, y, w, h]` (frame pixels): references are cropped to it, and so
+    /// is every frame scored against the bank.
+    pub crop: Option<[u32; 4]>,
 }
 
 impl EnrollOptions {
     /// Defaults: all patches, the default augmentation.
     pub fn new(product: &str, seed: u64) -> Self {
         let augment = augment::parse_list(augment::DEFAULT).expect("valid default");
-        Self { product: product.to_string(), seed, coreset: 1.0, augment }
+        Self { product: product.to_string(), seed, coreset: 1.0, augment, crop: None }
     }
 }
 
@@ -84,6 +87,25 @@ pub fn enroll(
         return Err(ModelError::Other(format!("coreset fraction {} is outside (0, 1]", opts.coreset)));
     }
     let _g = tch::no_grad_guard();
+    // References cropped to the region of interest, as frames will be.
+    let cropped: Vec<(String, RgbImage)>;
+    let refs = match opts.crop {
+        None => refs,
+        Some(c) => {
+            if c[2] == 0 || c[3] == 0 {
+                return Err(ModelError::Other(format!("crop {c:?} is empty")));
+            }
+            cropped = refs
+                .iter()
+                .map(|(n, img)| {
+                    let r = crate::engine::clip_crop(c, img.width(), img.height()).unwrap_or([0, 0, img.width(), img.height()]);
+                    let data = crate::engine::crop_rgb(img.as_raw(), img.width(), r);
+                    (n.clone(), RgbImage::from_raw(r[2], r[3], data).expect("crop size"))
+                })
+                .collect();
+            &cropped[..]
+        }
+    };
     let k = refs.len();
     // Patch features of each reference and its augmented copies, flattened to [n*h*w, C] per
     // layer.
@@ -185,6 +207,7 @@ pub fn enroll(
         coreset: opts.coreset,
         aggregation: engine.aggregation.clone(),
         augment: augment::names(&opts.augment),
+        crop: opts.crop,
     };
     Ok(Bank::new(meta, full))
 }

@@ -22,6 +22,7 @@ fn valid_bank() -> Vec<u8> {
         coreset: 1.0,
         aggregation: vec![1, 3],
         augment: vec!["rot90".into()],
+        crop: None,
     };
     let layers = vec![tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)), tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu))];
     let bank = Bank::new(meta, layers);

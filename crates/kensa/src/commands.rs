@@ -59,6 +59,10 @@ pub struct RecipeArgs {
     /// smaller, faster banks for many references. 1 keeps all.
     #[arg(long, default_value_t = 1.0)]
     pub coreset: f64,
+    /// Score only this region of each frame: X,Y,WIDTH,HEIGHT in frame pixels (clipped to the
+    /// frame; the map is 0 outside). Recorded in the bank, applied to the references too.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub crop: Option<Vec<u32>>,
 }
 
 impl RecipeArgs {
@@ -73,7 +77,12 @@ impl RecipeArgs {
 
     pub fn options(&self, product: &str, seed: u64) -> Result<EnrollOptions> {
         let augment = kensa_model::augment::parse_list(&self.augment).context("--augment")?;
-        Ok(EnrollOptions { coreset: self.coreset, augment, ..EnrollOptions::new(product, seed) })
+        let crop = match self.crop.as_deref() {
+            None => None,
+            Some(&[x, y, w, h]) if w > 0 && h > 0 => Some([x, y, w, h]),
+            Some(other) => bail!("--crop {other:?}: give X,Y,WIDTH,HEIGHT with a non-zero width and height"),
+        };
+        Ok(EnrollOptions { coreset: self.coreset, augment, crop, ..EnrollOptions::new(product, seed) })
     }
 }
 

@@ -101,7 +101,13 @@ pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
 /// The judge's view of one image: its map (max-pooled to MAP_SIDE²) and pooled features.
 pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Result<JudgeInput> {
     let _g = tch::no_grad_guard();
-    let view = [(img.as_raw().as_slice(), img.width(), img.height())];
+    // Inside the bank's crop, as the engine scores.
+    let rect = bank.meta.crop.and_then(|c| kensa_model::engine::clip_crop(c, img.width(), img.height()));
+    let owned = rect.map(|r| kensa_model::engine::crop_rgb(img.as_raw(), img.width(), r));
+    let view = match (rect, &owned) {
+        (Some(r), Some(d)) => [(d.as_slice(), r[2], r[3])],
+        _ => [(img.as_raw().as_slice(), img.width(), img.height())],
+    };
     let size = bank.meta.input_size as i64;
     let batch = images_to_batch(&view, size, engine.device());
     let feats = engine.backbone.patch_features(&batch, &bank.meta.aggregation())?;
