@@ -30,6 +30,11 @@ pub struct Calibration {
     pub anomaly_count: usize,
     /// How it was fitted, for the record.
     pub method: String,
+    /// The image scores it was fitted on (pseudo-normal, pseudo-anomalous), sorted.
+    #[serde(default)]
+    pub normal_scores: Vec<f32>,
+    #[serde(default)]
+    pub anomaly_scores: Vec<f32>,
 }
 
 impl Calibration {
@@ -78,6 +83,8 @@ impl Calibration {
             normal_count: n.len(),
             anomaly_count: a.len(),
             method: "balanced-accuracy midpoint over augmented references and synthetic defects".into(),
+            normal_scores: n.clone(),
+            anomaly_scores: a.clone(),
         }
     }
 

@@ -133,6 +133,10 @@ struct RunResult {
     images: usize,
     /// Per judge: verdict accuracy, precision, recall and location accuracy.
     judges: Vec<JudgeStats>,
+    /// The bank's calibration (with its pseudo-normal and pseudo-anomalous scores).
+    calibration: kensa_verdict::Calibration,
+    /// Every test image: path, image score, ground truth (anomalous).
+    scores: Vec<(String, f32, bool)>,
 }
 
 /// How one judge did on one run. Location accuracy: of the true positives with a ground-truth
@@ -273,6 +277,8 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             images_per_second: tests.len() as f64 / secs.max(1e-9),
             images: tests.len(),
             judges: std::iter::once(calibrated.finish()).chain(lm_judge.is_some().then(|| language.finish())).collect(),
+            calibration: bank.meta.calibration.clone(),
+            scores: tests.iter().zip(&scores).map(|(t, &s)| (t.path.display().to_string(), s, t.anomalous)).collect(),
         });
     }
     bar.finish_and_clear();
