@@ -432,7 +432,7 @@ fn score_fps(bank: &Path) -> f64 {
     let tmp = TempDir::new("perf-score");
     let data = tmp.path().join("line");
     kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "200", "--train", "0", "--seed", "3"]);
-    let o = kensa(&["score", "--bank", bank.to_str().unwrap(), "--out", tmp.path().join("out").to_str().unwrap(), data.join("test/good").to_str().unwrap()]);
+    let o = kensa(&["score", "--bank", bank.to_str().unwrap(), "--out", tmp.path().join("out").to_str().unwrap(), data.join("test/good").to_str().unwrap(), "--batch", "8"]);
     score_rate(&o)
 }
 
@@ -481,7 +481,7 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
             row("triggered", &triggered);
         }
     }
-    println!("kensa score on 200 synthetic frames with the same bank: {:.1} img/s (daemon capacity above)", score_fps(bank));
+    println!("kensa score --batch 8 on 200 synthetic frames with the same bank: {:.1} img/s (daemon capacity above, also at batch 8)", score_fps(bank));
     if model_b8 > 0.0 {
         println!(
             "pipeline overhead at batch 8 ({} cameras): 1 - {cap16:.1} fps / {model_b8:.1} fps (model step alone, same bank and frames) = {:.1} %; model thread outside the model step: {:.1} %",
