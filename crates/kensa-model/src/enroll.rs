@@ -185,7 +185,9 @@ pub fn enroll(
         }
     }
     tracing::debug!(?normal, ?anomalous, "calibration populations");
-    let calibration = Calibration::fit(&normal, &anomalous);
+    // One reference: its augmented copies are optimistic pseudo-normals, so the decision goes
+    // midway between the medians; leave-one-out ones (K ≥ 2) are pessimistic, so the best gap.
+    let calibration = if k == 1 { Calibration::fit_medians(&normal, &anomalous) } else { Calibration::fit(&normal, &anomalous) };
     let bb = &engine.backbone.meta;
     let meta = BankMeta {
         format: BANK_FORMAT.into(),
