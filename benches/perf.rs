@@ -8,6 +8,8 @@
 //! Environment: KENSA_PERF (sections: kernels, baseline, pipeline), KENSA_PERF_DEVICE (cpu or
 //! cuda; default cpu), KENSA_PERF_SECONDS (measuring window per pipeline phase, 20),
 //! KENSA_PERF_CAMERAS (camera counts, "1,4,16"), KENSA_PERF_MODEL_THREADS (model.threads, 0),
+//! KENSA_PERF_MODERATE_BATCH (batch.max_size of the moderate and triggered phases; 0, the
+//! daemon's default),
 //! KENSA_BACKBONE (the backbone file: export one with `--dtype fp16` for a GPU run),
 //! KENSA_BACKBONE_BF16 (adds a bf16 row to the baseline table when the file exists).
 //! Images: ../shared/data/mvtec-bottle when present, synthetic discs otherwise.
@@ -447,7 +449,11 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
     let counts: Vec<usize> = env_str("KENSA_PERF_CAMERAS", "1,4,16").split(',').filter_map(|s| s.trim().parse().ok()).collect();
     println!("\n== pipeline: synthetic cameras (256x256) → Kensa → tansu (own broker on this machine), 16-reference bank, {secs} s per phase");
     println!("capacity: block policy, cameras as fast as Kensa takes them (batch.max_size 8)");
-    println!("moderate: drop policy at half that rate (max_size 4), free-running cameras; triggered: the same, all cameras in step");
+    let moderate_batch: usize = env_str("KENSA_PERF_MODERATE_BATCH", "0").parse().unwrap_or(0);
+    println!(
+        "moderate: drop policy at half that rate (max_size {}), free-running cameras; triggered: the same, all cameras in step",
+        if moderate_batch == 0 { "0 = the default: 1 on a CPU".to_string() } else { moderate_batch.to_string() }
+    );
     println!(
         "{:>5} {:<9} {:>7} {:>7} {:>7} {:>7} {:>12} {:>6} {:>10} {:>8} {:>13} {:>14}",
         "cams", "phase", "fps", "dropped", "p50_ms", "p99_ms", "model_p99_ms", "batch", "model_busy", "rss_MiB", "kensa_cpu_ms", "broker_cpu_ms"
@@ -469,7 +475,7 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
             busy16 = cap.model_busy;
         }
         let per_cam = (cap.fps * 0.5 / n as f64 * 10.0).round() / 10.0;
-        let moderate = run_phase(n, per_cam.max(0.1), "drop", 4, true, bank, secs);
+        let moderate = run_phase(n, per_cam.max(0.1), "drop", moderate_batch, true, bank, secs);
         row("moderate", &moderate);
         println!(
             "{:>15} p99 / batch-1 model step ({model_b1_ms:.1} ms, alone) = {:.2}",
@@ -477,7 +483,7 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
             moderate.p99_ms / model_b1_ms
         );
         if n > 1 {
-            let triggered = run_phase(n, per_cam.max(0.1), "drop", 4, false, bank, secs);
+            let triggered = run_phase(n, per_cam.max(0.1), "drop", moderate_batch, false, bank, secs);
             row("triggered", &triggered);
         }
     }

@@ -71,7 +71,10 @@ impl Default for ModelConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// Largest batch sent to the model (on this 2-core CPU bigger batches are not faster).
+    /// Largest batch sent to the model; 0 (the default): 1 on a CPU, 16 on a GPU. On a CPU
+    /// batches are not faster per frame, and a frame batched with others waits for their
+    /// compute too: measured on 2 cores at half load, p99 latency 1.9-2.4× the batch-1 model
+    /// step with 4, 1.5-1.6× with 1 (benches/perf.rs, `KENSA_PERF_MODERATE_BATCH`).
     pub max_size: usize,
     /// Longest a frame waits for more frames to join its batch once the model is free, from
     /// the batch's first frame. Batches are formed only when the model is free, from every frame
@@ -82,9 +85,20 @@ pub struct BatchConfig {
     pub queue: usize,
 }
 
+impl BatchConfig {
+    /// The batch limit in force: `max_size`, or for 0 the device's default.
+    pub fn effective_max_size(&self, gpu: bool) -> usize {
+        match self.max_size {
+            0 if gpu => 16,
+            0 => 1,
+            n => n,
+        }
+    }
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_size: 4, max_wait_ms: 0, queue: 64 }
+        Self { max_size: 0, max_wait_ms: 0, queue: 64 }
     }
 }
 
@@ -492,8 +506,8 @@ impl KensaConfig {
         if self.model.input_size != 0 && !(32..=4096).contains(&self.model.input_size) {
             p.push(format!("model.input_size: {} is outside 32..=4096 (or 0: follow each bank)", self.model.input_size));
         }
-        if self.batch.max_size == 0 || self.batch.max_size > 256 {
-            p.push(format!("batch.max_size: {} is outside 1..=256", self.batch.max_size));
+        if self.batch.max_size > 256 {
+            p.push(format!("batch.max_size: {} is outside 0..=256 (0: 1 on a CPU, 16 on a GPU)", self.batch.max_size));
         }
         if self.batch.queue == 0 {
             p.push("batch.queue: must be at least 1".into());
@@ -612,7 +626,9 @@ source = { kind = "synthetic", seed = 3, count = 10 }
     #[test]
     fn parses_with_defaults() {
         let c = KensaConfig::from_toml_str(GOOD).unwrap();
-        assert_eq!(c.batch.max_size, 4);
+        assert_eq!(c.batch.max_size, 0, "auto");
+        assert_eq!(c.batch.effective_max_size(false), 1);
+        assert_eq!(c.batch.effective_max_size(true), 16);
         assert_eq!(c.cameras[0].width, 256);
         assert_eq!(c.cameras[0].effective_policy(), FullPolicy::Block);
         assert!(matches!(c.cameras[0].source, SourceConfig::Synthetic { seed: 3, count: 10, .. }));
@@ -630,7 +646,7 @@ source = { kind = "synthetic", seed = 3, count = 10 }
 
     #[test]
     fn validation_reports_every_problem() {
-        let text = GOOD.replace("product = \"widget\"", "product = \"gadget\"").replace("[kafka]", "[batch]\nmax_size = 0\n[kafka]");
+        let text = GOOD.replace("product = \"widget\"", "product = \"gadget\"").replace("[kafka]", "[batch]\nmax_size = 300\n[kafka]");
         let c = KensaConfig::from_toml_str(&text).unwrap();
         let p = c.problems();
         assert!(p.iter().any(|s| s.contains("products.widget.bank") && s.contains("/nonexistent/widget.kbank")), "{p:?}");

@@ -242,7 +242,8 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
     }
 
     // Batcher.
-    let max_size = cfg.batch.max_size;
+    let max_size = cfg.batch.effective_max_size(loader.device.is_cuda());
+    tracing::info!(max_size, "batching");
     let max_wait = Duration::from_millis(cfg.batch.max_wait_ms);
     let batcher = tokio::spawn(async move {
         loop {
