@@ -174,14 +174,8 @@ impl Bank {
         if meta.format != BANK_FORMAT {
             return Err(err(format!("format `{}` is not supported (expected {BANK_FORMAT})", meta.format)));
         }
-        if !meta.aggregation.is_empty()
-            && (meta.aggregation.len() != meta.channels.len() || meta.aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15))
-        {
-            return Err(err(format!(
-                "aggregation {:?} is not one odd size (1-15) per layer ({} layers)",
-                meta.aggregation,
-                meta.channels.len()
-            )));
+        if !meta.aggregation.is_empty() {
+            crate::engine::check_aggregation(&meta.aggregation, meta.channels.len()).map_err(err)?;
         }
         if let Some(c) = meta.crop {
             if c[2] == 0 || c[3] == 0 {

@@ -24,6 +24,14 @@ pub fn default_aggregation(layers: usize) -> Vec<u32> {
     (0..layers).map(|i| if i == 0 { 1 } else { 3 }).collect()
 }
 
+/// Checks an aggregation list: one odd size (1-15) per backbone layer.
+pub fn check_aggregation(aggregation: &[u32], layers: usize) -> std::result::Result<(), String> {
+    if aggregation.len() != layers || aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15) {
+        return Err(format!("aggregation {aggregation:?}: give one odd size (1-15) per backbone layer ({layers} layers)"));
+    }
+    Ok(())
+}
+
 pub struct Engine {
     pub backbone: Backbone,
     /// Input side and per-layer aggregation used by [`Engine::features`] (enrollment); scoring
@@ -42,12 +50,7 @@ impl Engine {
 
     /// Sets the per-layer aggregation used for enrollment (one odd size per layer).
     pub fn with_aggregation(mut self, aggregation: Vec<u32>) -> Result<Self> {
-        let n = self.backbone.meta.strides.len();
-        if aggregation.len() != n || aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15) {
-            return Err(crate::ModelError::Other(format!(
-                "aggregation {aggregation:?}: give one odd size (1-15) per backbone layer ({n} layers)"
-            )));
-        }
+        check_aggregation(&aggregation, self.backbone.meta.strides.len()).map_err(crate::ModelError::Other)?;
         self.aggregation = aggregation;
         Ok(self)
     }
@@ -144,17 +147,15 @@ impl Engine {
     pub fn score(&self, images: &[(&[u8], u32, u32)], bank: &Bank) -> Result<Vec<AnomalyMap>> {
         let _g = tch::no_grad_guard();
         let size = bank.meta.input_size as i64;
-        let rects: Vec<Option<[u32; 4]>> =
-            images.iter().map(|&(_, w, h)| bank.meta.crop.and_then(|c| clip_crop(c, w, h))).collect();
-        let cropped: Vec<Option<Vec<u8>>> =
-            images.iter().zip(&rects).map(|(&(d, w, _), r)| r.map(|r| crop_rgb(d, w, r))).collect();
+        let cropped: Vec<Option<([u32; 4], Vec<u8>)>> =
+            images.iter().map(|&(d, w, h)| crop_frame(d, w, h, bank.meta.crop)).collect();
+        let rects: Vec<Option<[u32; 4]>> = cropped.iter().map(|c| c.as_ref().map(|(r, _)| *r)).collect();
         let views: Vec<(&[u8], u32, u32)> = images
             .iter()
-            .zip(&rects)
             .zip(&cropped)
-            .map(|((&v, r), c)| match (r, c) {
-                (Some(r), Some(c)) => (c.as_slice(), r[2], r[3]),
-                _ => v,
+            .map(|(&v, c)| match c {
+                Some((r, data)) => (data.as_slice(), r[2], r[3]),
+                None => v,
             })
             .collect();
         let feats = self.features_at(&views, size, &bank.meta.aggregation())?;
@@ -171,9 +172,16 @@ impl Engine {
     }
 }
 
+/// What a bank's crop selects of a `w × h` RGB8 frame: the rectangle (clipped to the frame) and
+/// its pixels; None when the whole frame is scored (no crop, or one that covers or misses it).
+pub fn crop_frame(data: &[u8], w: u32, h: u32, crop: Option<[u32; 4]>) -> Option<([u32; 4], Vec<u8>)> {
+    let r = clip_crop(crop?, w, h)?;
+    Some((r, crop_rgb(data, w, r)))
+}
+
 /// The part of `crop` (`[x, y, w, h]`) inside a `w × h` frame; None when the crop covers the
 /// whole frame or misses it entirely (then the whole frame is scored).
-pub fn clip_crop(crop: [u32; 4], w: u32, h: u32) -> Option<[u32; 4]> {
+fn clip_crop(crop: [u32; 4], w: u32, h: u32) -> Option<[u32; 4]> {
     let (x0, y0) = (crop[0].min(w), crop[1].min(h));
     let (x1, y1) = (crop[0].saturating_add(crop[2]).min(w), crop[1].saturating_add(crop[3]).min(h));
     if x1 <= x0 || y1 <= y0 || (x0, y0, x1, y1) == (0, 0, w, h) {
@@ -184,7 +192,7 @@ pub fn clip_crop(crop: [u32; 4], w: u32, h: u32) -> Option<[u32; 4]> {
 }
 
 /// Copies the `[x, y, w, h]` rectangle out of a tightly packed RGB8 image `width` pixels wide.
-pub fn crop_rgb(data: &[u8], width: u32, r: [u32; 4]) -> Vec<u8> {
+fn crop_rgb(data: &[u8], width: u32, r: [u32; 4]) -> Vec<u8> {
     let mut out = Vec::with_capacity((r[2] * r[3] * 3) as usize);
     for y in r[1]..r[1] + r[3] {
         let start = ((y * width + r[0]) * 3) as usize;

@@ -97,10 +97,9 @@ pub fn enroll(
             }
             cropped = refs
                 .iter()
-                .map(|(n, img)| {
-                    let r = crate::engine::clip_crop(c, img.width(), img.height()).unwrap_or([0, 0, img.width(), img.height()]);
-                    let data = crate::engine::crop_rgb(img.as_raw(), img.width(), r);
-                    (n.clone(), RgbImage::from_raw(r[2], r[3], data).expect("crop size"))
+                .map(|(n, img)| match crate::engine::crop_frame(img.as_raw(), img.width(), img.height(), Some(c)) {
+                    Some((r, data)) => (n.clone(), RgbImage::from_raw(r[2], r[3], data).expect("crop size")),
+                    None => (n.clone(), img.clone()),
                 })
                 .collect();
             &cropped[..]

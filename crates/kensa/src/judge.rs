@@ -102,11 +102,10 @@ pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
 pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Result<JudgeInput> {
     let _g = tch::no_grad_guard();
     // Inside the bank's crop, as the engine scores.
-    let rect = bank.meta.crop.and_then(|c| kensa_model::engine::clip_crop(c, img.width(), img.height()));
-    let owned = rect.map(|r| kensa_model::engine::crop_rgb(img.as_raw(), img.width(), r));
-    let view = match (rect, &owned) {
-        (Some(r), Some(d)) => [(d.as_slice(), r[2], r[3])],
-        _ => [(img.as_raw().as_slice(), img.width(), img.height())],
+    let cropped = kensa_model::engine::crop_frame(img.as_raw(), img.width(), img.height(), bank.meta.crop);
+    let view = match &cropped {
+        Some((r, data)) => [(data.as_slice(), r[2], r[3])],
+        None => [(img.as_raw().as_slice(), img.width(), img.height())],
     };
     let size = bank.meta.input_size as i64;
     let batch = images_to_batch(&view, size, engine.device());
