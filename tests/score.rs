@@ -86,6 +86,14 @@ fn real_bottle_images_one_shot() {
     std::fs::copy(&first, refs.join(first.file_name().unwrap())).unwrap();
     let bank = dir.path().join("bottle.kbank");
     kensa_ok(&["enroll", "--product", "bottle", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    // The calibration is fitted, not defaulted: a Platt-scaled logistic, and a pixel level and
+    // minimum region area fitted to the synthetic defects' masks (NSA patches among them).
+    let cal = kensa_model::bank::Bank::load_unchecked(&bank, tch::Device::Cpu).unwrap().meta.calibration;
+    assert!(cal.method.contains("highest") && cal.method.contains("Platt") && cal.method.contains("masks"), "{cal:?}");
+    assert!(cal.pixel_fit_f1 > 0.3 && cal.pixel_fit_f1 <= 1.0, "{cal:?}");
+    assert!(cal.pixel_threshold > cal.normal_scores[0] * 0.5 && cal.pixel_threshold < *cal.anomaly_scores.last().unwrap(), "{cal:?}");
+    assert!((0.0002..0.05).contains(&cal.min_area_frac), "{cal:?}");
+    assert!(cal.logistic_scale.is_finite() && cal.logistic_scale > 0.0, "{cal:?}");
     let mut scores = Vec::new(); // (score, is_defect, anomalous)
     for d in std::fs::read_dir(data.join("test")).unwrap() {
         let d = d.unwrap().path();

@@ -72,6 +72,10 @@ pub fn coreset(x: &Tensor, m: i64, seed: u64) -> Tensor {
     x.index_select(0, &idx)
 }
 
+/// The most calibration maps of each population kept for fitting regions (a 320 px map is
+/// 400 KiB).
+const REGION_FIT_MAPS: usize = 32;
+
 /// Builds a bank from references (name, image) and calibrates its verdict.
 /// `progress(done, total)` is called as calibration proceeds.
 pub fn enroll(
@@ -151,6 +155,12 @@ pub fn enroll(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let mut normal = Vec::new();
     let mut anomalous = Vec::new();
+    // Maps kept for fitting the pixel level and minimum area: at most REGION_FIT_MAPS of each
+    // population, evenly spread over the references, so memory stays bounded for large banks.
+    let mut normal_maps: Vec<Vec<f32>> = Vec::new();
+    let mut anomaly_maps: Vec<(Vec<f32>, Vec<bool>)> = Vec::new();
+    let keep_normal = (k * n_norm).div_ceil(REGION_FIT_MAPS);
+    let keep_anomaly = (k * n_anom).div_ceil(REGION_FIT_MAPS);
     for (i, (_, img)) in refs.iter().enumerate() {
         let bank_i = if k >= 2 { layers_of(Some(i)) } else { full.iter().map(|t| t.shallow_clone()).collect() };
         let donor = &refs[(i + 1) % k].1;
@@ -158,25 +168,36 @@ pub fn enroll(
         for j in 0..n_norm {
             // With K ≥ 2 the first normal sample is the reference itself, unchanged.
             let a = if k >= 2 && j == 0 { img.clone() } else { pseudo::augment(img, &mut rng) };
-            batch_imgs.push((a, false));
+            batch_imgs.push((a, None));
         }
         for _ in 0..n_anom {
             let a = pseudo::augment(img, &mut rng);
-            let (d, _) = pseudo::defect(&a, donor, &mut rng);
-            batch_imgs.push((d, true));
+            let (d, mask) = pseudo::defect(&a, donor, &mut rng);
+            batch_imgs.push((d, Some(mask)));
         }
         for chunk in batch_imgs.chunks(4) {
             let views: Vec<(&[u8], u32, u32)> =
                 chunk.iter().map(|(im, _)| (im.as_raw().as_slice(), im.width(), im.height())).collect();
             let feats = engine.features(&views)?;
-            let maps = engine.maps_from_features(&feats, &bank_i, engine.input_size);
-            let maxes: Vec<f32> = Vec::try_from(maps.flatten(1, -1).amax([1], false).to_device(tch::Device::Cpu))
-                .map_err(ModelError::Torch)?;
-            for ((_, is_anom), s) in chunk.iter().zip(maxes) {
-                if *is_anom {
-                    anomalous.push(s);
-                } else {
-                    normal.push(s);
+            let maps = engine.maps_from_features(&feats, &bank_i, engine.input_size).to_device(tch::Device::Cpu);
+            let maxes: Vec<f32> = Vec::try_from(maps.flatten(1, -1).amax([1], false)).map_err(ModelError::Torch)?;
+            for (idx, ((_, mask), s)) in chunk.iter().zip(maxes).enumerate() {
+                let map = || -> Result<Vec<f32>> { Vec::try_from(maps.get(idx as i64).flatten(0, -1)).map_err(ModelError::Torch) };
+                match mask {
+                    Some(mask) => {
+                        if anomalous.len() % keep_anomaly == 0 {
+                            let side = engine.input_size as u32;
+                            let small = image::imageops::resize(mask, side, side, image::imageops::FilterType::Nearest);
+                            anomaly_maps.push((map()?, small.as_raw().iter().map(|&v| v > 127).collect::<Vec<bool>>()));
+                        }
+                        anomalous.push(s);
+                    }
+                    None => {
+                        if normal.len() % keep_normal == 0 {
+                            normal_maps.push(map()?);
+                        }
+                        normal.push(s);
+                    }
                 }
             }
             done += chunk.len();
@@ -185,8 +206,15 @@ pub fn enroll(
     }
     tracing::debug!(?normal, ?anomalous, "calibration populations");
     // One reference: its augmented copies are optimistic pseudo-normals, so the decision goes
-    // midway between the medians; leave-one-out ones (K ≥ 2) are pessimistic, so the best gap.
-    let calibration = if k == 1 { Calibration::fit_medians(&normal, &anomalous) } else { Calibration::fit(&normal, &anomalous) };
+    // midway between the highest of them and the median synthetic defect; leave-one-out ones (K ≥ 2)
+    // are pessimistic, so midway between their median and the lowest synthetic defect.
+    let mut calibration =
+        if k == 1 { Calibration::fit_single(&normal, &anomalous) } else { Calibration::fit_leave_one_out(&normal, &anomalous) };
+    calibration.fit_logistic();
+    let side = engine.input_size as u32;
+    let nm: Vec<&[f32]> = normal_maps.iter().map(|m| m.as_slice()).collect();
+    let am: Vec<(&[f32], &[bool])> = anomaly_maps.iter().map(|(m, k)| (m.as_slice(), k.as_slice())).collect();
+    calibration.fit_regions(&nm, &am, side, side);
     let bb = &engine.backbone.meta;
     let meta = BankMeta {
         format: BANK_FORMAT.into(),
