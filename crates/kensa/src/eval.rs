@@ -218,7 +218,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             Some(lm) => {
                 let (model, tok) = crate::judge::load_lm(lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
                 let dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
-                let scale = bank.meta.calibration.image_threshold as f64;
+                let scale = crate::judge::map_scale(&bank.meta.calibration);
                 tch::manual_seed((a.seed ^ run as u64) as i64);
                 let mut j = kensa_lm::judge::LmJudge::new(model, tok, dim, "", scale);
                 let ref_imgs: Vec<image::RgbImage> = refs.iter().map(|r| r.1.clone()).collect();

