@@ -161,6 +161,7 @@ pub fn enroll(
     let mut anomaly_maps: Vec<(Vec<f32>, Vec<bool>)> = Vec::new();
     let keep_normal = (k * n_norm).div_ceil(REGION_FIT_MAPS);
     let keep_anomaly = (k * n_anom).div_ceil(REGION_FIT_MAPS);
+    let side = engine.input_size as u32;
     for (i, (_, img)) in refs.iter().enumerate() {
         let bank_i = if k >= 2 { layers_of(Some(i)) } else { full.iter().map(|t| t.shallow_clone()).collect() };
         let donor = &refs[(i + 1) % k].1;
@@ -186,7 +187,6 @@ pub fn enroll(
                 match mask {
                     Some(mask) => {
                         if anomalous.len() % keep_anomaly == 0 {
-                            let side = engine.input_size as u32;
                             let small = image::imageops::resize(mask, side, side, image::imageops::FilterType::Nearest);
                             anomaly_maps.push((map()?, small.as_raw().iter().map(|&v| v > 127).collect::<Vec<bool>>()));
                         }
@@ -211,7 +211,6 @@ pub fn enroll(
     let mut calibration =
         if k == 1 { Calibration::fit_single(&normal, &anomalous) } else { Calibration::fit_leave_one_out(&normal, &anomalous) };
     calibration.fit_logistic();
-    let side = engine.input_size as u32;
     let nm: Vec<&[f32]> = normal_maps.iter().map(|m| m.as_slice()).collect();
     let am: Vec<(&[f32], &[bool])> = anomaly_maps.iter().map(|(m, k)| (m.as_slice(), k.as_slice())).collect();
     calibration.fit_regions(&nm, &am, side, side);

@@ -174,14 +174,12 @@ pub fn nsa<R: Rng>(img: &RgbImage, donor: &RgbImage, r: &mut R) -> Option<(RgbIm
                 let v = blended[(y * pw + x) as usize].map(|c| c.round().clamp(0.0, 255.0) as u8);
                 let o = img.get_pixel(tx + x, ty + y).0;
                 let diff: i32 = (0..3).map(|c| (v[c] as i32 - o[c] as i32).abs()).sum();
-                if diff > 24 {
-                    mask.put_pixel(tx + x, ty + y, Luma([255]));
-                    changed += 1;
-                }
                 // Pixels that hardly changed are left as they were, so the image differs from
                 // the original only inside the mask.
                 if diff > 24 {
+                    mask.put_pixel(tx + x, ty + y, Luma([255]));
                     out.put_pixel(tx + x, ty + y, Rgb(v));
+                    changed += 1;
                 }
             }
         }
