@@ -221,13 +221,14 @@ fn bank_recipe_is_recorded_and_followed() {
         kensa_ok(&args);
         bank
     };
-    let plain = enroll("plain", &["--input-size", "256", "--aggregation", "3,3"]);
+    let plain = enroll("plain", &["--input-size", "256", "--aggregation", "3,3", "--no-self-match"]);
     let flips = enroll("flips", &["--augment", "hflip,rot180"]);
     let meta = |b: &Path| kensa_model::bank::Bank::load_unchecked(b, tch::Device::Cpu).unwrap();
     let (p, f) = (meta(&plain), meta(&flips));
     assert_eq!((p.meta.input_size, p.meta.aggregation.clone(), p.meta.augment.clone()), (256, vec![3, 3], vec![]));
     assert_eq!((f.meta.input_size, f.meta.aggregation.clone()), (320, vec![1, 3]), "defaults");
     assert_eq!(f.meta.augment, vec!["hflip", "rot180"]);
+    assert_eq!((p.meta.self_match, f.meta.self_match), (false, true), "self-match: opt-out recorded, on by default");
     // Stride-8 patches: one image at 256 px = 32², three copies at 320 px = 3 × 40².
     assert_eq!(p.layers[0].size()[0], 32 * 32);
     assert_eq!(f.layers[0].size()[0], 3 * 40 * 40);

@@ -50,6 +50,10 @@ pub struct BankMeta {
     /// 0 elsewhere); clipped to each frame. None: the whole frame.
     #[serde(default)]
     pub crop: Option<[u32; 4]>,
+    /// Scoring lets the frame's own distant, well-explained patches vouch for its patches on the
+    /// coarser layers (`Engine::match_self`). Banks from before it existed: off.
+    #[serde(default)]
+    pub self_match: bool,
 }
 
 fn full_coreset() -> f64 {

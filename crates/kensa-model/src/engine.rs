@@ -1,6 +1,7 @@
 //! Scoring: patch features at the bank's input size and aggregation; per layer
-//! `s = 1 − max_j cos(f, B[j])`, mean over layers, upsampled to the model input, smoothed with a
-//! Gaussian (σ = 4 px), then resized to each frame's own resolution.
+//! `s = 1 − max_j cos(f, B[j])` (with the self-match below on the coarser layers when the bank
+//! asks for it), mean over layers, upsampled to the model input, smoothed with a Gaussian
+//! (σ = 4 px), then resized to each frame's own resolution.
 
 use crate::backbone::{images_to_batch, Backbone};
 use crate::bank::Bank;
@@ -14,6 +15,9 @@ const SIM_BLOCK: i64 = 1 << 22;
 /// Bank rows per block: a few MiB of bank features, re-read from cache for each query block.
 const BANK_BLOCK: i64 = 2048;
 const SMOOTH_SIGMA: f64 = 4.0;
+/// Self-match: patches of the frame itself within this many model-input pixels (Chebyshev) of a
+/// patch are never its match, so a defect cannot explain itself with its own neighbours.
+const SELF_MATCH_EXCLUDE_PX: i64 = 32;
 
 /// Default neighbourhood averaged into each patch feature, per layer: the finest layer alone
 /// (1), coarser layers 3×3. Chosen by `kensa eval` on ../shared/data with EfficientNet-Lite0
@@ -38,6 +42,8 @@ pub struct Engine {
     /// against a bank uses the bank's own.
     pub input_size: i64,
     pub aggregation: Vec<u32>,
+    /// Whether banks enrolled by this engine score with the self-match ([`Engine::self_match`]).
+    pub self_match: bool,
     kernel: Tensor,
 }
 
@@ -45,7 +51,13 @@ impl Engine {
     pub fn new(backbone: Backbone, input_size: u32) -> Self {
         let kernel = gaussian_kernel(SMOOTH_SIGMA, backbone.device);
         let aggregation = default_aggregation(backbone.meta.strides.len());
-        Self { backbone, input_size: input_size as i64, aggregation, kernel }
+        Self { backbone, input_size: input_size as i64, aggregation, self_match: true, kernel }
+    }
+
+    /// Sets whether banks enrolled by this engine use the self-match (default on).
+    pub fn with_self_match(mut self, on: bool) -> Self {
+        self.self_match = on;
+        self
     }
 
     /// Sets the per-layer aggregation used for enrollment (one odd size per layer).
@@ -70,9 +82,12 @@ impl Engine {
         self.backbone.patch_features(&batch, aggregation)
     }
 
-    /// Anomaly maps at `size × size`, `[B, S, S]`, of features against a bank's layers.
-    pub fn maps_from_features(&self, feats: &[Tensor], bank_layers: &[Tensor], size: i64) -> Tensor {
-        self.fuse(&self.nearest(feats, bank_layers), size)
+    /// Anomaly maps at `size × size`, `[B, S, S]`, of features against a bank's layers, with the
+    /// self-match on the coarser layers when `self_match` (the bank's recipe) says so.
+    pub fn maps_from_features(&self, feats: &[Tensor], bank_layers: &[Tensor], size: i64, self_match: bool) -> Tensor {
+        let layers = self.nearest(feats, bank_layers);
+        let layers = if self_match { match_self(feats, layers, size) } else { layers };
+        self.fuse(&layers, size)
     }
 
     /// Per layer, `1 − max_j cos(f, B[j])` for every patch: `[B, 1, h_i, w_i]`. The bank is
@@ -159,7 +174,7 @@ impl Engine {
             })
             .collect();
         let feats = self.features_at(&views, size, &bank.meta.aggregation())?;
-        let maps = self.maps_from_features(&feats, &bank.layers, size);
+        let maps = self.maps_from_features(&feats, &bank.layers, size, bank.meta.self_match);
         Ok(images
             .iter()
             .zip(&rects)
@@ -170,6 +185,48 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// The self-match, on every layer but the finest: a patch's distance becomes the smaller of
+/// its bank distance and its distance to the frame's *own* patches that (a) lie more than
+/// [`SELF_MATCH_EXCLUDE_PX`] away and (b) are among the half of the frame's patches the bank
+/// explains best. A part repeated in the frame (many capsules, a pattern) then vouches for
+/// its unseen poses, while a defect, unlike anything the bank explains, keeps its distance.
+/// The finest layer stays bank-only (tiny defects). Chosen with `kensa eval` (README,
+/// "Evaluation"). One frame at a time: memory is (patches per frame)² floats.
+pub fn match_self(feats: &[Tensor], layers: Vec<Tensor>, size: i64) -> Vec<Tensor> {
+    let _g = tch::no_grad_guard();
+    layers
+        .into_iter()
+        .zip(feats)
+        .enumerate()
+        .map(|(li, (d, f))| {
+            if li == 0 {
+                return d;
+            }
+            let (bs, c, h, w) = f.size4().expect("4-D features");
+            let stride = (size / h.max(1)).max(1);
+            let r = SELF_MATCH_EXCLUDE_PX / stride;
+            let dev = f.device();
+            let ys = Tensor::arange(h, (Kind::Int64, dev)).repeat_interleave_self_int(w, None::<i64>, None::<i64>);
+            let xs = Tensor::arange(w, (Kind::Int64, dev)).repeat([h]);
+            let near = (ys.unsqueeze(1) - ys.unsqueeze(0)).abs().le(r).logical_and(&(xs.unsqueeze(1) - xs.unsqueeze(0)).abs().le(r));
+            let q = f.to_kind(Kind::Float).permute([0, 2, 3, 1]).reshape([bs, h * w, c]);
+            let dv = d.view([bs, h * w]);
+            let (median, _) = dv.median_dim(1, true);
+            let unexplained = dv.gt_tensor(&median); // [bs, hw]: not a target
+            let rows: Vec<Tensor> = (0..bs)
+                .map(|b| {
+                    let qb = q.get(b);
+                    let sim = qb.matmul(&qb.transpose(0, 1));
+                    let mask = near.logical_or(&unexplained.get(b).unsqueeze(0));
+                    let best = sim.masked_fill(&mask, -2.0).amax([1], false);
+                    dv.get(b).minimum(&best.neg().g_add_scalar(1.0))
+                })
+                .collect();
+            Tensor::stack(&rows, 0).view([bs, 1, h, w])
+        })
+        .collect()
 }
 
 /// What a bank's crop selects of a `w × h` RGB8 frame: the rectangle (clipped to the frame) and
@@ -233,4 +290,57 @@ fn gaussian_kernel(sigma: f64, device: Device) -> Tensor {
     let sum: f32 = v.iter().sum();
     let v: Vec<f32> = v.into_iter().map(|x| x / sum).collect();
     Tensor::from_slice(&v).to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Features `[1, 3, 8, 8]` (one-hot unit vectors) and bank distances `[1, 1, 8, 8]`, from
+    /// a background value and (y, x, feature, distance) patches.
+    fn layer(background: (usize, f32), patches: &[(i64, i64, usize, f32)]) -> (Tensor, Tensor) {
+        let mut f = vec![0f32; 3 * 64];
+        let mut d = vec![background.1; 64];
+        for i in 0..64 {
+            f[background.0 * 64 + i] = 1.0;
+        }
+        for &(y, x, k, dist) in patches {
+            let i = (y * 8 + x) as usize;
+            for c in 0..3 {
+                f[c * 64 + i] = if c == k { 1.0 } else { 0.0 };
+            }
+            d[i] = dist;
+        }
+        (Tensor::from_slice(&f).view([1, 3, 8, 8]), Tensor::from_slice(&d).view([1, 1, 8, 8]))
+    }
+
+    fn at(t: &Tensor, y: i64, x: i64) -> f64 {
+        t.double_value(&[0, 0, y, x])
+    }
+
+    #[test]
+    fn self_match_lets_distant_explained_twins_vouch_but_not_neighbours_or_defects() {
+        // 128 px input, stride 16: an 8 × 8 grid; patches within 2 cells are neighbours.
+        let (f, d) = layer(
+            (0, 0.1),
+            &[
+                (0, 0, 1, 0.9), // an unseen pose whose twin far away is well explained
+                (7, 7, 1, 0.05),
+                (0, 7, 2, 0.9), // a defect whose only look-alike is its neighbour
+                (1, 7, 2, 0.9),
+                (4, 0, 2, 0.8), // a defect whose distant look-alike is unexplained too
+            ],
+        );
+        let fine = d.copy();
+        let out = match_self(&[f.shallow_clone(), f], vec![fine.shallow_clone(), d], 128);
+        // The finest layer is never changed.
+        assert_eq!((&out[0] - &fine).abs().max().double_value(&[]), 0.0);
+        let m = &out[1];
+        assert!(at(m, 0, 0).abs() < 1e-6, "the far explained twin vouches: {}", at(m, 0, 0));
+        assert!((at(m, 7, 7) - 0.05).abs() < 1e-6);
+        assert!((at(m, 0, 7) - 0.9).abs() < 1e-6, "a neighbour never vouches: {}", at(m, 0, 7));
+        assert!((at(m, 4, 0) - 0.8).abs() < 1e-6, "unexplained patches never vouch: {}", at(m, 4, 0));
+        // Background patches find explained background far away: distance 0.
+        assert!(at(m, 3, 3).abs() < 1e-6);
+    }
 }

@@ -180,7 +180,7 @@ pub fn enroll(
             let views: Vec<(&[u8], u32, u32)> =
                 chunk.iter().map(|(im, _)| (im.as_raw().as_slice(), im.width(), im.height())).collect();
             let feats = engine.features(&views)?;
-            let maps = engine.maps_from_features(&feats, &bank_i, engine.input_size).to_device(tch::Device::Cpu);
+            let maps = engine.maps_from_features(&feats, &bank_i, engine.input_size, engine.self_match).to_device(tch::Device::Cpu);
             let maxes: Vec<f32> = Vec::try_from(maps.flatten(1, -1).amax([1], false)).map_err(ModelError::Torch)?;
             for (idx, ((_, mask), s)) in chunk.iter().zip(maxes).enumerate() {
                 let map = || -> Result<Vec<f32>> { Vec::try_from(maps.get(idx as i64).flatten(0, -1)).map_err(ModelError::Torch) };
@@ -236,6 +236,7 @@ pub fn enroll(
         aggregation: engine.aggregation.clone(),
         augment: augment::names(&opts.augment),
         crop: opts.crop,
+        self_match: engine.self_match,
     };
     Ok(Bank::new(meta, full))
 }

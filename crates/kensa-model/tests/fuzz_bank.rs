@@ -23,6 +23,7 @@ fn valid_bank() -> Vec<u8> {
         aggregation: vec![1, 3],
         augment: vec!["rot90".into()],
         crop: None,
+        self_match: true,
     };
     let layers = vec![tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)), tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu))];
     let bank = Bank::new(meta, layers);

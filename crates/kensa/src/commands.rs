@@ -63,12 +63,16 @@ pub struct RecipeArgs {
     /// frame; the map is 0 outside). Recorded in the bank, applied to the references too.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     pub crop: Option<Vec<u32>>,
+    /// Score with the bank alone: no self-match (by default the coarser layer also lets a
+    /// frame's own distant, well-explained patches vouch for its patches; README, "Evaluation").
+    #[arg(long)]
+    pub no_self_match: bool,
 }
 
 impl RecipeArgs {
     /// An engine that extracts features as this recipe says.
     pub fn engine(&self, backbone: Backbone) -> Result<Engine> {
-        let engine = Engine::new(backbone, self.input_size);
+        let engine = Engine::new(backbone, self.input_size).with_self_match(!self.no_self_match);
         Ok(match &self.aggregation {
             Some(a) => engine.with_aggregation(a.clone())?,
             None => engine,

@@ -497,7 +497,7 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Kensa evaluation</title><style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}figure{display:inline-block;margin:6px}figcaption{font-size:12px;max-width:780px}img{max-width:780px}</style></head><body>",
     );
     html.push_str(&format!(
-        "<h1>Kensa evaluation</h1><p>data <code>{}</code>, shots {:?}, runs {}, seed {}, input {} px, aggregation {}, augmentation {}, coreset {}. Verdicts are thresholdless (calibrated from the references).</p>",
+        "<h1>Kensa evaluation</h1><p>data <code>{}</code>, shots {:?}, runs {}, seed {}, input {} px, aggregation {}, augmentation {}, coreset {}, self-match {}. Verdicts are thresholdless (calibrated from the references).</p>",
         esc(&a.data.display().to_string()),
         a.shots,
         a.runs,
@@ -505,7 +505,8 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
         a.recipe.input_size,
         a.recipe.aggregation.as_ref().map(|v| format!("{v:?}")).unwrap_or_else(|| "default".into()),
         esc(&a.recipe.augment),
-        a.recipe.coreset
+        a.recipe.coreset,
+        if a.recipe.no_self_match { "off" } else { "on" }
     ));
     html.push_str("<table><tr><th>class</th><th>shots</th><th>runs</th><th>image AUROC</th><th>pixel AUROC</th><th>PRO</th><th>verdict accuracy</th><th>F1</th><th>img/s</th></tr>");
     for r in summary(results) {

@@ -123,7 +123,7 @@ pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Resul
     let feats = engine.backbone.patch_features(&batch, &bank.meta.aggregation())?;
     let pooled: Vec<Tensor> = feats.iter().map(|f| f.to_kind(Kind::Float).mean_dim([2i64, 3].as_slice(), false, Kind::Float)).collect();
     let image = Tensor::cat(&pooled, 1).squeeze_dim(0);
-    let maps = engine.maps_from_features(&feats, &bank.layers, size); // [1, S, S]
+    let maps = engine.maps_from_features(&feats, &bank.layers, size, bank.meta.self_match); // [1, S, S]
     let map = maps.unsqueeze(1).adaptive_max_pool2d([MAP_SIDE, MAP_SIDE]).0.view([MAP_SIDE, MAP_SIDE]);
     Ok(JudgeInput { map, image })
 }
