@@ -193,8 +193,13 @@ impl Engine {
 /// explains best. A part repeated in the frame (many capsules, a pattern) then vouches for
 /// its unseen poses, while a defect, unlike anything the bank explains, keeps its distance.
 /// The finest layer stays bank-only (tiny defects). Chosen with `kensa eval` (README,
-/// "Evaluation"). One frame at a time: memory is (patches per frame)² floats.
+/// "Evaluation"). One frame and a bounded block of its patches at a time (`SIM_BLOCK`).
 pub fn match_self(feats: &[Tensor], layers: Vec<Tensor>, size: i64) -> Vec<Tensor> {
+    match_self_in_blocks(feats, layers, size, SIM_BLOCK)
+}
+
+/// [`match_self`] computing at most `block_elems` similarities at once.
+fn match_self_in_blocks(feats: &[Tensor], layers: Vec<Tensor>, size: i64, block_elems: i64) -> Vec<Tensor> {
     let _g = tch::no_grad_guard();
     layers
         .into_iter()
@@ -208,19 +213,31 @@ pub fn match_self(feats: &[Tensor], layers: Vec<Tensor>, size: i64) -> Vec<Tenso
             let stride = (size / h.max(1)).max(1);
             let r = SELF_MATCH_EXCLUDE_PX / stride;
             let dev = f.device();
+            let hw = h * w;
             let ys = Tensor::arange(h, (Kind::Int64, dev)).repeat_interleave_self_int(w, None::<i64>, None::<i64>);
             let xs = Tensor::arange(w, (Kind::Int64, dev)).repeat([h]);
-            let near = (ys.unsqueeze(1) - ys.unsqueeze(0)).abs().le(r).logical_and(&(xs.unsqueeze(1) - xs.unsqueeze(0)).abs().le(r));
-            let q = f.to_kind(Kind::Float).permute([0, 2, 3, 1]).reshape([bs, h * w, c]);
-            let dv = d.view([bs, h * w]);
+            let q = f.to_kind(Kind::Float).permute([0, 2, 3, 1]).reshape([bs, hw, c]);
+            let dv = d.view([bs, hw]);
             let (median, _) = dv.median_dim(1, true);
-            let unexplained = dv.gt_tensor(&median); // [bs, hw]: not a target
+            let unexplained = dv.gt_tensor(&median); // [bs, hw]: never a match
+            // Blocks of query rows: a bounded similarity block whatever the input size.
+            let block = (block_elems / hw).clamp(1, hw);
             let rows: Vec<Tensor> = (0..bs)
                 .map(|b| {
                     let qb = q.get(b);
-                    let sim = qb.matmul(&qb.transpose(0, 1));
-                    let mask = near.logical_or(&unexplained.get(b).unsqueeze(0));
-                    let best = sim.masked_fill(&mask, -2.0).amax([1], false);
+                    let qt = qb.transpose(0, 1);
+                    let barred = unexplained.get(b).unsqueeze(0);
+                    let mut best = Vec::new();
+                    let mut start = 0;
+                    while start < hw {
+                        let len = block.min(hw - start);
+                        let (yb, xb) = (ys.narrow(0, start, len).unsqueeze(1), xs.narrow(0, start, len).unsqueeze(1));
+                        let near = (yb - ys.unsqueeze(0)).abs().le(r).logical_and(&(xb - xs.unsqueeze(0)).abs().le(r));
+                        let sim = qb.narrow(0, start, len).matmul(&qt);
+                        best.push(sim.masked_fill(&near.logical_or(&barred), -2.0).amax([1], false));
+                        start += len;
+                    }
+                    let best = if best.len() == 1 { best.pop().unwrap() } else { Tensor::cat(&best, 0) };
                     dv.get(b).minimum(&best.neg().g_add_scalar(1.0))
                 })
                 .collect();
@@ -342,5 +359,9 @@ mod tests {
         assert!((at(m, 4, 0) - 0.8).abs() < 1e-6, "unexplained patches never vouch: {}", at(m, 4, 0));
         // Background patches find explained background far away: distance 0.
         assert!(at(m, 3, 3).abs() < 1e-6);
+        // Computed 5 rows at a time (blocks that straddle grid rows), the same result.
+        let (f, d) = layer((0, 0.1), &[(0, 0, 1, 0.9), (7, 7, 1, 0.05), (0, 7, 2, 0.9), (1, 7, 2, 0.9), (4, 0, 2, 0.8)]);
+        let blocked = match_self_in_blocks(&[f.shallow_clone(), f], vec![d.copy(), d], 128, 5 * 64);
+        assert_eq!((&blocked[1] - m).abs().max().double_value(&[]), 0.0);
     }
 }
