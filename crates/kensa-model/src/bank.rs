@@ -51,7 +51,7 @@ pub struct BankMeta {
     #[serde(default)]
     pub crop: Option<[u32; 4]>,
     /// Scoring lets the frame's own distant, well-explained patches vouch for its patches on the
-    /// coarser layers (`Engine::match_self`). Banks from before it existed: off.
+    /// coarser layers (`engine::match_self`). Banks from before it existed: off.
     #[serde(default)]
     pub self_match: bool,
 }

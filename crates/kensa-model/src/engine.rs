@@ -42,7 +42,7 @@ pub struct Engine {
     /// against a bank uses the bank's own.
     pub input_size: i64,
     pub aggregation: Vec<u32>,
-    /// Whether banks enrolled by this engine score with the self-match ([`Engine::self_match`]).
+    /// Whether banks enrolled by this engine score with the self-match ([`match_self`]).
     pub self_match: bool,
     kernel: Tensor,
 }
@@ -216,6 +216,7 @@ fn match_self_in_blocks(feats: &[Tensor], layers: Vec<Tensor>, size: i64, block_
             let hw = h * w;
             let ys = Tensor::arange(h, (Kind::Int64, dev)).repeat_interleave_self_int(w, None::<i64>, None::<i64>);
             let xs = Tensor::arange(w, (Kind::Int64, dev)).repeat([h]);
+            let (ys_all, xs_all) = (ys.unsqueeze(0), xs.unsqueeze(0));
             let q = f.to_kind(Kind::Float).permute([0, 2, 3, 1]).reshape([bs, hw, c]);
             let dv = d.view([bs, hw]);
             let (median, _) = dv.median_dim(1, true);
@@ -232,7 +233,7 @@ fn match_self_in_blocks(feats: &[Tensor], layers: Vec<Tensor>, size: i64, block_
                     while start < hw {
                         let len = block.min(hw - start);
                         let (yb, xb) = (ys.narrow(0, start, len).unsqueeze(1), xs.narrow(0, start, len).unsqueeze(1));
-                        let near = (yb - ys.unsqueeze(0)).abs().le(r).logical_and(&(xb - xs.unsqueeze(0)).abs().le(r));
+                        let near = (yb - &ys_all).abs().le(r).logical_and(&(xb - &xs_all).abs().le(r));
                         let sim = qb.narrow(0, start, len).matmul(&qt);
                         best.push(sim.masked_fill(&near.logical_or(&barred), -2.0).amax([1], false));
                         start += len;
@@ -338,16 +339,14 @@ mod tests {
     #[test]
     fn self_match_lets_distant_explained_twins_vouch_but_not_neighbours_or_defects() {
         // 128 px input, stride 16: an 8 × 8 grid; patches within 2 cells are neighbours.
-        let (f, d) = layer(
-            (0, 0.1),
-            &[
-                (0, 0, 1, 0.9), // an unseen pose whose twin far away is well explained
-                (7, 7, 1, 0.05),
-                (0, 7, 2, 0.9), // a defect whose only look-alike is its neighbour
-                (1, 7, 2, 0.9),
-                (4, 0, 2, 0.8), // a defect whose distant look-alike is unexplained too
-            ],
-        );
+        let patches = [
+            (0, 0, 1, 0.9), // an unseen pose whose twin far away is well explained
+            (7, 7, 1, 0.05),
+            (0, 7, 2, 0.9), // a defect whose only look-alike is its neighbour
+            (1, 7, 2, 0.9),
+            (4, 0, 2, 0.8), // a defect whose distant look-alike is unexplained too
+        ];
+        let (f, d) = layer((0, 0.1), &patches);
         let fine = d.copy();
         let out = match_self(&[f.shallow_clone(), f], vec![fine.shallow_clone(), d], 128);
         // The finest layer is never changed.
@@ -360,7 +359,7 @@ mod tests {
         // Background patches find explained background far away: distance 0.
         assert!(at(m, 3, 3).abs() < 1e-6);
         // Computed 5 rows at a time (blocks that straddle grid rows), the same result.
-        let (f, d) = layer((0, 0.1), &[(0, 0, 1, 0.9), (7, 7, 1, 0.05), (0, 7, 2, 0.9), (1, 7, 2, 0.9), (4, 0, 2, 0.8)]);
+        let (f, d) = layer((0, 0.1), &patches);
         let blocked = match_self_in_blocks(&[f.shallow_clone(), f], vec![d.copy(), d], 128, 5 * 64);
         assert_eq!((&blocked[1] - m).abs().max().double_value(&[]), 0.0);
     }
