@@ -248,6 +248,23 @@ fn bank_recipe_is_recorded_and_followed() {
     eprintln!("mirrored part: plain bank {sp:.4}, hflip bank {sf:.4}");
     assert!(sf < 0.05 && sp > 4.0 * sf.max(0.01), "mirrored part: plain bank {sp}, hflip bank {sf}");
 
+    // The self-match follows the bank, not the scorer: two banks of the same reference that
+    // differ only in the flag score the mirrored part differently, and the one with it never
+    // higher (it can only lower the coarser layer's distances) and clearly lower somewhere.
+    let sm_on = enroll("sm-on", &[]);
+    let sm_off = enroll("sm-off", &["--no-self-match"]);
+    let map_of = |bank: &Path| {
+        let out = dir.path().join(format!("out-{}", bank.file_stem().unwrap().to_str().unwrap()));
+        kensa_ok(&["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), flipped.to_str().unwrap()]);
+        kensa_core::npy::read_f32_2d(std::fs::File::open(out.join("part_flipped_map.npy")).unwrap()).unwrap().2
+    };
+    let (on, off) = (map_of(&sm_on), map_of(&sm_off));
+    let lowered = on.iter().zip(&off).map(|(a, b)| b - a).fold(f32::NEG_INFINITY, f32::max);
+    let raised = on.iter().zip(&off).map(|(a, b)| a - b).fold(f32::NEG_INFINITY, f32::max);
+    eprintln!("self-match on the mirrored part: lowered the map by up to {lowered:.4}, raised it by up to {raised:.6}");
+    assert!(raised <= 1e-4, "the self-match raised the map by {raised}");
+    assert!(lowered > 0.01, "a bank recorded without the self-match scores like one with it (largest difference {lowered})");
+
     // A crop: recorded, only the region is scored (0 outside), the reference stays normal and
     // a defect inside the region is found.
     let cropped = enroll("crop", &["--crop", "100,0,100,200"]);

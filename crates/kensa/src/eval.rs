@@ -223,7 +223,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
                 let mut j = kensa_lm::judge::LmJudge::new(model, tok, dim, "", scale);
                 let ref_imgs: Vec<image::RgbImage> = refs.iter().map(|r| r.1.clone()).collect();
                 let data = crate::judge::synth_examples(&engine, &bank, &ref_imgs, a.judge_examples, a.seed ^ run as u64, || {})?;
-                j.train(&data, 6, 1e-3, |_, _, _| {})?;
+                j.train(&data, crate::judge::TRAIN_EPOCHS, crate::judge::TRAIN_LR, |_, _, _| {})?;
                 Some(j)
             }
             None => None,
