@@ -40,7 +40,7 @@ pub struct EvalArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Synthetic examples per LM-judge training.
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = crate::judge::TRAIN_EXAMPLES)]
     judge_examples: usize,
     /// Write a self-contained HTML report here (DIR/report.html): the table, ROC curves per
     /// class and shot count, and the worst false positives and negatives as
