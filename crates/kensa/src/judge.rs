@@ -191,7 +191,7 @@ pub fn synth_examples(
 ) -> Result<Vec<(JudgeInput, Vec<Cell>)>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let cal = &bank.meta.calibration;
-    let gain_max = normal_gain(cal).max(1.0 + 1e-6);
+    let gain_max = normal_gain(cal);
     let (n_normal, n_defect) = (n.div_ceil(2), n / 2);
     let mut normals = Vec::with_capacity(n_normal);
     let mut top = 0.0f64;
