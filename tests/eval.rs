@@ -5,9 +5,9 @@ use kensa_tests::*;
 
 fn eval_json(data: &std::path::Path, shots: &str, runs: &str, dir: &std::path::Path) -> serde_json::Value {
     let json = dir.join("eval.json");
-    let out = kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", shots, "--runs", runs, "--json", json.to_str().unwrap()]);
+    let out = kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", shots, "--runs", runs, "--json", json.to_str().unwrap(), "--by-type"]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("img_AUROC") && table.contains("PRO"), "{table}");
+    assert!(table.contains("img_AUROC") && table.contains("PRO") && table.contains("defect type"), "{table}");
     serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
 }
 
@@ -43,6 +43,15 @@ fn eval_mvtec_bottle_one_shot_reaches_the_target() {
     eprintln!("mvtec-bottle 1-shot, 3 runs: {s}");
     assert!(s["image_auroc"].as_f64().unwrap() >= 0.999, "{s}");
     assert!(s["pixel_auroc"].as_f64().unwrap() >= 0.985, "{s}");
+    // Per defect type: bottle's three test folders, their images, shares of the defect pixels.
+    for r in j["runs"].as_array().unwrap() {
+        let t = r["by_type"].as_array().unwrap();
+        let kinds: Vec<(&str, u64)> = t.iter().map(|x| (x["kind"].as_str().unwrap(), x["images"].as_u64().unwrap())).collect();
+        assert_eq!(kinds, vec![("broken_large", 7), ("broken_small", 8), ("contamination", 7)], "{r}");
+        let share: f64 = t.iter().map(|x| x["pixel_share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-9, "{share}");
+        assert!(t.iter().all(|x| x["image_auroc"].as_f64().unwrap() >= 0.99 && x["pixel_auroc"].as_f64().unwrap() >= 0.97), "{r}");
+    }
 }
 
 /// `--report` writes one self-contained HTML page: the table, a ROC curve per class and shot

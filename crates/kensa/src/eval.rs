@@ -50,6 +50,10 @@ pub struct EvalArgs {
     /// Images per model call (as `kensa score --batch`).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Also print image and pixel AUROC per defect type (each test/<type> folder against
+    /// test/good), with the type's share of all defect pixels; always in the JSON.
+    #[arg(long)]
+    by_type: bool,
     /// How each run's bank is built (as `kensa enroll`).
     #[command(flatten)]
     recipe: crate::commands::RecipeArgs,
@@ -59,6 +63,8 @@ pub struct EvalArgs {
 
 pub(crate) struct TestImage {
     pub path: PathBuf,
+    /// The test/ folder it came from (`good` for normal images).
+    pub kind: String,
     pub anomalous: bool,
     pub mask: Option<PathBuf>,
 }
@@ -96,7 +102,7 @@ pub(crate) fn test_images(class: &Path) -> Result<Vec<TestImage>> {
             let mask = anomalous.then(|| {
                 class.join("ground_truth").join(&kind).join(format!("{}_mask.png", p.file_stem().unwrap_or_default().to_string_lossy()))
             });
-            out.push(TestImage { path: p, anomalous, mask });
+            out.push(TestImage { path: p, kind: kind.clone(), anomalous, mask });
         }
     }
     Ok(out)
@@ -137,6 +143,49 @@ struct RunResult {
     calibration: kensa_verdict::Calibration,
     /// Every test image: path, image score, ground truth (anomalous).
     scores: Vec<(String, f32, bool)>,
+    /// Per defect type (test/<type> against test/good).
+    by_type: Vec<TypeResult>,
+}
+
+/// One defect type of one run: its images against the normal ones.
+#[derive(serde::Serialize, Clone)]
+struct TypeResult {
+    kind: String,
+    images: usize,
+    image_auroc: Option<f64>,
+    pixel_auroc: Option<f64>,
+    /// The type's share of all ground-truth defect pixels of the class (pixel AUROC over the
+    /// class weighs each type by it).
+    pixel_share: f64,
+}
+
+/// Image and pixel AUROC of each defect type against the normal images. `kinds[i]` and
+/// `scores[i]`/`labels[i]` describe test image `i`; `map_of[i]` is its index in `maps`/`masks`
+/// (None when it has no ground truth).
+fn by_type(kinds: &[&str], scores: &[f32], labels: &[bool], map_of: &[Option<usize>], maps: &[&[f32]], masks: &[&[bool]]) -> Vec<TypeResult> {
+    let mut types: Vec<&str> = kinds.iter().zip(labels).filter(|(_, &l)| l).map(|(k, _)| *k).collect();
+    types.sort();
+    types.dedup();
+    let defect_px = |i: usize| map_of[i].map_or(0, |j| masks[j].iter().filter(|&&v| v).count());
+    let all_px: usize = (0..kinds.len()).map(defect_px).sum();
+    types
+        .into_iter()
+        .map(|t| {
+            let sel: Vec<usize> = (0..kinds.len()).filter(|&i| !labels[i] || kinds[i] == t).collect();
+            let s: Vec<f32> = sel.iter().map(|&i| scores[i]).collect();
+            let l: Vec<bool> = sel.iter().map(|&i| labels[i]).collect();
+            let m: Vec<&[f32]> = sel.iter().filter_map(|&i| map_of[i].map(|j| maps[j])).collect();
+            let k: Vec<&[bool]> = sel.iter().filter_map(|&i| map_of[i].map(|j| masks[j])).collect();
+            let px: usize = sel.iter().filter(|&&i| labels[i]).map(|&i| defect_px(i)).sum();
+            TypeResult {
+                kind: t.to_string(),
+                images: l.iter().filter(|&&v| v).count(),
+                image_auroc: eval::auroc(&s, &l),
+                pixel_auroc: eval::pixel_auroc(&m, &k, 10_000),
+                pixel_share: if all_px == 0 { 0.0 } else { px as f64 / all_px as f64 },
+            }
+        })
+        .collect()
 }
 
 /// How one judge did on one run. Location accuracy: of the true positives with a ground-truth
@@ -231,7 +280,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
         let mut calibrated = JudgeStats { judge: "calibrated".into(), ..Default::default() };
         let mut language = JudgeStats { judge: "language-model".into(), ..Default::default() };
         let (mut scores, mut labels, mut preds) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut maps, mut masks, mut widths) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut maps, mut masks, mut widths, mut map_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let t0 = Instant::now();
         for chunk in tests.chunks(a.batch.max(1)) {
             let imgs: Vec<image::RgbImage> = chunk.iter().map(|t| images::load_rgb(&t.path)).collect::<Result<_, _>>()?;
@@ -249,6 +298,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
                     let (cells, _) = j.judge(&crate::judge::judge_input(&engine, &bank, img)?)?;
                     language.add(&cells, t.anomalous, !cells.is_empty(), &truth);
                 }
+                map_of.push(mask.is_some().then_some(maps.len()));
                 if let Some(m) = mask {
                     widths.push(map.width as usize);
                     masks.push(m);
@@ -279,10 +329,14 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             judges: std::iter::once(calibrated.finish()).chain(lm_judge.is_some().then(|| language.finish())).collect(),
             calibration: bank.meta.calibration.clone(),
             scores: tests.iter().zip(&scores).map(|(t, &s)| (t.path.display().to_string(), s, t.anomalous)).collect(),
+            by_type: by_type(&tests.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>(), &scores, &labels, &map_of, &mref, &kref),
         });
     }
     bar.finish_and_clear();
     print_table(&results);
+    if a.by_type {
+        print_type_table(&results);
+    }
     if let Some(dir) = &a.report {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let p = dir.join("report.html");
@@ -354,6 +408,32 @@ fn print_table(results: &[RunResult]) {
     println!("{:<22} {:>5} {:<15} {:>8} {:>9} {:>6} {:>8}", "class", "shots", "judge", "accuracy", "precision", "recall", "location");
     for (c, k, j, v) in judge_rows(results) {
         println!("{c:<22} {k:>5} {j:<15} {:>8.3} {:>9.3} {:>6.3} {:>8.3}", v[0], v[1], v[2], v[3]);
+    }
+}
+
+/// Per class, shot count and defect type, means over runs: images, image AUROC, pixel AUROC,
+/// share of the defect pixels.
+fn print_type_table(results: &[RunResult]) {
+    println!();
+    println!("{:<22} {:>5} {:<20} {:>6} {:>9} {:>9} {:>8}", "class", "shots", "defect type", "images", "img_AUROC", "pix_AUROC", "px_share");
+    let mut keys: Vec<(&str, usize, &str)> = Vec::new();
+    for key in results.iter().flat_map(|r| r.by_type.iter().map(move |t| (r.class.as_str(), r.shots, t.kind.as_str()))) {
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    for (c, k, t) in keys {
+        let ts: Vec<&TypeResult> =
+            results.iter().filter(|r| r.class == c && r.shots == k).flat_map(|r| r.by_type.iter().filter(|x| x.kind == t)).collect();
+        let images = ts.first().map_or(0, |x| x.images);
+        let share = mean(ts.iter().map(|x| Some(x.pixel_share)));
+        println!(
+            "{c:<22} {k:>5} {t:<20} {images:>6} {:>9} {:>9} {:>8}",
+            f(mean(ts.iter().map(|x| x.image_auroc))),
+            f(mean(ts.iter().map(|x| x.pixel_auroc))),
+            f(share)
+        );
     }
 }
 
@@ -547,5 +627,25 @@ mod tests {
         assert_eq!(pts, vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]);
         // Ties move together.
         assert_eq!(roc(&[0.5, 0.5], &[true, false]), vec![(0.0, 0.0), (1.0, 1.0)]);
+    }
+
+    #[test]
+    fn defect_types_are_scored_against_the_normal_images() {
+        // Two normal images, a one-pixel crack, a two-pixel stain and a stain without a mask.
+        let kinds = ["good", "good", "crack", "stain", "stain"];
+        let scores = [0.1, 0.5, 0.9, 0.3, 0.7];
+        let labels = [false, false, true, true, true];
+        let maps: [&[f32]; 4] = [&[0.1, 0.2, 0.1, 0.1], &[0.5, 0.1, 0.1, 0.1], &[0.9, 0.2, 0.1, 0.1], &[0.6, 0.1, 0.2, 0.1]];
+        let masks: [&[bool]; 4] = [&[false; 4], &[false; 4], &[true, false, false, false], &[false, false, true, true]];
+        let t = by_type(&kinds, &scores, &labels, &[Some(0), Some(1), Some(2), Some(3), None], &maps, &masks);
+        assert_eq!(t.iter().map(|x| (x.kind.as_str(), x.images)).collect::<Vec<_>>(), vec![("crack", 1), ("stain", 2)]);
+        // crack: 0.9 above both normal images and above every normal pixel.
+        assert_eq!(t[0].image_auroc, Some(1.0));
+        assert_eq!(t[0].pixel_auroc, Some(1.0));
+        // stain: 0.3 and 0.7 against 0.1 and 0.5: 3 of 4 pairs. Pixels 0.2 and 0.1 against ten
+        // normal pixels (seven 0.1, one 0.2, 0.5, 0.6): (7 + 0.5 + 3.5) / 20 = 0.55.
+        assert_eq!(t[1].image_auroc, Some(0.75));
+        assert!((t[1].pixel_auroc.unwrap() - 0.55).abs() < 1e-9, "{:?}", t[1].pixel_auroc);
+        assert!((t[0].pixel_share - 1.0 / 3.0).abs() < 1e-12 && (t[1].pixel_share - 2.0 / 3.0).abs() < 1e-12);
     }
 }
