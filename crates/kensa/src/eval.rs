@@ -166,8 +166,8 @@ fn by_type(kinds: &[&str], scores: &[f32], labels: &[bool], map_of: &[Option<usi
     let mut types: Vec<&str> = kinds.iter().zip(labels).filter(|(_, &l)| l).map(|(k, _)| *k).collect();
     types.sort();
     types.dedup();
-    let defect_px = |i: usize| map_of[i].map_or(0, |j| masks[j].iter().filter(|&&v| v).count());
-    let all_px: usize = (0..kinds.len()).map(defect_px).sum();
+    let defect_px: Vec<usize> = map_of.iter().map(|j| j.map_or(0, |j| masks[j].iter().filter(|&&v| v).count())).collect();
+    let all_px: usize = defect_px.iter().sum();
     types
         .into_iter()
         .map(|t| {
@@ -176,7 +176,7 @@ fn by_type(kinds: &[&str], scores: &[f32], labels: &[bool], map_of: &[Option<usi
             let l: Vec<bool> = sel.iter().map(|&i| labels[i]).collect();
             let m: Vec<&[f32]> = sel.iter().filter_map(|&i| map_of[i].map(|j| maps[j])).collect();
             let k: Vec<&[bool]> = sel.iter().filter_map(|&i| map_of[i].map(|j| masks[j])).collect();
-            let px: usize = sel.iter().filter(|&&i| labels[i]).map(|&i| defect_px(i)).sum();
+            let px: usize = sel.iter().map(|&i| defect_px[i]).sum();
             TypeResult {
                 kind: t.to_string(),
                 images: l.iter().filter(|&&v| v).count(),
