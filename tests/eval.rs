@@ -63,12 +63,36 @@ fn report_and_overlays() {
     let data = dir.path().join("disc");
     kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "4", "--defect-rate", "0.5", "--seed", "3"]);
     let rep = dir.path().join("report");
-    kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", "1,2", "--report", rep.to_str().unwrap()]);
+    let json = dir.path().join("eval.json");
+    kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", "1,2", "--report", rep.to_str().unwrap(), "--json", json.to_str().unwrap()]);
     let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
     assert!(html.contains("<table") && html.contains("disc"), "no table");
     assert_eq!(html.matches("<svg").count(), 2, "one ROC curve per shot count");
     assert_eq!(html.matches("data:image/png;base64,").count(), 12, "3 FP + 3 FN panels per section");
     assert!(!html.contains("src=\"/") && !html.contains("src=\"http"), "self-contained");
+
+    // Each panel's caption compares the image's score with the calibrated image decision of
+    // its section's (first) run, and says "worst" exactly where that decision was wrong.
+    let runs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let decisions: Vec<String> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["run"] == 0)
+        .map(|r| format!("{:.4}", r["calibration"]["image_threshold"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(decisions.len(), 2, "one first run per shot count");
+    let captions: Vec<&str> = html.split("<figcaption>").skip(1).map(|c| c.split("</figcaption>").next().unwrap()).collect();
+    assert_eq!(captions.len(), 12, "{captions:?}");
+    for (i, c) in captions.iter().enumerate() {
+        let num = |key: &str| -> f64 { c.split(key).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap() };
+        let (score, decision) = (num("score "), num("vs decision "));
+        assert_eq!(format!("{decision:.4}"), decisions[i / 6], "caption {c}");
+        if (score - decision).abs() > 1e-4 {
+            let wrong = if c.contains("false positive") { score > decision } else { score < decision };
+            assert_eq!(c.starts_with("worst"), wrong, "caption {c}");
+        }
+    }
 
     // Overlays: a defective image's overlay is reddest inside its ground-truth mask.
     let bank = dir.path().join("disc.kbank");

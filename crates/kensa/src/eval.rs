@@ -521,7 +521,9 @@ fn roc(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
 
 fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: usize, tests: &[TestImage], scores: &[f32]) -> Result<Section> {
     let labels: Vec<bool> = tests.iter().map(|t| t.anomalous).collect();
-    let level = bank.meta.calibration.pixel_threshold;
+    // The overlay outlines regions above the pixel level; the image decision says which
+    // images the calibrated judge got wrong.
+    let (level, decision) = (bank.meta.calibration.pixel_threshold, bank.meta.calibration.image_threshold);
     let mut normal: Vec<usize> = (0..tests.len()).filter(|&i| !labels[i]).collect();
     normal.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut anomalous: Vec<usize> = (0..tests.len()).filter(|&i| labels[i]).collect();
@@ -534,13 +536,13 @@ fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: 
             let map = engine.score(&[(img.as_raw().as_slice(), img.width(), img.height())], bank)?.remove(0);
             let gt = load_mask(t.mask.as_ref(), map.width, map.height)?;
             let pic = crate::overlay::panel(&img, gt.as_deref(), &map, level);
-            let wrong = if labels[i] { scores[i] < level } else { scores[i] >= level };
+            let wrong = if labels[i] { scores[i] < decision } else { scores[i] >= decision };
             let caption = format!(
                 "{} {} — score {:.4} vs decision {:.4}{}",
                 if wrong { "worst" } else { "closest" },
                 kind,
                 scores[i],
-                level,
+                decision,
                 format_args!(" — {}", t.path.display())
             );
             worst.push((caption, crate::overlay::png(&pic)));
