@@ -38,6 +38,21 @@ impl BackboneMeta {
     }
 }
 
+/// Whether `kind` lacks native support on a CPU with these `/proc/cpuinfo` flags.
+fn slow_on_this_cpu(kind: Kind, cpuinfo: &str) -> bool {
+    let native: &[&str] = match kind {
+        Kind::BFloat16 => &["avx512_bf16", "amx_bf16"],
+        Kind::Half => &["avx512_fp16", "amx_fp16"],
+        _ => return false,
+    };
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace())
+        .collect();
+    !native.iter().any(|n| flags.contains(n))
+}
+
 fn dtype_name(k: Kind) -> &'static str {
     match k {
         Kind::Half => "fp16",
@@ -98,6 +113,25 @@ impl Backbone {
         self.module.to(self.device, kind, false);
         self.kind = kind;
         Ok(self)
+    }
+
+    /// Why this backbone will run far slower than its fp32 export here, if it will: on a CPU
+    /// without native bf16 (`avx512_bf16`/`amx_bf16`) or fp16 (`avx512_fp16`/`amx_fp16`)
+    /// instructions, libtorch emulates the reduced precision (measured on an AMD EPYC Zen 3:
+    /// the bf16 Lite0 export 1 img/s against 21 img/s in fp32, `scripts/bench.sh`).
+    pub fn precision_warning(&self) -> Option<String> {
+        if self.device != Device::Cpu {
+            return None;
+        }
+        let flags = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        slow_on_this_cpu(self.kind, &flags).then(|| {
+            format!(
+                "backbone {} runs in {} on a CPU without native {} instructions: expect it to be many times slower than an fp32 export (tools/export_backbone.py --dtype fp32)",
+                self.path.display(),
+                dtype_name(self.kind),
+                dtype_name(self.kind)
+            )
+        })
     }
 
     /// Raw feature maps for a batch of RGB images in [0, 1], `[B, 3, H, W]` on this device.
@@ -185,4 +219,23 @@ pub fn images_to_batch(images: &[(&[u8], u32, u32)], size: i64, device: Device) 
         })
         .collect();
     Tensor::cat(&ts, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reduced_precision_is_flagged_only_without_native_instructions() {
+        let zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c vaes\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma f16c vaes\n";
+        let zen4 = "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512vl\n";
+        let spr = "flags\t\t: avx512f avx512_fp16 amx_bf16 amx_tile\n";
+        assert!(slow_on_this_cpu(Kind::BFloat16, zen3));
+        assert!(slow_on_this_cpu(Kind::Half, zen3), "f16c converts, it does not compute");
+        assert!(!slow_on_this_cpu(Kind::BFloat16, zen4));
+        assert!(slow_on_this_cpu(Kind::Half, zen4));
+        assert!(!slow_on_this_cpu(Kind::BFloat16, spr) && !slow_on_this_cpu(Kind::Half, spr));
+        assert!(!slow_on_this_cpu(Kind::Float, zen3), "fp32 is never flagged");
+        assert!(slow_on_this_cpu(Kind::BFloat16, ""), "no flags line: nothing native is known");
+    }
 }

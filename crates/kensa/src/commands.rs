@@ -36,7 +36,11 @@ impl ModelArgs {
         let device = kensa_model::device_from_str(&self.device)?;
         let path = self.backbone.clone().unwrap_or_else(kensa_model::default_backbone_path);
         let kind = kensa_model::precision_kind(&self.precision)?;
-        Ok(Backbone::load(&path, device)?.with_precision(kind)?)
+        let backbone = Backbone::load(&path, device)?.with_precision(kind)?;
+        if let Some(w) = backbone.precision_warning() {
+            tracing::warn!("{w}");
+        }
+        Ok(backbone)
     }
 }
 

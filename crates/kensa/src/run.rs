@@ -82,6 +82,9 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             let path = model_cfg.model.backbone.clone().unwrap_or_else(kensa_model::default_backbone_path);
             let backbone = Backbone::load(&path, device)?
                 .with_precision(kensa_model::precision_kind(&model_cfg.model.precision)?)?;
+            if let Some(w) = backbone.precision_warning() {
+                tracing::warn!("{w}");
+            }
             let kind = backbone.kind;
             let mut banks = HashMap::new();
             for (name, p) in &model_cfg.products {
