@@ -33,15 +33,21 @@ impl ModelArgs {
         if self.threads > 0 {
             tch::set_num_threads(self.threads as i32);
         }
-        let device = kensa_model::device_from_str(&self.device)?;
-        let path = self.backbone.clone().unwrap_or_else(kensa_model::default_backbone_path);
-        let kind = kensa_model::precision_kind(&self.precision)?;
-        let backbone = Backbone::load(&path, device)?.with_precision(kind)?;
-        if let Some(w) = backbone.precision_warning() {
-            tracing::warn!("{w}");
-        }
-        Ok(backbone)
+        load_backbone(self.backbone.as_deref(), &self.device, &self.precision)
     }
+}
+
+/// The backbone as the commands and the daemon choose it: `path` (default: $KENSA_BACKBONE,
+/// else the one scripts/setup.sh exports) on `device` in `precision`, with a warning when that
+/// precision is emulated on this CPU.
+pub fn load_backbone(path: Option<&Path>, device: &str, precision: &str) -> Result<Backbone> {
+    let device = kensa_model::device_from_str(device)?;
+    let path = path.map(Path::to_path_buf).unwrap_or_else(kensa_model::default_backbone_path);
+    let backbone = Backbone::load(&path, device)?.with_precision(kensa_model::precision_kind(precision)?)?;
+    if let Some(w) = backbone.precision_warning() {
+        tracing::warn!("{w}");
+    }
+    Ok(backbone)
 }
 
 /// How a bank is built: recorded in it, and used by everything that scores against it.

@@ -309,7 +309,7 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
         }
         let secs = t0.elapsed().as_secs_f64();
         if a.report.is_some() && run == 0 {
-            sections.push(section(&engine, &bank, &name, k, &tests, &scores)?);
+            sections.push(section(&engine, &bank, &name, k, &tests, &scores, &preds)?);
         }
         let mref: Vec<&[f32]> = maps.iter().map(|m| m.as_slice()).collect();
         let kref: Vec<&[bool]> = masks.iter().map(|m| m.as_slice()).collect();
@@ -519,10 +519,10 @@ fn roc(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
     pts
 }
 
-fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: usize, tests: &[TestImage], scores: &[f32]) -> Result<Section> {
+/// `preds[i]`: the calibrated judge's verdict on test image `i` (anomalous or not).
+fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: usize, tests: &[TestImage], scores: &[f32], preds: &[bool]) -> Result<Section> {
     let labels: Vec<bool> = tests.iter().map(|t| t.anomalous).collect();
-    // The overlay outlines regions above the pixel level; the image decision says which
-    // images the calibrated judge got wrong.
+    // The overlay outlines regions above the pixel level; the caption names the image decision.
     let (level, decision) = (bank.meta.calibration.pixel_threshold, bank.meta.calibration.image_threshold);
     let mut normal: Vec<usize> = (0..tests.len()).filter(|&i| !labels[i]).collect();
     normal.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
@@ -536,7 +536,7 @@ fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: 
             let map = engine.score(&[(img.as_raw().as_slice(), img.width(), img.height())], bank)?.remove(0);
             let gt = load_mask(t.mask.as_ref(), map.width, map.height)?;
             let pic = crate::overlay::panel(&img, gt.as_deref(), &map, level);
-            let wrong = if labels[i] { scores[i] < decision } else { scores[i] >= decision };
+            let wrong = preds[i] != labels[i];
             let caption = format!(
                 "{} {} — score {:.4} vs decision {:.4}{}",
                 if wrong { "worst" } else { "closest" },

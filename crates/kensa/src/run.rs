@@ -11,7 +11,6 @@ use clap::Args;
 use kensa_core::config::KensaConfig;
 use kensa_core::metrics as m;
 use kensa_core::Frame;
-use kensa_model::backbone::Backbone;
 use kensa_model::bank::Bank;
 use kensa_model::engine::Engine;
 use crate::deliver::{self, Scored};
@@ -78,14 +77,9 @@ async fn run(cfg: KensaConfig, a: RunArgs) -> Result<ExitCode> {
             if model_cfg.model.threads > 0 {
                 tch::set_num_threads(model_cfg.model.threads as i32);
             }
-            let device = kensa_model::device_from_str(&model_cfg.model.device)?;
-            let path = model_cfg.model.backbone.clone().unwrap_or_else(kensa_model::default_backbone_path);
-            let backbone = Backbone::load(&path, device)?
-                .with_precision(kensa_model::precision_kind(&model_cfg.model.precision)?)?;
-            if let Some(w) = backbone.precision_warning() {
-                tracing::warn!("{w}");
-            }
-            let kind = backbone.kind;
+            let m = &model_cfg.model;
+            let backbone = crate::commands::load_backbone(m.backbone.as_deref(), &m.device, &m.precision)?;
+            let (device, kind) = (backbone.device, backbone.kind);
             let mut banks = HashMap::new();
             for (name, p) in &model_cfg.products {
                 let bank = Bank::load(&p.bank, &backbone.meta, model_cfg.model.input_size, device)?.cast(kind);
