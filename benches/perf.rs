@@ -217,7 +217,13 @@ fn kernels(d: &Data, device: Device, bank1: &Path) {
                 std::hint::black_box(v);
             }
         });
-        println!("{b:>6} {:>14.2} {:>9.1} {:>16.2} {:>9.1}", model * 1e3 / b as f64, b as f64 / model, full * 1e3 / b as f64, b as f64 / full);
+        println!(
+            "{b:>6} {:>14.2} {:>9.1} {:>16.2} {:>9.1}",
+            model * 1e3 / b as f64,
+            b as f64 / model,
+            full * 1e3 / b as f64,
+            b as f64 / full
+        );
     }
 }
 
@@ -232,7 +238,9 @@ fn enroll_one(d: &Data, dir: &Path) -> PathBuf {
 }
 
 fn baseline(d: &Data, bank: &Path) {
-    println!("\n== Kensa vs the Python baseline (tools/baseline/patchcore_loop.py), same backbone file, bank and images");
+    println!(
+        "\n== Kensa vs the Python baseline (tools/baseline/patchcore_loop.py), same backbone file, bank and images"
+    );
     let tmp = TempDir::new("perf-baseline");
     // 162 images, cycling the test set (the size of the baseline run quoted in the team's notes).
     let imgs = tmp.path().join("images");
@@ -248,7 +256,7 @@ fn baseline(d: &Data, bank: &Path) {
         let keys: Vec<&String> = scores.keys().collect();
         let s: Vec<f32> = keys.iter().map(|k| scores[*k]).collect();
         let l: Vec<bool> = keys.iter().map(|k| labels[*k]).collect();
-        kensa_core::eval::auroc(&s, &l).unwrap_or(f64::NAN)
+        kensa_eval::metrics::auroc(&s, &l).unwrap_or(f64::NAN)
     };
 
     let python = std::env::var("KENSA_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -264,7 +272,8 @@ fn baseline(d: &Data, bank: &Path) {
         .expect("python");
     let py_wall = t0.elapsed().as_secs_f64();
     assert!(o.status.success(), "baseline failed: {}", String::from_utf8_lossy(&o.stderr));
-    let info: serde_json::Value = serde_json::from_slice(o.stdout.rsplit(|&c| c == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_slice(o.stdout.rsplit(|&c| c == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
     let py_scores: std::collections::HashMap<String, f32> =
         serde_json::from_str::<std::collections::HashMap<String, f64>>(&std::fs::read_to_string(&out).unwrap())
             .unwrap()
@@ -272,7 +281,13 @@ fn baseline(d: &Data, bank: &Path) {
             .map(|(k, v)| (Path::new(&k).file_stem().unwrap().to_string_lossy().into_owned(), v as f32))
             .collect();
 
-    let mut rows = vec![("python loop (batch 1)".to_string(), py_wall, info["steady_img_s"].as_f64().unwrap_or(f64::NAN), auroc(&py_scores), 0.0)];
+    let mut rows = vec![(
+        "python loop (batch 1)".to_string(),
+        py_wall,
+        info["steady_img_s"].as_f64().unwrap_or(f64::NAN),
+        auroc(&py_scores),
+        0.0,
+    )];
     let bf16 = env_str("KENSA_BACKBONE_BF16", "");
     let mut variants = vec![("(default batch 1)", vec![]), ("--batch 4", vec!["--batch", "4"])];
     if Path::new(&bf16).is_file() {
@@ -291,14 +306,18 @@ fn baseline(d: &Data, bank: &Path) {
         let scores: std::collections::HashMap<String, f32> = labels
             .keys()
             .map(|k| {
-                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kout.join(format!("{k}.json"))).unwrap()).unwrap();
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(kout.join(format!("{k}.json"))).unwrap()).unwrap();
                 (k.clone(), v["score"].as_f64().unwrap() as f32)
             })
             .collect();
         let maxdiff = scores.iter().map(|(k, v)| (v - py_scores[k]).abs()).fold(0.0f32, f32::max);
         rows.push((format!("kensa score {label}"), wall, steady, auroc(&scores), maxdiff as f64));
     }
-    println!("{:<32} {:>7} {:>10} {:>11} {:>12} {:>8} {:>15}", "", "images", "wall_s", "wall_img/s", "steady_img/s", "AUROC", "max|Δscore|");
+    println!(
+        "{:<32} {:>7} {:>10} {:>11} {:>12} {:>8} {:>15}",
+        "", "images", "wall_s", "wall_img/s", "steady_img/s", "AUROC", "max|Δscore|"
+    );
     for (name, wall, steady, a, diff) in &rows {
         println!("{name:<32} {:>7} {wall:>10.2} {:>11.1} {steady:>12.1} {a:>8.3} {diff:>15.5}", 162, 162.0 / wall);
     }
@@ -328,7 +347,8 @@ fn cpu_s(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = rest.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0) + rest.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 = rest.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+        + rest.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -336,7 +356,8 @@ fn cpu_s(pid: u32) -> f64 {
 fn quantile(before: &str, after: &str, name: &str, q: f64) -> f64 {
     let b = buckets(before, name);
     let a = buckets(after, name);
-    let d: Vec<(f64, f64)> = a.iter().map(|(le, c)| (*le, c - b.iter().find(|(x, _)| x == le).map(|x| x.1).unwrap_or(0.0))).collect();
+    let d: Vec<(f64, f64)> =
+        a.iter().map(|(le, c)| (*le, c - b.iter().find(|(x, _)| x == le).map(|x| x.1).unwrap_or(0.0))).collect();
     let Some(total) = d.last().map(|x| x.1).filter(|t| *t > 0.0) else { return f64::NAN };
     let rank = q * total;
     let mut prev = (0.0, 0.0);
@@ -373,10 +394,10 @@ fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, spread: bool, ba
         .collect();
     let cfg = config(dir.path(), bank, &topic, &broker.addr(), &metrics_addr, &cameras);
     let threads = env_str("KENSA_PERF_MODEL_THREADS", "0");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("max_size = 4", &format!("max_size = {batch}"))
-        .replace("device = \"cpu\"", &format!("device = \"{}\"\nthreads = {threads}", env_str("KENSA_PERF_DEVICE", "cpu")));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_size = 4", &format!("max_size = {batch}")).replace(
+        "device = \"cpu\"",
+        &format!("device = \"{}\"\nthreads = {threads}", env_str("KENSA_PERF_DEVICE", "cpu")),
+    );
     std::fs::write(&cfg, text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     // Warm up: wait for frames to flow, then 3 s more.
@@ -419,7 +440,8 @@ fn model_step(frames: &Path, bank: &Path, device: Device) -> (f64, f64) {
     let bank = Bank::load(bank, &backbone.meta, 0, device).expect("bank");
     let engine = Engine::new(backbone, bank.meta.input_size);
     let imgs: Vec<Img> = list_pngs(frames).iter().take(8).map(|p| load_rgb(p)).collect();
-    let v: Vec<(&[u8], u32, u32)> = (0..8).map(|i| &imgs[i % imgs.len()]).map(|(x, w, h)| (x.as_slice(), *w, *h)).collect();
+    let v: Vec<(&[u8], u32, u32)> =
+        (0..8).map(|i| &imgs[i % imgs.len()]).map(|(x, w, h)| (x.as_slice(), *w, *h)).collect();
     let t8 = time_it(5, || {
         let _ = engine.score(&v, &bank).unwrap();
     });
@@ -434,19 +456,33 @@ fn score_fps(bank: &Path) -> f64 {
     let tmp = TempDir::new("perf-score");
     let data = tmp.path().join("line");
     kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "200", "--train", "0", "--seed", "3"]);
-    let o = kensa(&["score", "--bank", bank.to_str().unwrap(), "--out", tmp.path().join("out").to_str().unwrap(), data.join("test/good").to_str().unwrap(), "--batch", "8"]);
+    let o = kensa(&[
+        "score",
+        "--bank",
+        bank.to_str().unwrap(),
+        "--out",
+        tmp.path().join("out").to_str().unwrap(),
+        data.join("test/good").to_str().unwrap(),
+        "--batch",
+        "8",
+    ]);
     score_rate(&o)
 }
 
 /// The rate `kensa score` reports: "scored N image(s) in T s (R img/s) -> DIR".
 fn score_rate(o: &std::process::Output) -> f64 {
     let err = String::from_utf8_lossy(&o.stderr);
-    err.split(" img/s)").next().and_then(|r| r.rsplit('(').next()).and_then(|x| x.trim().parse().ok()).unwrap_or(f64::NAN)
+    err.split(" img/s)")
+        .next()
+        .and_then(|r| r.rsplit('(').next())
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
     let secs: f64 = env_str("KENSA_PERF_SECONDS", "20").parse().unwrap_or(20.0);
-    let counts: Vec<usize> = env_str("KENSA_PERF_CAMERAS", "1,4,16").split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let counts: Vec<usize> =
+        env_str("KENSA_PERF_CAMERAS", "1,4,16").split(',').filter_map(|s| s.trim().parse().ok()).collect();
     println!("\n== pipeline: synthetic cameras (256x256) → Kensa → tansu (own broker on this machine), 16-reference bank, {secs} s per phase");
     println!("capacity: block policy, cameras as fast as Kensa takes them (batch.max_size 8)");
     let moderate_batch: usize = env_str("KENSA_PERF_MODERATE_BATCH", "0").parse().unwrap_or(0);
@@ -456,7 +492,18 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
     );
     println!(
         "{:>5} {:<9} {:>7} {:>7} {:>7} {:>7} {:>12} {:>6} {:>10} {:>8} {:>13} {:>14}",
-        "cams", "phase", "fps", "dropped", "p50_ms", "p99_ms", "model_p99_ms", "batch", "model_busy", "rss_MiB", "kensa_cpu_ms", "broker_cpu_ms"
+        "cams",
+        "phase",
+        "fps",
+        "dropped",
+        "p50_ms",
+        "p99_ms",
+        "model_p99_ms",
+        "batch",
+        "model_busy",
+        "rss_MiB",
+        "kensa_cpu_ms",
+        "broker_cpu_ms"
     );
     let mut cap16 = 0.0;
     let mut busy16 = 0.0;
@@ -465,8 +512,16 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
         let row = |name: &str, p: &Phase| {
             println!(
                 "{n:>5} {name:<9} {:>7.1} {:>7} {:>7.1} {:>7.1} {:>12.1} {:>6.2} {:>9.0}% {:>8.0} {:>13.2} {:>14.2}",
-                p.fps, p.dropped, p.p50_ms, p.p99_ms, p.model_p99_ms, p.batch_mean, p.model_busy * 100.0, p.rss_peak_mib,
-                p.kensa_cpu_ms, p.broker_cpu_ms
+                p.fps,
+                p.dropped,
+                p.p50_ms,
+                p.p99_ms,
+                p.model_p99_ms,
+                p.batch_mean,
+                p.model_busy * 100.0,
+                p.rss_peak_mib,
+                p.kensa_cpu_ms,
+                p.broker_cpu_ms
             )
         };
         row("capacity", &cap);
@@ -506,7 +561,10 @@ fn main() {
         "cuda" => Device::Cuda(0),
         _ => Device::Cpu,
     };
-    println!("perf: sections {sections}; host {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "perf: sections {sections}; host {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
     let d = data();
     let tmp = TempDir::new("perf");
     let bank1 = enroll_one(&d, tmp.path());
@@ -521,7 +579,15 @@ fn main() {
         let line = tmp.path().join("refs");
         kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", "16", "--seed", "99"]);
         let bank = tmp.path().join("disc.kbank");
-        kensa_ok(&["enroll", "--product", "disc", "--images", line.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+        kensa_ok(&[
+            "enroll",
+            "--product",
+            "disc",
+            "--images",
+            line.join("train/good").to_str().unwrap(),
+            "--out",
+            bank.to_str().unwrap(),
+        ]);
         let (model_b1_ms, model_b8) = model_step(&line.join("train/good"), &bank, device);
         pipeline(model_b1_ms, model_b8, &bank);
     }

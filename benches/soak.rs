@@ -52,8 +52,14 @@ fn main() {
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics_addr, &cams);
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     let pid = d.child.id();
-    println!("soak: {cameras} cameras x {fps} fps for {seconds} s, {refs}-reference bank; kensa pid {pid}; broker {}", broker.addr());
-    println!("{:>7} {:>9} {:>8} {:>10} {:>9} {:>5} {:>9}", "t_s", "scored", "fps", "dropped", "rss_MiB", "fds", "p99_ms");
+    println!(
+        "soak: {cameras} cameras x {fps} fps for {seconds} s, {refs}-reference bank; kensa pid {pid}; broker {}",
+        broker.addr()
+    );
+    println!(
+        "{:>7} {:>9} {:>8} {:>10} {:>9} {:>5} {:>9}",
+        "t_s", "scored", "fps", "dropped", "rss_MiB", "fds", "p99_ms"
+    );
     let t0 = Instant::now();
     let mut prev = d.scrape();
     let mut prev_scored = metric(&prev, "kensa_frames_scored_total", &[]).unwrap_or(0.0);
@@ -62,11 +68,16 @@ fn main() {
     let mut rss_samples = vec![rss_start];
     let mut p99s = Vec::new();
     while t0.elapsed() < Duration::from_secs(seconds) {
-        std::thread::sleep(interval.min(Duration::from_secs(seconds).saturating_sub(t0.elapsed())).max(Duration::from_secs(1)));
+        std::thread::sleep(
+            interval.min(Duration::from_secs(seconds).saturating_sub(t0.elapsed())).max(Duration::from_secs(1)),
+        );
         let now = d.scrape();
         let scored = metric(&now, "kensa_frames_scored_total", &[]).unwrap_or(0.0);
         let dropped = metric(&now, "kensa_frames_dropped_total", &[]).unwrap_or(0.0);
-        let p = p99(&buckets(&prev, "kensa_end_to_end_latency_seconds"), &buckets(&now, "kensa_end_to_end_latency_seconds"));
+        let p = p99(
+            &buckets(&prev, "kensa_end_to_end_latency_seconds"),
+            &buckets(&now, "kensa_end_to_end_latency_seconds"),
+        );
         let rss = proc_status_kib(pid, "VmRSS") as u64;
         rss_samples.push(rss);
         p99s.extend(p);

@@ -12,6 +12,9 @@ export KENSA_TEST_BROKERS="$KENSA_BROKERS"
 export KENSA_BIN="$CARGO_TARGET_DIR/release/kensa"
 if [ -d ../shared/data ]; then export KENSA_SHARED="$(cd ../shared && pwd)"; fi
 echo "[test] broker $KENSA_TEST_BROKERS; shared data: ${KENSA_SHARED:-absent (tests that need it skip)}" >&2
+# Lints and formatting are part of the test: clippy with the workspace lints, -D warnings.
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
 log="$KENSA_CACHE/logs/test-$$.log"
 status=0
 cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?

@@ -31,15 +31,24 @@ fn every_field_of_the_contract() {
         let e = &r.event;
         assert!(ids.insert(e.event_id.clone()), "event ids are unique");
         assert_eq!(r.key, "cam-a");
-        assert_eq!((e.camera_id.as_str(), e.product.as_str(), e.line.as_str(), e.station.as_str()), ("cam-a", "disc", "L2", "S7"));
+        assert_eq!(
+            (e.camera_id.as_str(), e.product.as_str(), e.line.as_str(), e.station.as_str()),
+            ("cam-a", "disc", "L2", "S7")
+        );
         assert_eq!(e.event_id, format!("cam-a/{}/{}", e.event_id.split('/').nth(1).unwrap(), e.frame_seq));
-        assert!(e.capture_time_unix_nanos > 1_700_000_000_000_000_000 && e.publish_time_unix_nanos >= e.capture_time_unix_nanos);
+        assert!(
+            e.capture_time_unix_nanos > 1_700_000_000_000_000_000
+                && e.publish_time_unix_nanos >= e.capture_time_unix_nanos
+        );
         let stages: Vec<&str> = e.stages.iter().map(|s| s.stage.as_str()).collect();
         assert_eq!(stages, ["queue", "model", "verdict"]);
         assert!(e.stages.iter().all(|s| s.seconds >= 0.0 && s.seconds < 60.0));
         assert!(e.stages[1].seconds > 0.0, "model time is measured");
         assert_eq!(e.verdicts.len(), 1);
-        assert_eq!((e.verdicts[0].judge.as_str(), e.verdicts[0].anomalous, e.verdicts[0].answer.as_str()), ("calibrated", e.anomalous, e.answer.as_str()));
+        assert_eq!(
+            (e.verdicts[0].judge.as_str(), e.verdicts[0].anomalous, e.verdicts[0].answer.as_str()),
+            ("calibrated", e.anomalous, e.answer.as_str())
+        );
         assert_eq!(e.judge, "calibrated");
         assert!((0.0..=1.0).contains(&e.confidence));
         assert_eq!(kensa_core::grid::parse_answer(&e.answer).map(|c| c.len()), Some(e.locations.len()));
@@ -51,7 +60,8 @@ fn every_field_of_the_contract() {
         assert_eq!((e.mask_width, e.mask_height), (64, 64), "mask downscaled by publish.mask_max_side");
         let mask = image::load_from_memory(&e.mask_png).unwrap();
         assert_eq!((mask.width(), mask.height()), (64, 64));
-        let (rows, cols, _) = kensa_core::npy::read_f32_2d(std::fs::File::open(&e.map_path).expect("map stored")).unwrap();
+        let (rows, cols, _) =
+            kensa_core::npy::read_f32_2d(std::fs::File::open(&e.map_path).expect("map stored")).unwrap();
         assert_eq!((rows, cols), (256, 256), "the stored map is full resolution");
         assert_eq!(image::open(&e.snapshot_path).expect("snapshot stored").width(), 256);
         assert_eq!(e.bank_version.len(), 12);
@@ -115,12 +125,19 @@ fn kill_9_then_restart_resends_what_was_spooled() {
     broker.up();
     let mut d2 = Daemon::start(&cfg, &[], &metrics);
     let got = consume_until(&broker.addr(), &topic, Duration::from_secs(150), |r| {
-        r.iter().filter(|x| x.event.event_id.split('/').nth(1) == Some(run1.as_str())).map(|x| x.event.frame_seq).collect::<BTreeSet<_>>().len()
+        r.iter()
+            .filter(|x| x.event.event_id.split('/').nth(1) == Some(run1.as_str()))
+            .map(|x| x.event.frame_seq)
+            .collect::<BTreeSet<_>>()
+            .len()
             >= appended as usize
     })
     .unwrap();
-    let run1_seqs: BTreeSet<u64> =
-        got.iter().filter(|x| x.event.event_id.split('/').nth(1) == Some(run1.as_str())).map(|x| x.event.frame_seq).collect();
+    let run1_seqs: BTreeSet<u64> = got
+        .iter()
+        .filter(|x| x.event.event_id.split('/').nth(1) == Some(run1.as_str()))
+        .map(|x| x.event.frame_seq)
+        .collect();
     assert!(
         (0..appended).all(|s| run1_seqs.contains(&s)),
         "every one of the {appended} events spooled before the kill arrived; got {} of run 1\nlog:\n{}",
@@ -155,7 +172,9 @@ source = { kind = "synthetic", seed = 5, count = 3, defect_rate = 0.4 }
 "#;
     let extra = "[kafka.properties]\n\"message.max.bytes\" = \"1500\"\n";
     let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, extra, cams);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("connect_timeout_s = 10", "connect_timeout_s = 10\nmax_message_bytes = 1400");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("connect_timeout_s = 10", "connect_timeout_s = 10\nmax_message_bytes = 1400");
     std::fs::write(&cfg, text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let got = consume(&brokers(), &topic, 4, Duration::from_secs(120)).unwrap();
@@ -169,7 +188,10 @@ source = { kind = "synthetic", seed = 5, count = 3, defect_rate = 0.4 }
     });
     assert_eq!(metric(&m, "kensa_events_rejected_total", &[("reason", "too_large")]), Some(3.0), "{m}");
     let rejected = dir.path().join("kensa-outbox/rejected");
-    let kept = std::fs::read_dir(&rejected).unwrap().filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "bin").count();
+    let kept = std::fs::read_dir(&rejected)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "bin")
+        .count();
     assert_eq!(kept, 3, "rejected events are kept on disk");
     assert!(d.log_text().contains("over kafka.max_message_bytes"), "{}", d.log_text());
     assert_eq!(d.terminate(Duration::from_secs(40)), Some(0));
@@ -179,7 +201,9 @@ source = { kind = "synthetic", seed = 5, count = 3, defect_rate = 0.4 }
     let metrics = format!("127.0.0.1:{}", free_port());
     let topic = format!("never-created-{}", unique());
     let cfg = config_with(dir2.path(), &bank, &topic, &brokers(), &metrics, "", &synthetic("c", 3, 0.0, ""));
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("connect_timeout_s = 10", "connect_timeout_s = 10\ncreate_topics = false\nmessage_timeout_ms = 3000");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("connect_timeout_s = 10", "connect_timeout_s = 10\ncreate_topics = false\nmessage_timeout_ms = 3000");
     std::fs::write(&cfg, text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let t0 = std::time::Instant::now();
@@ -206,7 +230,10 @@ fn python_consumer_example_round_trip() {
     let py = std::env::var("KENSA_CACHE")
         .map(|c| std::path::PathBuf::from(c).join("venv/bin/python"))
         .unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&py).args(["-c", "import confluent_kafka, google.protobuf"]).status().is_ok_and(|s| s.success());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import confluent_kafka, google.protobuf"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !ok {
         eprintln!("SKIP python_consumer_example_round_trip: {} lacks confluent-kafka/protobuf (scripts/setup.sh installs them)", py.display());
         return;
@@ -215,7 +242,15 @@ fn python_consumer_example_round_trip() {
     let bank = synthetic_bank(dir.path(), "disc");
     let topic = format!("py-{}", unique());
     let metrics = format!("127.0.0.1:{}", free_port());
-    let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, "[publish]\nschema_registry_id = 3\n", &synthetic("cam", 6, 0.0, ""));
+    let cfg = config_with(
+        dir.path(),
+        &bank,
+        &topic,
+        &brokers(),
+        &metrics,
+        "[publish]\nschema_registry_id = 3\n",
+        &synthetic("cam", 6, 0.0, ""),
+    );
     let mut d = Daemon::start(&cfg, &["--exit-when-done"], &metrics);
     assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "log:\n{}", d.log_text());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/consumers/python/consume.py");
@@ -228,7 +263,10 @@ fn python_consumer_example_round_trip() {
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 6);
-    let seqs: BTreeSet<u64> = lines.iter().map(|l| l["frame_seq"].as_str().map(|s| s.parse().unwrap()).or(l["frame_seq"].as_u64()).unwrap_or(0)).collect();
+    let seqs: BTreeSet<u64> = lines
+        .iter()
+        .map(|l| l["frame_seq"].as_str().map(|s| s.parse().unwrap()).or(l["frame_seq"].as_u64()).unwrap_or(0))
+        .collect();
     assert_eq!(seqs, (0..6).collect(), "{lines:?}");
     for l in &lines {
         assert_eq!(l["key"], "cam");

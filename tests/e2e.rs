@@ -37,7 +37,12 @@ source = {{ kind = "synthetic", seed = {seed}, count = {n}, defect_rate = {rate}
         assert_eq!(ev.product, "disc");
         assert!(ev.event_id.starts_with("line-1/"));
         assert!(ev.capture_time_unix_nanos > 0 && ev.publish_time_unix_nanos >= ev.capture_time_unix_nanos);
-        assert_eq!(kensa_core::grid::parse_answer(&ev.answer).map(|c| c.is_empty()), Some(!ev.anomalous), "{}", ev.answer);
+        assert_eq!(
+            kensa_core::grid::parse_answer(&ev.answer).map(|c| c.is_empty()),
+            Some(!ev.anomalous),
+            "{}",
+            ev.answer
+        );
         assert!((0.0..=1.0).contains(&ev.confidence));
         assert!(!ev.bank_version.is_empty() && ev.model_id.starts_with("efficientnet-lite0"));
         let mask = image::load_from_memory(&ev.mask_png).expect("mask decodes as PNG").to_luma8();
@@ -155,7 +160,10 @@ source = {{ kind = "video_file", path = "{missing}" }}
     assert!(health.contains("failed"), "{health}");
     let log = d.log_text();
     assert!(log.contains("img03b.png"), "the corrupt file is named in the log:\n{log}");
-    assert!(log.contains("broken") && log.contains("no-such-file.avi"), "the failed camera and its path are named:\n{log}");
+    assert!(
+        log.contains("broken") && log.contains("no-such-file.avi"),
+        "the failed camera and its path are named:\n{log}"
+    );
     // A camera failed, so the exit code says so.
     assert_eq!(d.terminate(Duration::from_secs(40)), Some(2), "log:\n{}", d.log_text());
 }

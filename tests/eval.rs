@@ -5,7 +5,18 @@ use kensa_tests::*;
 
 fn eval_json(data: &std::path::Path, shots: &str, runs: &str, dir: &std::path::Path) -> serde_json::Value {
     let json = dir.join("eval.json");
-    let out = kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", shots, "--runs", runs, "--json", json.to_str().unwrap(), "--by-type"]);
+    let out = kensa_ok(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--shots",
+        shots,
+        "--runs",
+        runs,
+        "--json",
+        json.to_str().unwrap(),
+        "--by-type",
+    ]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("img_AUROC") && table.contains("PRO") && table.contains("defect type"), "{table}");
     serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
@@ -15,12 +26,25 @@ fn eval_json(data: &std::path::Path, shots: &str, runs: &str, dir: &std::path::P
 fn eval_on_a_synthetic_line() {
     let dir = TempDir::new("eval-synth");
     let data = dir.path().join("disc");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "24", "--train", "8", "--defect-rate", "0.5", "--seed", "8"]);
+    kensa_ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--count",
+        "24",
+        "--train",
+        "8",
+        "--defect-rate",
+        "0.5",
+        "--seed",
+        "8",
+    ]);
     let j = eval_json(&data, "1,2", "3", dir.path());
     assert_eq!(j["runs"].as_array().unwrap().len(), 6, "2 shot counts x 3 runs");
     let runs = j["runs"].as_array().unwrap();
     // Runs draw their references independently (seeded): not all the same.
-    let one_shot: std::collections::BTreeSet<String> = runs.iter().filter(|r| r["shots"] == 1).map(|r| r["references"].to_string()).collect();
+    let one_shot: std::collections::BTreeSet<String> =
+        runs.iter().filter(|r| r["shots"] == 1).map(|r| r["references"].to_string()).collect();
     assert!(one_shot.len() >= 2, "{one_shot:?}");
     for r in runs {
         assert_eq!(r["images"], 24);
@@ -46,11 +70,15 @@ fn eval_mvtec_bottle_one_shot_reaches_the_target() {
     // Per defect type: bottle's three test folders, their images, shares of the defect pixels.
     for r in j["runs"].as_array().unwrap() {
         let t = r["by_type"].as_array().unwrap();
-        let kinds: Vec<(&str, u64)> = t.iter().map(|x| (x["kind"].as_str().unwrap(), x["images"].as_u64().unwrap())).collect();
+        let kinds: Vec<(&str, u64)> =
+            t.iter().map(|x| (x["kind"].as_str().unwrap(), x["images"].as_u64().unwrap())).collect();
         assert_eq!(kinds, vec![("broken_large", 7), ("broken_small", 8), ("contamination", 7)], "{r}");
         let share: f64 = t.iter().map(|x| x["pixel_share"].as_f64().unwrap()).sum();
         assert!((share - 1.0).abs() < 1e-9, "{share}");
-        assert!(t.iter().all(|x| x["image_auroc"].as_f64().unwrap() >= 0.99 && x["pixel_auroc"].as_f64().unwrap() >= 0.97), "{r}");
+        assert!(
+            t.iter().all(|x| x["image_auroc"].as_f64().unwrap() >= 0.99 && x["pixel_auroc"].as_f64().unwrap() >= 0.97),
+            "{r}"
+        );
     }
 }
 
@@ -61,10 +89,32 @@ fn eval_mvtec_bottle_one_shot_reaches_the_target() {
 fn report_and_overlays() {
     let dir = TempDir::new("eval-report");
     let data = dir.path().join("disc");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "4", "--defect-rate", "0.5", "--seed", "3"]);
+    kensa_ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--count",
+        "16",
+        "--train",
+        "4",
+        "--defect-rate",
+        "0.5",
+        "--seed",
+        "3",
+    ]);
     let rep = dir.path().join("report");
     let json = dir.path().join("eval.json");
-    kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", "1,2", "--report", rep.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    kensa_ok(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--shots",
+        "1,2",
+        "--report",
+        rep.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
     assert!(html.contains("<table") && html.contains("disc"), "no table");
     assert_eq!(html.matches("<svg").count(), 2, "one ROC curve per shot count");
@@ -82,10 +132,12 @@ fn report_and_overlays() {
         .map(|r| format!("{:.4}", r["calibration"]["image_threshold"].as_f64().unwrap()))
         .collect();
     assert_eq!(decisions.len(), 2, "one first run per shot count");
-    let captions: Vec<&str> = html.split("<figcaption>").skip(1).map(|c| c.split("</figcaption>").next().unwrap()).collect();
+    let captions: Vec<&str> =
+        html.split("<figcaption>").skip(1).map(|c| c.split("</figcaption>").next().unwrap()).collect();
     assert_eq!(captions.len(), 12, "{captions:?}");
     for (i, c) in captions.iter().enumerate() {
-        let num = |key: &str| -> f64 { c.split(key).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap() };
+        let num =
+            |key: &str| -> f64 { c.split(key).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap() };
         let (score, decision) = (num("score "), num("vs decision "));
         assert_eq!(format!("{decision:.4}"), decisions[i / 6], "caption {c}");
         if (score - decision).abs() > 1e-4 {
@@ -96,16 +148,38 @@ fn report_and_overlays() {
 
     // Overlays: a defective image's overlay is reddest inside its ground-truth mask.
     let bank = dir.path().join("disc.kbank");
-    kensa_ok(&["enroll", "--product", "disc", "--images", data.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
-    let kind = std::fs::read_dir(data.join("test")).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap() != "good").unwrap();
+    kensa_ok(&[
+        "enroll",
+        "--product",
+        "disc",
+        "--images",
+        data.join("train/good").to_str().unwrap(),
+        "--out",
+        bank.to_str().unwrap(),
+    ]);
+    let kind = std::fs::read_dir(data.join("test"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap() != "good")
+        .unwrap();
     let img = std::fs::read_dir(&kind).unwrap().map(|e| e.unwrap().path()).min().unwrap();
     let out = dir.path().join("scored");
-    kensa_ok(&["score", "--overlay", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), img.to_str().unwrap()]);
+    kensa_ok(&[
+        "score",
+        "--overlay",
+        "--bank",
+        bank.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let stem = img.file_stem().unwrap().to_string_lossy().into_owned();
     let ov = image::open(out.join(format!("{stem}_overlay.png"))).unwrap().to_rgb8();
     let src = image::open(&img).unwrap().to_rgb8();
     assert_eq!((ov.width(), ov.height()), (2 * src.width() + 4, src.height()), "image | overlay");
-    let mask = image::open(data.join("ground_truth").join(kind.file_name().unwrap()).join(format!("{stem}_mask.png"))).unwrap().to_luma8();
+    let mask = image::open(data.join("ground_truth").join(kind.file_name().unwrap()).join(format!("{stem}_mask.png")))
+        .unwrap()
+        .to_luma8();
     let x0 = src.width() + 4;
     let redness = |inside: bool| -> f64 {
         let v: Vec<f64> = mask

@@ -44,7 +44,9 @@ fn rtsp_server_available() -> bool {
 #[test]
 fn rtsp_camera_reconnects_when_its_server_restarts() {
     if !rtsp_server_available() {
-        eprintln!("SKIP rtsp test: needs python3-gi, gir1.2-gst-rtsp-server-1.0 and x264enc (scripts/setup.sh installs them)");
+        eprintln!(
+            "SKIP rtsp test: needs python3-gi, gir1.2-gst-rtsp-server-1.0 and x264enc (scripts/setup.sh installs them)"
+        );
         return;
     }
     let port = free_port();
@@ -88,7 +90,8 @@ fn rtsp_camera_reconnects_when_its_server_restarts() {
     let seqs: Vec<u64> = later.iter().map(|r| r.event.frame_seq).collect();
     assert!(seqs.iter().filter(|&&s| s > seq_before).count() >= 10, "publishing again\nlog:\n{}", d.log_text());
     assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len(), seqs.len(), "no frame number twice");
-    assert!(wait_for(Duration::from_secs(10), || metric(&d.scrape(), "kensa_camera_up", &[("camera", "ipcam")]) == Some(1.0)));
+    assert!(wait_for(Duration::from_secs(10), || metric(&d.scrape(), "kensa_camera_up", &[("camera", "ipcam")])
+        == Some(1.0)));
     assert!(d.log_text().contains("camera reconnected"));
     assert_eq!(d.terminate(Duration::from_secs(40)), Some(0), "{}", d.log_text());
 }
@@ -108,9 +111,13 @@ fn a_live_camera_that_never_answers_is_reported_failed_and_retried_slowly() {
     // The other camera is unaffected.
     let got = consume(&brokers(), &topic, 5, Duration::from_secs(90)).unwrap();
     assert_eq!(got.iter().filter(|(k, _)| k == "ok").count(), 5);
-    assert!(wait_for(Duration::from_secs(30), || {
-        metric(&d.scrape(), "kensa_camera_state", &[("camera", "ghost"), ("state", "failed")]) == Some(1.0)
-    }), "{}", d.scrape());
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            metric(&d.scrape(), "kensa_camera_state", &[("camera", "ghost"), ("state", "failed")]) == Some(1.0)
+        }),
+        "{}",
+        d.scrape()
+    );
     // Capped backoff: over 4 s at most a handful of attempts, not a busy loop.
     let a = metric(&d.scrape(), "kensa_camera_reconnects_total", &[("camera", "ghost")]).unwrap();
     std::thread::sleep(Duration::from_secs(4));
@@ -175,13 +182,28 @@ fn tampered_and_truncated_banks_are_named_errors() {
 /// "flow error" seen when streaming by name. By address, the stream stays on loopback.
 #[test]
 fn gige_template_streams_from_aravis_fake_camera() {
-    let has_fake = Command::new("arv-fake-gv-camera-0.8").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    let has_src = Command::new("gst-inspect-1.0").arg("aravissrc").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let has_fake = Command::new("arv-fake-gv-camera-0.8")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    let has_src = Command::new("gst-inspect-1.0")
+        .arg("aravissrc")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if !has_fake || !has_src {
         eprintln!("SKIP gige test: needs aravis-tools (arv-fake-gv-camera-0.8) and aravissrc (scripts/setup.sh installs them)");
         return;
     }
-    let mut fake = Command::new("arv-fake-gv-camera-0.8").args(["-i", "127.0.0.1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut fake = Command::new("arv-fake-gv-camera-0.8")
+        .args(["-i", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let dir = TempDir::new("gige");
     let bank = synthetic_bank(dir.path(), "disc");
@@ -206,7 +228,8 @@ fn shutdown_deadline_forces_exit() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("deadline");
     let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
     // The drain would wait a minute for the broker; the deadline is 3 s.
-    let cfg = config_with(dir.path(), &bank, &topic, &broker.addr(), &metrics, "[publish]\ndrain_timeout_s = 60\n", cams);
+    let cfg =
+        config_with(dir.path(), &bank, &topic, &broker.addr(), &metrics, "[publish]\ndrain_timeout_s = 60\n", cams);
     let mut d = Daemon::start(&cfg, &["--shutdown-deadline-s", "3"], &metrics);
     consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
     broker.down();

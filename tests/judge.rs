@@ -18,13 +18,21 @@ fn train_judge_learns_synthetic_anomalies() {
     let refs = dir.path().join("refs/train/good");
     let out = dir.path().join("disc.judge.safetensors");
     let o = kensa(&[
-        "train-judge", "--bank", bank.to_str().unwrap(), "--images", refs.to_str().unwrap(), "--lm", lm.to_str().unwrap(),
-        "--out", out.to_str().unwrap(),
+        "train-judge",
+        "--bank",
+        bank.to_str().unwrap(),
+        "--images",
+        refs.to_str().unwrap(),
+        "--lm",
+        lm.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(out.is_file());
-    let side: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}.json", out.display())).unwrap()).unwrap();
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{}.json", out.display())).unwrap()).unwrap();
     let acc = side["held_out_accuracy"].as_f64().unwrap();
     eprintln!("held-out synthetic verdict accuracy {acc:.3}");
     // Half the held-out examples are normal: a judge that did not learn sits near 0.5.
@@ -32,7 +40,17 @@ fn train_judge_learns_synthetic_anomalies() {
     assert!(acc >= 0.85, "held-out accuracy {acc}; {err}");
     assert!(err.contains("precision") && err.contains("location accuracy"), "{err}");
     // A missing reference folder is named.
-    let o = kensa(&["train-judge", "--bank", bank.to_str().unwrap(), "--images", "/nonexistent", "--lm", lm.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = kensa(&[
+        "train-judge",
+        "--bank",
+        bank.to_str().unwrap(),
+        "--images",
+        "/nonexistent",
+        "--lm",
+        lm.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--images"), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -48,10 +66,30 @@ fn eval_reports_both_judges() {
     let lm = shared.join("models/stories260K/stories260K.bin");
     let dir = TempDir::new("judge-eval");
     let data = dir.path().join("disc");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "2", "--defect-rate", "0.5", "--seed", "6"]);
+    kensa_ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--count",
+        "16",
+        "--train",
+        "2",
+        "--defect-rate",
+        "0.5",
+        "--seed",
+        "6",
+    ]);
     let json = dir.path().join("e.json");
     let o = kensa_ok(&[
-        "eval", "--data", data.to_str().unwrap(), "--lm", lm.to_str().unwrap(), "--judge-examples", "120", "--json", json.to_str().unwrap(),
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--lm",
+        lm.to_str().unwrap(),
+        "--judge-examples",
+        "120",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("calibrated") && table.contains("language-model") && table.contains("location"), "{table}");
@@ -83,8 +121,19 @@ fn daemon_runs_both_judges() {
     let bank = synthetic_bank_of(dir.path(), "disc", 2);
     let judge = dir.path().join("disc.judge.safetensors");
     kensa_ok(&[
-        "train-judge", "--bank", bank.to_str().unwrap(), "--images", dir.path().join("refs/train/good").to_str().unwrap(),
-        "--lm", lm.to_str().unwrap(), "--out", judge.to_str().unwrap(), "--examples", "60", "--epochs", "2",
+        "train-judge",
+        "--bank",
+        bank.to_str().unwrap(),
+        "--images",
+        dir.path().join("refs/train/good").to_str().unwrap(),
+        "--lm",
+        lm.to_str().unwrap(),
+        "--out",
+        judge.to_str().unwrap(),
+        "--examples",
+        "60",
+        "--epochs",
+        "2",
     ]);
     for (mode, decider) in [("both", "calibrated"), ("language_model", "language-model")] {
         let topic = format!("judges-{mode}-{}", unique());
@@ -111,8 +160,20 @@ fn daemon_runs_both_judges() {
     }
     // A missing judge file is named by `kensa check`.
     let extra = "judge = \"/nonexistent/disc.judge.safetensors\"\n\n[judges]\nmode = \"both\"\n";
-    let cfg = config_with(dir.path(), &bank, "t", &brokers(), "127.0.0.1:1", extra, "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\" }\n");
+    let cfg = config_with(
+        dir.path(),
+        &bank,
+        "t",
+        &brokers(),
+        "127.0.0.1:1",
+        extra,
+        "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\" }\n",
+    );
     let o = kensa(&["check", "--config", cfg.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("products.disc.judge"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("products.disc.judge"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

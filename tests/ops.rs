@@ -15,7 +15,15 @@ fn other_bank(dir: &Path, name: &str, seed: &str) -> PathBuf {
     let refs = dir.join(format!("refs-{name}"));
     kensa_ok(&["synth", "--out", refs.to_str().unwrap(), "--count", "0", "--train", "3", "--seed", seed]);
     let bank = dir.join(format!("{name}.kbank"));
-    kensa_ok(&["enroll", "--product", name, "--images", refs.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    kensa_ok(&[
+        "enroll",
+        "--product",
+        name,
+        "--images",
+        refs.join("train/good").to_str().unwrap(),
+        "--out",
+        bank.to_str().unwrap(),
+    ]);
     bank
 }
 
@@ -30,10 +38,14 @@ fn bank_swap_while_frames_flow_loses_no_frame_and_a_bad_bank_is_rejected() {
     let next = other_bank(dir.path(), "next", "7");
     let topic = format!("reload-{}", unique());
     let metrics = format!("127.0.0.1:{}", free_port());
-    let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, "[model]\nbank_poll_s = 1\n", &endless("cam"))
-        .to_path_buf();
+    let cfg =
+        config_with(dir.path(), &bank, &topic, &brokers(), &metrics, "[model]\nbank_poll_s = 1\n", &endless("cam"))
+            .to_path_buf();
     // config_with already wrote a [model] table: merge the key into it.
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("[model]\nbank_poll_s = 1\n", "").replace("device = \"cpu\"", "device = \"cpu\"\nbank_poll_s = 1");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[model]\nbank_poll_s = 1\n", "")
+        .replace("device = \"cpu\"", "device = \"cpu\"\nbank_poll_s = 1");
     std::fs::write(&cfg, text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let before = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.len() >= 5).unwrap();
@@ -65,7 +77,8 @@ fn bank_swap_while_frames_flow_loses_no_frame_and_a_bad_bank_is_rejected() {
     let max = *seqs.iter().next_back().unwrap();
     assert_eq!(seqs, (0..=max).collect(), "every frame from 0 to {max} was published");
     // Each frame was scored entirely by one bank: versions change once, never back.
-    let mut by_seq: Vec<(u64, String)> = all.iter().map(|x| (x.event.frame_seq, x.event.bank_version.clone())).collect();
+    let mut by_seq: Vec<(u64, String)> =
+        all.iter().map(|x| (x.event.frame_seq, x.event.bank_version.clone())).collect();
     by_seq.sort();
     by_seq.dedup();
     let switches = by_seq.windows(2).filter(|w| w[0].1 != w[1].1).count();
@@ -82,18 +95,26 @@ fn changeover_by_sighup_and_by_control_topic() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let extra = format!("[products.gear]\nbank = \"{}\"\n", other.display());
     let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, &extra, &endless("cam"));
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("connect_timeout_s = 10", &format!("connect_timeout_s = 10\ncontrol_topic = \"{control}\""));
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("connect_timeout_s = 10", &format!("connect_timeout_s = 10\ncontrol_topic = \"{control}\""));
     std::fs::write(&cfg, &text).unwrap();
     let mut d = Daemon::start(&cfg, &[], &metrics);
     consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
     // SIGHUP after editing the config: the camera now inspects "gear".
     std::fs::write(&cfg, text.replace("product = \"disc\"\nsource", "product = \"gear\"\nsource")).unwrap();
     signal(d.child.id(), "HUP");
-    let got = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.iter().filter(|x| x.event.product == "gear").count() >= 3)
-        .unwrap();
+    let got = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| {
+        r.iter().filter(|x| x.event.product == "gear").count() >= 3
+    })
+    .unwrap();
     assert!(got.iter().any(|x| x.event.product == "gear"), "{}", d.log_text());
     // A control message switches it back; a malformed one is counted and ignored.
-    assert!(wait_for(Duration::from_secs(20), || d.log_text().contains("reading control commands")), "{}", d.log_text());
+    assert!(
+        wait_for(Duration::from_secs(20), || d.log_text().contains("reading control commands")),
+        "{}",
+        d.log_text()
+    );
     produce(&brokers(), &control, "cam", b"{not json");
     produce(&brokers(), &control, "cam", br#"{"camera": "cam", "product": "disc"}"#);
     let n = got.len();
@@ -112,7 +133,11 @@ fn liveness_readiness_follow_the_broker() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("ready");
     let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &endless("cam"));
     let mut d = Daemon::start(&cfg, &[], &metrics);
-    assert!(wait_for(Duration::from_secs(60), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 200)), "{}", d.log_text());
+    assert!(
+        wait_for(Duration::from_secs(60), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 200)),
+        "{}",
+        d.log_text()
+    );
     assert_eq!(http_get(&metrics, "/livez").unwrap().0, 200);
     broker.down();
     assert!(wait_for(Duration::from_secs(30), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 503)));
@@ -155,7 +180,12 @@ fn dashboard_and_alerts_query_metrics_that_exist() {
         .collect();
     let rules: serde_json::Value =
         serde_norway::from_str(&std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap()).unwrap();
-    let rule_exprs: Vec<String> = rules["groups"][0]["rules"].as_array().unwrap().iter().map(|r| r["expr"].as_str().unwrap().to_string()).collect();
+    let rule_exprs: Vec<String> = rules["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_string())
+        .collect();
     assert!(rule_exprs.len() >= 5);
     let mut wanted = BTreeSet::new();
     for e in exprs.iter().chain(&rule_exprs) {
@@ -191,7 +221,11 @@ fn dashboard_and_alerts_query_metrics_that_exist() {
     assert_eq!(d.terminate(Duration::from_secs(40)), Some(0));
 
     // promtool, where installed.
-    match std::process::Command::new("promtool").args(["check", "rules"]).arg(root().join("deploy/prometheus/alerts.yml")).output() {
+    match std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root().join("deploy/prometheus/alerts.yml"))
+        .output()
+    {
         Ok(o) => assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout)),
         Err(_) => eprintln!("SKIP promtool check rules: promtool is not installed"),
     }
@@ -223,16 +257,25 @@ fn deploy_manifests_parse_and_have_their_required_fields() {
     for k in ["ConfigMap", "Deployment", "Service", "ServiceMonitor", "PersistentVolumeClaim"] {
         assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
     }
-    let compose: serde_json::Value = serde_norway::from_str(&std::fs::read_to_string(root().join("deploy/compose.yaml")).unwrap()).unwrap();
+    let compose: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(root().join("deploy/compose.yaml")).unwrap()).unwrap();
     let services = compose["services"].as_object().unwrap();
     for s in ["kensa", "kafka", "prometheus", "grafana"] {
         let svc = &services[s];
         assert!(svc["image"].is_string() || svc["build"].is_object(), "{s}: {svc}");
     }
-    for f in ["deploy/prometheus/prometheus.yml", "deploy/grafana/provisioning/datasources/prometheus.yml", "deploy/grafana/provisioning/dashboards/kensa.yml"] {
-        let _: serde_json::Value = serde_norway::from_str(&std::fs::read_to_string(root().join(f)).unwrap()).unwrap_or_else(|e| panic!("{f}: {e}"));
+    for f in [
+        "deploy/prometheus/prometheus.yml",
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+        "deploy/grafana/provisioning/dashboards/kensa.yml",
+    ] {
+        let _: serde_json::Value = serde_norway::from_str(&std::fs::read_to_string(root().join(f)).unwrap())
+            .unwrap_or_else(|e| panic!("{f}: {e}"));
     }
-    let c = kensa_core::config::KensaConfig::from_toml_str(&std::fs::read_to_string(root().join("deploy/config/kensa.toml")).unwrap()).unwrap();
+    let c = kensa_core::config::KensaConfig::from_toml_str(
+        &std::fs::read_to_string(root().join("deploy/config/kensa.toml")).unwrap(),
+    )
+    .unwrap();
     assert!(c.problems().iter().all(|p| p.contains("bank file not found")));
     let unit = std::fs::read_to_string(root().join("deploy/systemd/kensa.service")).unwrap();
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID") && unit.contains("ExecStart="));

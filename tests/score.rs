@@ -11,7 +11,21 @@ fn read_json(p: &Path) -> serde_json::Value {
 fn score_writes_exact_json_and_a_map_at_image_resolution() {
     let dir = TempDir::new("score");
     let data = dir.path().join("line");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "16", "--train", "3", "--defect-rate", "0.5", "--seed", "21", "--size", "192"]);
+    kensa_ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--count",
+        "16",
+        "--train",
+        "3",
+        "--defect-rate",
+        "0.5",
+        "--seed",
+        "21",
+        "--size",
+        "192",
+    ]);
     // MVTec layout with masks for every defective image.
     let good = std::fs::read_dir(data.join("test/good")).unwrap().count();
     let mut defect_imgs = Vec::new();
@@ -22,10 +36,10 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
         }
         for f in std::fs::read_dir(&d).unwrap() {
             let f = f.unwrap().path();
-            let mask = data.join("ground_truth").join(d.file_name().unwrap()).join(format!(
-                "{}_mask.png",
-                f.file_stem().unwrap().to_str().unwrap()
-            ));
+            let mask = data
+                .join("ground_truth")
+                .join(d.file_name().unwrap())
+                .join(format!("{}_mask.png", f.file_stem().unwrap().to_str().unwrap()));
             assert!(mask.is_file(), "{} has no mask", f.display());
             defect_imgs.push(f);
         }
@@ -34,10 +48,19 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
     assert!(!defect_imgs.is_empty() && good > 0);
 
     let bank = dir.path().join("line.kbank");
-    kensa_ok(&["enroll", "--product", "line", "--images", data.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    kensa_ok(&[
+        "enroll",
+        "--product",
+        "line",
+        "--images",
+        data.join("train/good").to_str().unwrap(),
+        "--out",
+        bank.to_str().unwrap(),
+    ]);
     let out = dir.path().join("out");
     let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap()];
-    let test_dirs: Vec<String> = std::fs::read_dir(data.join("test")).unwrap().map(|d| d.unwrap().path().display().to_string()).collect();
+    let test_dirs: Vec<String> =
+        std::fs::read_dir(data.join("test")).unwrap().map(|d| d.unwrap().path().display().to_string()).collect();
     args.extend(test_dirs.iter().map(|s| s.as_str()));
     kensa_ok(&args);
 
@@ -58,7 +81,8 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
             let c = j["confidence"].as_f64().unwrap();
             assert!((0.0..=1.0).contains(&c));
             let (rows, cols, map) =
-                kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap();
+                kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap())
+                    .unwrap();
             assert_eq!((rows, cols), (192, 192), "map at the image's own resolution");
             let max = map.iter().copied().fold(f32::MIN, f32::max);
             assert!((max - j["score"].as_f64().unwrap() as f32).abs() < 1e-4, "score is the map's max");
@@ -91,7 +115,10 @@ fn real_bottle_images_one_shot() {
     let cal = kensa_model::bank::Bank::load_unchecked(&bank, tch::Device::Cpu).unwrap().meta.calibration;
     assert!(cal.method.contains("highest") && cal.method.contains("Platt") && cal.method.contains("masks"), "{cal:?}");
     assert!(cal.pixel_fit_f1 > 0.3 && cal.pixel_fit_f1 <= 1.0, "{cal:?}");
-    assert!(cal.pixel_threshold > cal.normal_scores[0] * 0.5 && cal.pixel_threshold < *cal.anomaly_scores.last().unwrap(), "{cal:?}");
+    assert!(
+        cal.pixel_threshold > cal.normal_scores[0] * 0.5 && cal.pixel_threshold < *cal.anomaly_scores.last().unwrap(),
+        "{cal:?}"
+    );
     assert!((0.0002..0.05).contains(&cal.min_area_frac), "{cal:?}");
     assert!(cal.logistic_scale.is_finite() && cal.logistic_scale > 0.0, "{cal:?}");
     let mut scores = Vec::new(); // (score, is_defect, anomalous)
@@ -103,14 +130,33 @@ fn real_bottle_images_one_shot() {
             let f = f.unwrap().path();
             if f.extension().is_some_and(|e| e == "json") {
                 let j = read_json(&f);
-                scores.push((j["score"].as_f64().unwrap(), d.file_name().unwrap() != "good", j["anomalous"].as_bool().unwrap()));
+                scores.push((
+                    j["score"].as_f64().unwrap(),
+                    d.file_name().unwrap() != "good",
+                    j["anomalous"].as_bool().unwrap(),
+                ));
             }
         }
     }
     assert_eq!(scores.len(), 29);
     let pos: Vec<f64> = scores.iter().filter(|s| s.1).map(|s| s.0).collect();
     let neg: Vec<f64> = scores.iter().filter(|s| !s.1).map(|s| s.0).collect();
-    let wins: f64 = pos.iter().map(|p| neg.iter().map(|n| if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+    let wins: f64 = pos
+        .iter()
+        .map(|p| {
+            neg.iter()
+                .map(|n| {
+                    if p > n {
+                        1.0
+                    } else if p == n {
+                        0.5
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>()
+        })
+        .sum();
     let auroc = wins / (pos.len() * neg.len()) as f64;
     let acc = scores.iter().filter(|s| s.1 == s.2).count() as f64 / scores.len() as f64;
     eprintln!("mvtec-bottle 1-shot: image AUROC {auroc:.3}, verdict accuracy {acc:.3}");
@@ -129,9 +175,29 @@ fn bf16_backbone_agrees_with_fp32() {
     }
     let dir = TempDir::new("bf16");
     let data = dir.path().join("line");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "24", "--train", "2", "--defect-rate", "0.5", "--seed", "8"]);
+    kensa_ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--count",
+        "24",
+        "--train",
+        "2",
+        "--defect-rate",
+        "0.5",
+        "--seed",
+        "8",
+    ]);
     let bank = dir.path().join("disc.kbank");
-    kensa_ok(&["enroll", "--product", "disc", "--images", data.join("train/good").to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    kensa_ok(&[
+        "enroll",
+        "--product",
+        "disc",
+        "--images",
+        data.join("train/good").to_str().unwrap(),
+        "--out",
+        bank.to_str().unwrap(),
+    ]);
     let mut images = Vec::new();
     for d in std::fs::read_dir(data.join("test")).unwrap() {
         images.push(d.unwrap().path());
@@ -148,7 +214,10 @@ fn bf16_backbone_agrees_with_fp32() {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .map(|p| {
                 let j = read_json(&p);
-                (p.file_stem().unwrap().to_string_lossy().into_owned(), (j["score"].as_f64().unwrap(), j["anomalous"].as_bool().unwrap()))
+                (
+                    p.file_stem().unwrap().to_string_lossy().into_owned(),
+                    (j["score"].as_f64().unwrap(), j["anomalous"].as_bool().unwrap()),
+                )
             })
             .collect()
     };
@@ -162,7 +231,16 @@ fn bf16_backbone_agrees_with_fp32() {
     assert!(max_diff < 0.02, "bf16 scores differ from fp32 by {max_diff}");
     assert!(agree >= 23, "bf16 verdicts agree with fp32 on only {agree}/24");
     // The fp32 export is frozen: asking it for bf16 names the file and the export flag.
-    let o = kensa(&["score", "--precision", "bf16", "--bank", bank.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap(), images[0].to_str().unwrap()]);
+    let o = kensa(&[
+        "score",
+        "--precision",
+        "bf16",
+        "--bank",
+        bank.to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+        images[0].to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("efficientnet-lite0.pt") && err.contains("--dtype bf16"), "{err}");
@@ -174,12 +252,35 @@ fn bf16_backbone_agrees_with_fp32() {
 fn coreset_bank_is_smaller_and_still_works() {
     let dir = TempDir::new("coreset");
     let data = dir.path().join("line");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "20", "--train", "4", "--defect-rate", "0.5", "--seed", "4"]);
+    kensa_ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--count",
+        "20",
+        "--train",
+        "4",
+        "--defect-rate",
+        "0.5",
+        "--seed",
+        "4",
+    ]);
     let full = dir.path().join("full.kbank");
     let small = dir.path().join("small.kbank");
     let refs = data.join("train/good");
-    let e1 = kensa_ok(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", full.to_str().unwrap()]);
-    let e2 = kensa_ok(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", small.to_str().unwrap(), "--coreset", "0.25"]);
+    let e1 =
+        kensa_ok(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", full.to_str().unwrap()]);
+    let e2 = kensa_ok(&[
+        "enroll",
+        "--product",
+        "disc",
+        "--images",
+        refs.to_str().unwrap(),
+        "--out",
+        small.to_str().unwrap(),
+        "--coreset",
+        "0.25",
+    ]);
     let patches = |o: &std::process::Output| -> f64 {
         let s = String::from_utf8_lossy(&o.stderr);
         s.split(" patches").next().and_then(|x| x.rsplit(' ').next()).and_then(|x| x.parse().ok()).unwrap()
@@ -188,11 +289,31 @@ fn coreset_bank_is_smaller_and_still_works() {
     assert!((0.24..=0.27).contains(&ratio), "kept {ratio} of the patches");
     assert!(std::fs::metadata(&small).unwrap().len() * 3 < std::fs::metadata(&full).unwrap().len());
     let json = dir.path().join("eval.json");
-    kensa_ok(&["eval", "--data", data.to_str().unwrap(), "--shots", "4", "--coreset", "0.25", "--json", json.to_str().unwrap()]);
+    kensa_ok(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--shots",
+        "4",
+        "--coreset",
+        "0.25",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let auroc = j["runs"][0]["image_auroc"].as_f64().unwrap();
     assert!(auroc > 0.9, "image AUROC {auroc} with a 25 % coreset");
-    let bad = kensa(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", dir.path().join("x.kbank").to_str().unwrap(), "--coreset", "0"]);
+    let bad = kensa(&[
+        "enroll",
+        "--product",
+        "disc",
+        "--images",
+        refs.to_str().unwrap(),
+        "--out",
+        dir.path().join("x.kbank").to_str().unwrap(),
+        "--coreset",
+        "0",
+    ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("coreset"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
@@ -216,7 +337,8 @@ fn bank_recipe_is_recorded_and_followed() {
 
     let enroll = |name: &str, extra: &[&str]| {
         let bank = dir.path().join(format!("{name}.kbank"));
-        let mut args = vec!["enroll", "--product", "part", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()];
+        let mut args =
+            vec!["enroll", "--product", "part", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()];
         args.extend_from_slice(extra);
         kensa_ok(&args);
         bank
@@ -235,8 +357,16 @@ fn bank_recipe_is_recorded_and_followed() {
 
     let score = |bank: &Path, img_dir: &Path, stem: &str| -> f64 {
         let out = dir.path().join(format!("out-{}", bank.file_stem().unwrap().to_str().unwrap()));
-        kensa_ok(&["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), img_dir.to_str().unwrap()]);
-        let (rows, cols, _) = kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap();
+        kensa_ok(&[
+            "score",
+            "--bank",
+            bank.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            img_dir.to_str().unwrap(),
+        ]);
+        let (rows, cols, _) =
+            kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap();
         assert_eq!((rows, cols), (200, 200), "map at the image's resolution whatever the bank's input size");
         read_json(&out.join(format!("{stem}.json")))["score"].as_f64().unwrap()
     };
@@ -255,7 +385,14 @@ fn bank_recipe_is_recorded_and_followed() {
     let sm_off = enroll("sm-off", &["--no-self-match"]);
     let map_of = |bank: &Path| {
         let out = dir.path().join(format!("out-{}", bank.file_stem().unwrap().to_str().unwrap()));
-        kensa_ok(&["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), flipped.to_str().unwrap()]);
+        kensa_ok(&[
+            "score",
+            "--bank",
+            bank.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            flipped.to_str().unwrap(),
+        ]);
         kensa_core::npy::read_f32_2d(std::fs::File::open(out.join("part_flipped_map.npy")).unwrap()).unwrap().2
     };
     let (on, off) = (map_of(&sm_on), map_of(&sm_off));
@@ -264,7 +401,10 @@ fn bank_recipe_is_recorded_and_followed() {
     eprintln!("self-match on the mirrored part: lowered the map by up to {lowered:.4}, raised it by up to {raised:.6}");
     assert!(raised <= 1e-4, "the self-match raised the map by {raised}");
     // (measured 0.011; identical maps, 0, would mean the scorer ignored the flag)
-    assert!(lowered > 1e-3, "a bank recorded without the self-match scores like one with it (largest difference {lowered})");
+    assert!(
+        lowered > 1e-3,
+        "a bank recorded without the self-match scores like one with it (largest difference {lowered})"
+    );
 
     // A crop: recorded, only the region is scored (0 outside), the reference stays normal and
     // a defect inside the region is found.
@@ -280,10 +420,23 @@ fn bank_recipe_is_recorded_and_followed() {
     }
     bad.save(defective.join("bad.png")).unwrap();
     let out = dir.path().join("out-crop");
-    kensa_ok(&["score", "--bank", cropped.to_str().unwrap(), "--out", out.to_str().unwrap(), refs.to_str().unwrap(), defective.to_str().unwrap()]);
-    let map = |stem: &str| kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap().2;
+    kensa_ok(&[
+        "score",
+        "--bank",
+        cropped.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        refs.to_str().unwrap(),
+        defective.to_str().unwrap(),
+    ]);
+    let map = |stem: &str| {
+        kensa_core::npy::read_f32_2d(std::fs::File::open(out.join(format!("{stem}_map.npy"))).unwrap()).unwrap().2
+    };
     let (m_ref, m_bad) = (map("part"), map("bad"));
-    assert!((0..200).all(|y| (0..100).all(|x| m_ref[y * 200 + x] == 0.0 && m_bad[y * 200 + x] == 0.0)), "0 outside the crop");
+    assert!(
+        (0..200).all(|y| (0..100).all(|x| m_ref[y * 200 + x] == 0.0 && m_bad[y * 200 + x] == 0.0)),
+        "0 outside the crop"
+    );
     let peak = (0..m_bad.len()).max_by(|&a, &b| m_bad[a].total_cmp(&m_bad[b])).unwrap();
     let (px, py) = ((peak % 200) as u32, (peak / 200) as u32);
     assert!((140..180).contains(&px) && (110..150).contains(&py), "peak at ({px}, {py}), defect at 150-170 x 120-140");
@@ -291,8 +444,24 @@ fn bank_recipe_is_recorded_and_followed() {
     assert!(read_json(&out.join("part.json"))["score"].as_f64().unwrap() < 0.05);
 
     // Bad recipes are named errors.
-    for (flag, value, needle) in [("--augment", "spin", "spin"), ("--aggregation", "2,3", "aggregation"), ("--aggregation", "3", "aggregation"), ("--crop", "1,2,3", "--crop"), ("--crop", "0,0,0,5", "--crop")] {
-        let o = kensa(&["enroll", "--product", "part", "--images", refs.to_str().unwrap(), "--out", dir.path().join("bad.kbank").to_str().unwrap(), flag, value]);
+    for (flag, value, needle) in [
+        ("--augment", "spin", "spin"),
+        ("--aggregation", "2,3", "aggregation"),
+        ("--aggregation", "3", "aggregation"),
+        ("--crop", "1,2,3", "--crop"),
+        ("--crop", "0,0,0,5", "--crop"),
+    ] {
+        let o = kensa(&[
+            "enroll",
+            "--product",
+            "part",
+            "--images",
+            refs.to_str().unwrap(),
+            "--out",
+            dir.path().join("bad.kbank").to_str().unwrap(),
+            flag,
+            value,
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(needle), "{flag} {value}: {err}");
     }

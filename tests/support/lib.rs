@@ -74,12 +74,7 @@ pub fn kensa(args: &[&str]) -> Output {
 /// Runs `kensa ARGS`, failing the test with its stderr if it does not succeed.
 pub fn kensa_ok(args: &[&str]) -> Output {
     let out = kensa(args);
-    assert!(
-        out.status.success(),
-        "kensa {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "kensa {args:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -223,7 +218,12 @@ pub struct Received {
 
 /// Reads events from `topic` from the beginning until `expected` have arrived or `timeout`
 /// passes; returns (key, event) pairs in arrival order.
-pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Result<Vec<(String, InspectionEvent)>> {
+pub fn consume(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<(String, InspectionEvent)>> {
     let mut n = 0;
     let got = consume_until(brokers, topic, timeout, |r| {
         n = r.len();
@@ -278,7 +278,9 @@ pub fn consume_until(
         if finished && linger.is_none() {
             linger = Some(Instant::now());
         }
-        if linger.is_some_and(|l| l.elapsed() > Duration::from_millis(1500)) || (linger.is_none() && t0.elapsed() > timeout) {
+        if linger.is_some_and(|l| l.elapsed() > Duration::from_millis(1500))
+            || (linger.is_none() && t0.elapsed() > timeout)
+        {
             break;
         }
         match consumer.poll(Duration::from_millis(200)) {
@@ -289,7 +291,10 @@ pub fn consume_until(
                 let mut headers = std::collections::HashMap::new();
                 if let Some(h) = m.headers() {
                     for hd in h.iter() {
-                        headers.insert(hd.key.to_string(), String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned());
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
                     }
                 }
                 out.push(Received { key, event, headers });
@@ -333,14 +338,19 @@ impl Broker {
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kensa"));
         let p = cache.join("tansu/bin/tansu");
-        if p.is_file() { p } else { PathBuf::from("tansu") }
+        if p.is_file() {
+            p
+        } else {
+            PathBuf::from("tansu")
+        }
     }
 
     /// Starts (or restarts) the broker on the same port and storage.
     pub fn up(&mut self) {
         assert!(self.child.is_none());
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
         let child = Command::new(Self::tansu())
             .current_dir(self.dir.path())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
@@ -393,7 +403,15 @@ pub fn config(dir: &Path, bank: &Path, topic: &str, brokers: &str, metrics: &str
     config_with(dir, bank, topic, brokers, metrics, "", cameras)
 }
 
-pub fn config_with(dir: &Path, bank: &Path, topic: &str, brokers: &str, metrics: &str, extra: &str, cameras: &str) -> PathBuf {
+pub fn config_with(
+    dir: &Path,
+    bank: &Path,
+    topic: &str,
+    brokers: &str,
+    metrics: &str,
+    extra: &str,
+    cameras: &str,
+) -> PathBuf {
     let text = format!(
         r#"
 [model]

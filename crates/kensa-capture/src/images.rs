@@ -63,7 +63,10 @@ mod tests {
         image::RgbImage::new(4, 4).save(dir.join("a.png")).unwrap();
         std::fs::write(dir.join("notes.txt"), "x").unwrap();
         let files = list_images(&dir).unwrap();
-        assert_eq!(files.iter().map(|f| f.file_name().unwrap().to_str().unwrap()).collect::<Vec<_>>(), ["a.png", "bad.png"]);
+        assert_eq!(
+            files.iter().map(|f| f.file_name().unwrap().to_str().unwrap()).collect::<Vec<_>>(),
+            ["a.png", "bad.png"]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

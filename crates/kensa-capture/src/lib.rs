@@ -9,13 +9,14 @@
 //! that failed and counted, and the other cameras go on.
 
 pub mod images;
+pub mod mvtec;
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use kensa_core::config::{CameraConfig, FullPolicy, SourceConfig};
-use kensa_core::metrics as m;
+use kensa_core::metrics::{self as m, CameraState, DropReason, Label};
 use kensa_core::Frame;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,8 +31,6 @@ pub enum CaptureError {
     Build { camera: String, pipeline: String, msg: String },
     #[error("camera {camera}: pipeline failed to start: {msg}")]
     Start { camera: String, msg: String },
-    #[error("camera {camera}: {element}: {msg}")]
-    Runtime { camera: String, element: String, msg: String },
 }
 
 /// Template text for a source kind: `$KENSA_PIPELINES/<kind>.pipeline` if set, else built in.
@@ -93,8 +92,11 @@ fn init(camera: &str) -> Result<(), CaptureError> {
 pub fn check(cam: &CameraConfig) -> Result<(), CaptureError> {
     init(&cam.id)?;
     let desc = describe(cam);
-    let p = gst::parse::launch(&desc)
-        .map_err(|e| CaptureError::Build { camera: cam.id.clone(), pipeline: desc.clone(), msg: e.to_string() })?;
+    let p = gst::parse::launch(&desc).map_err(|e| CaptureError::Build {
+        camera: cam.id.clone(),
+        pipeline: desc.clone(),
+        msg: e.to_string(),
+    })?;
     let _ = p.set_state(gst::State::Null);
     Ok(())
 }
@@ -136,13 +138,9 @@ impl Camera {
         Stopper(self.stop.clone())
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-    }
-
     /// Waits for the camera's thread and returns how it ended.
     pub fn join(mut self) -> Outcome {
-        match self.thread.take().map(|t| t.join()) {
+        match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(o)) => o,
             Some(Err(_)) => Outcome::Failed { frames: 0, reason: "capture thread panicked".into() },
             None => Outcome::Ended { frames: 0 },
@@ -150,23 +148,24 @@ impl Camera {
     }
 }
 
-/// Reports a camera's state changes (camera id, state text) to whoever shows health.
-pub type StateFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// Reports a camera's state changes (camera id, state, detail) to whoever shows health.
+pub type StateFn = Arc<dyn Fn(&str, CameraState, &str) + Send + Sync>;
 
 /// A no-op [`StateFn`].
 pub fn no_state() -> StateFn {
-    Arc::new(|_, _| {})
+    Arc::new(|_, _, _| {})
 }
 
-/// Camera states, for `kensa_camera_state{state}`.
-pub const STATES: [&str; 4] = ["up", "reconnecting", "failed", "ended"];
-
-fn set_state(id: &str, state: &str, detail: &str, on_state: &StateFn) {
-    for s in STATES {
-        metrics::gauge!(m::CAMERA_STATE, "camera" => id.to_string(), "state" => s).set(if s == state { 1.0 } else { 0.0 });
+fn set_state(id: &str, state: CameraState, detail: &str, on_state: &StateFn) {
+    for &s in CameraState::ALL {
+        metrics::gauge!(m::CAMERA_STATE, "camera" => id.to_string(), "state" => s.as_str()).set(if s == state {
+            1.0
+        } else {
+            0.0
+        });
     }
-    metrics::gauge!(m::CAMERA_UP, "camera" => id.to_string()).set(if state == "up" { 1.0 } else { 0.0 });
-    on_state(id, &if detail.is_empty() { state.to_string() } else { format!("{state}: {detail}") });
+    metrics::gauge!(m::CAMERA_UP, "camera" => id.to_string()).set(if state == CameraState::Up { 1.0 } else { 0.0 });
+    on_state(id, state, detail);
 }
 
 /// One running pipeline of a camera.
@@ -186,7 +185,12 @@ impl Session {
 
 /// Builds a camera's pipeline, wires the appsink into `tx`, starts its feeder and sets it
 /// playing. `Build` errors (bad template, missing plugin) never fix themselves; the others may.
-fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop: &Arc<AtomicBool>) -> Result<Session, CaptureError> {
+fn open(
+    cam: &CameraConfig,
+    tx: &mpsc::Sender<Frame>,
+    seq: &Arc<AtomicU64>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Session, CaptureError> {
     let desc = describe(cam);
     let build_err = |msg: String| CaptureError::Build { camera: cam.id.clone(), pipeline: desc.clone(), msg };
     let pipeline = gst::parse::launch(&desc)
@@ -200,11 +204,12 @@ fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop
     let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok());
 
     let camera: Arc<str> = Arc::from(cam.id.as_str());
-    let product: Arc<str> = Arc::from(cam.product.as_str());
     let policy = cam.effective_policy();
     let captured = metrics::counter!(m::FRAMES_CAPTURED, "camera" => cam.id.clone());
-    let dropped_full = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::QUEUE_FULL);
-    let dropped_bad = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::BAD_FRAME);
+    let dropped_full =
+        metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => DropReason::QueueFull.as_str());
+    let dropped_bad =
+        metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => DropReason::BadFrame.as_str());
     {
         let seq = seq.clone();
         let camera = camera.clone();
@@ -215,7 +220,7 @@ fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop
                     let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     let n = seq.fetch_add(1, Ordering::SeqCst);
                     captured.increment(1);
-                    let Some(frame) = frame_from_sample(&sample, &camera, &product, n) else {
+                    let Some(frame) = frame_from_sample(&sample, &camera, n) else {
                         dropped_bad.increment(1);
                         tracing::warn!(camera = %camera, frame = n, "frame with unexpected caps or size dropped");
                         return Ok(gst::FlowSuccess::Ok);
@@ -258,7 +263,7 @@ fn open(cam: &CameraConfig, tx: &mpsc::Sender<Frame>, seq: &Arc<AtomicU64>, stop
             if files.is_empty() {
                 tracing::warn!(camera = %cam.id, folder = %path.display(), "image folder holds no images");
             }
-            let corrupt = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => m::reason::CORRUPT_IMAGE);
+            let corrupt = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => DropReason::CorruptImage.as_str());
             let (fps, stop, id) = (*fps, stop.clone(), cam.id.clone());
             Some(spawn_feeder(cam.id.clone(), src, stop, fps, 0.0, move |i| {
                 let Some(p) = files.get(i as usize) else { return Feed::End };
@@ -323,7 +328,7 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>, on_state: StateFn) -> 
         }
     };
     if first.is_some() {
-        set_state(&cam.id, "up", "", &on_state);
+        set_state(&cam.id, CameraState::Up, "", &on_state);
     }
     let (id, stop2, cam2) = (cam.id.clone(), stop.clone(), cam.clone());
     let thread = std::thread::Builder::new()
@@ -335,8 +340,8 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>, on_state: StateFn) -> 
                 stop2.store(true, Ordering::SeqCst);
                 session.close();
                 match &outcome {
-                    Outcome::Ended { .. } => set_state(&id, "ended", "", &on_state),
-                    Outcome::Failed { reason, .. } => set_state(&id, "failed", reason, &on_state),
+                    Outcome::Ended { .. } => set_state(&id, CameraState::Ended, "", &on_state),
+                    Outcome::Failed { reason, .. } => set_state(&id, CameraState::Failed, reason, &on_state),
                 }
                 return outcome;
             }
@@ -366,7 +371,7 @@ fn supervise(
             let outcome = watch(id, &s.pipeline, stop, seq);
             s.close();
             if stop.load(Ordering::SeqCst) {
-                set_state(id, "ended", "stopped", on_state);
+                set_state(id, CameraState::Ended, "stopped", on_state);
                 return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
             }
             last_reason = match outcome {
@@ -380,22 +385,28 @@ fn supervise(
             return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
         }
         let delay = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap);
-        let state = if failures >= cam.reconnect_fail_after { "failed" } else { "reconnecting" };
+        let state = if failures >= cam.reconnect_fail_after { CameraState::Failed } else { CameraState::Reconnecting };
         set_state(id, state, &last_reason, on_state);
         metrics::counter!(m::CAMERA_RECONNECTS, "camera" => id.to_string()).increment(1);
-        tracing::warn!(camera = id, attempt = failures, delay_ms = delay.as_millis() as u64, state, "camera down ({last_reason}); reconnecting");
+        tracing::warn!(
+            camera = id,
+            attempt = failures,
+            delay_ms = delay.as_millis() as u64,
+            state = state.as_str(),
+            "camera down ({last_reason}); reconnecting"
+        );
         if !nap(delay, stop) {
-            set_state(id, "ended", "stopped", on_state);
+            set_state(id, CameraState::Ended, "stopped", on_state);
             return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
         }
         match open(cam, tx, seq, stop) {
             Ok(s) => {
                 tracing::info!(camera = id, "camera reconnected");
-                set_state(id, "up", "", on_state);
+                set_state(id, CameraState::Up, "", on_state);
                 session = Some(s);
             }
             Err(e @ CaptureError::Build { .. }) => {
-                set_state(id, "failed", &e.to_string(), on_state);
+                set_state(id, CameraState::Failed, &e.to_string(), on_state);
                 return Outcome::Failed { frames: seq.load(Ordering::SeqCst), reason: e.to_string() };
             }
             Err(e) => {
@@ -431,7 +442,7 @@ fn watch(id: &str, pipeline: &gst::Pipeline, stop: &AtomicBool, seq: &AtomicU64)
                 return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
             }
             gst::MessageView::Error(err) => {
-                let element = err.src().map(|s| s.path_string().to_string()).unwrap_or_else(|| "pipeline".into());
+                let element = err.src().map_or_else(|| "pipeline".into(), |s| s.path_string().to_string());
                 let reason = match err.debug() {
                     Some(d) => format!("{element}: {} ({d})", err.error()),
                     None => format!("{element}: {}", err.error()),
@@ -454,7 +465,7 @@ fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
     let bus = pipeline.bus()?;
     while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
         if let gst::MessageView::Error(err) = msg.view() {
-            let element = err.src().map(|s| s.path_string().to_string()).unwrap_or_else(|| "pipeline".into());
+            let element = err.src().map_or_else(|| "pipeline".into(), |s| s.path_string().to_string());
             let detail = err.debug().map(|d| format!(" ({d})")).unwrap_or_default();
             return Some(format!("{element}: {}{detail}", err.error()));
         }
@@ -523,7 +534,7 @@ fn spawn_feeder(
                 let mut buf = gst::Buffer::from_mut_slice(data);
                 {
                     let b = buf.get_mut().expect("fresh buffer");
-                    let pts = period.map(|p| p * pushed as u32).unwrap_or_else(|| start.elapsed());
+                    let pts = period.map_or_else(|| start.elapsed(), |p| p * pushed as u32);
                     b.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
                 }
                 let sample = gst::Sample::builder().buffer(&buf).caps(&caps).build();
@@ -538,7 +549,7 @@ fn spawn_feeder(
 }
 
 /// Copies an appsink sample into a tightly packed RGB frame.
-fn frame_from_sample(sample: &gst::Sample, camera: &Arc<str>, product: &Arc<str>, seq: u64) -> Option<Frame> {
+fn frame_from_sample(sample: &gst::Sample, camera: &Arc<str>, seq: u64) -> Option<Frame> {
     let caps = sample.caps()?;
     let info = gst_video::VideoInfo::from_caps(caps).ok()?;
     if info.format() != gst_video::VideoFormat::Rgb {
@@ -558,7 +569,6 @@ fn frame_from_sample(sample: &gst::Sample, camera: &Arc<str>, product: &Arc<str>
     }
     Some(Frame {
         camera: camera.clone(),
-        product: product.clone(),
         seq,
         capture_time: SystemTime::now(),
         captured_at: Instant::now(),

@@ -49,7 +49,8 @@ fn every_template_parses_where_its_plugins_exist() {
 
 #[test]
 fn synthetic_source_delivers_every_frame_in_order_at_the_caps_size() {
-    let cfg = cam("syn", SourceConfig::Synthetic { seed: 3, count: 12, fps: 0.0, defect_rate: 0.5, phase: 0.0 }, 96, 64);
+    let cfg =
+        cam("syn", SourceConfig::Synthetic { seed: 3, count: 12, fps: 0.0, defect_rate: 0.5, phase: 0.0 }, 96, 64);
     let (frames, outcome) = collect(&cfg, 1);
     assert_eq!(outcome, kensa_capture::Outcome::Ended { frames: 12 });
     assert_eq!(frames.iter().map(|f| f.seq).collect::<Vec<_>>(), (0..12).collect::<Vec<_>>());
@@ -65,7 +66,8 @@ fn synthetic_source_delivers_every_frame_in_order_at_the_caps_size() {
 #[test]
 fn drop_policy_counts_instead_of_blocking() {
     // A queue of 1 that nobody reads: with `drop`, the camera still reaches its end.
-    let mut cfg = cam("drop", SourceConfig::Synthetic { seed: 1, count: 20, fps: 0.0, defect_rate: 0.0, phase: 0.0 }, 32, 32);
+    let mut cfg =
+        cam("drop", SourceConfig::Synthetic { seed: 1, count: 20, fps: 0.0, defect_rate: 0.0, phase: 0.0 }, 32, 32);
     cfg.policy = Some(FullPolicy::Drop);
     let (tx, rx) = mpsc::channel(1);
     let camera = kensa_capture::start(&cfg, tx, kensa_capture::no_state()).unwrap();
@@ -108,7 +110,8 @@ fn video_file_delivers_every_frame_and_a_missing_file_fails_clearly() {
     .unwrap();
     p.set_state(gst::State::Playing).unwrap();
     let bus = p.bus().unwrap();
-    bus.timed_pop_filtered(gst::ClockTime::from_seconds(20), &[gst::MessageType::Eos, gst::MessageType::Error]).unwrap();
+    bus.timed_pop_filtered(gst::ClockTime::from_seconds(20), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .unwrap();
     p.set_state(gst::State::Null).unwrap();
 
     let cfg = cam("vid", SourceConfig::VideoFile { path: path.clone() }, 80, 45);
@@ -118,9 +121,13 @@ fn video_file_delivers_every_frame_and_a_missing_file_fails_clearly() {
     std::fs::remove_file(&path).unwrap();
 
     let (tx, _rx) = mpsc::channel(2);
-    let err = kensa_capture::start(&cam("gone", SourceConfig::VideoFile { path: path.clone() }, 80, 45), tx, kensa_capture::no_state())
-        .err()
-        .expect("a missing file fails at start");
+    let err = kensa_capture::start(
+        &cam("gone", SourceConfig::VideoFile { path: path.clone() }, 80, 45),
+        tx,
+        kensa_capture::no_state(),
+    )
+    .err()
+    .expect("a missing file fails at start");
     let msg = err.to_string();
     assert!(msg.contains("gone") && msg.contains(path.file_name().unwrap().to_str().unwrap()), "{msg}");
 }

@@ -18,7 +18,7 @@ pub enum ConfigError {
     Invalid { path: PathBuf, problems: Vec<String> },
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KensaConfig {
     #[serde(default)]
@@ -48,7 +48,7 @@ pub struct ModelConfig {
     /// TorchScript backbone; default `$KENSA_BACKBONE`, else `$KENSA_CACHE/models/efficientnet-lite0.pt`.
     pub backbone: Option<PathBuf>,
     /// `auto` (CUDA when present), `cpu` or `cuda`.
-    pub device: String,
+    pub device: Device,
     /// Input side (pixels) every bank must have been enrolled at; 0 (the default): any, each
     /// product is scored at its own bank's size (`kensa enroll --input-size`).
     pub input_size: u32,
@@ -57,14 +57,76 @@ pub struct ModelConfig {
     /// Arithmetic of the backbone and the bank search: `auto` follows the backbone file (export
     /// it with `--dtype fp16` or `bf16` for a GPU); `fp32`, `fp16` or `bf16` must match a frozen
     /// file, or cast an unfrozen one. Maps and scores are always fp32.
-    pub precision: String,
+    pub precision: Precision,
     /// How often bank files are checked for changes (hot reload); 0 turns polling off.
     pub bank_poll_s: u64,
 }
 
+/// Where the model runs (`model.device`, `--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when libtorch sees a GPU, the CPU otherwise.
+    #[default]
+    Auto,
+    Cpu,
+    /// CUDA device 0; start-up fails when there is none.
+    Cuda,
+}
+
+/// Arithmetic of the backbone and the bank search (`model.precision`, `--precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The backbone file's own dtype.
+    #[default]
+    Auto,
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+/// Parses a lowercase enum value the way the config does, naming the choices on error.
+fn parse_choice<T: Copy>(s: &str, what: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    choices.iter().find(|(n, _)| *n == s).map(|(_, v)| *v).ok_or_else(|| {
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        format!("unknown {what} `{s}` (one of {})", names.join(", "))
+    })
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_choice(s, "device", &[("auto", Device::Auto), ("cpu", Device::Cpu), ("cuda", Device::Cuda)])
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_choice(
+            s,
+            "precision",
+            &[
+                ("auto", Precision::Auto),
+                ("fp32", Precision::Fp32),
+                ("fp16", Precision::Fp16),
+                ("bf16", Precision::Bf16),
+            ],
+        )
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { backbone: None, device: "auto".into(), input_size: 0, threads: 0, precision: "auto".into(), bank_poll_s: 2 }
+        Self {
+            backbone: None,
+            device: Device::Auto,
+            input_size: 0,
+            threads: 0,
+            precision: Precision::Auto,
+            bank_poll_s: 2,
+        }
     }
 }
 
@@ -208,7 +270,13 @@ pub struct PublishConfig {
 
 impl Default for PublishConfig {
     fn default() -> Self {
-        Self { mask_max_side: 0, store_dir: None, store: StoreWhich::Anomalous, schema_registry_id: None, drain_timeout_s: 15 }
+        Self {
+            mask_max_side: 0,
+            store_dir: None,
+            store: StoreWhich::Anomalous,
+            schema_registry_id: None,
+            drain_timeout_s: 15,
+        }
     }
 }
 
@@ -438,10 +506,7 @@ impl KensaConfig {
         let built = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
             .add_source(
-                config::Environment::with_prefix("KENSA")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
+                config::Environment::with_prefix("KENSA").prefix_separator("__").separator("__").try_parsing(true),
             )
             .build()
             .map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })?;
@@ -462,7 +527,7 @@ impl KensaConfig {
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .and_then(|c| c.try_deserialize())
+            .and_then(config::Config::try_deserialize)
             .map_err(|source| ConfigError::Load { path: PathBuf::from("<string>"), source })?;
         Ok(built)
     }
@@ -497,14 +562,11 @@ impl KensaConfig {
     /// Every problem with this config, each naming the key it is about. Empty when valid.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if !matches!(self.model.precision.as_str(), "auto" | "fp32" | "fp16" | "bf16") {
-            p.push(format!("model.precision: `{}` is not one of auto, fp32, fp16, bf16", self.model.precision));
-        }
-        if !matches!(self.model.device.as_str(), "auto" | "cpu" | "cuda") {
-            p.push(format!("model.device: `{}` is not one of auto, cpu, cuda", self.model.device));
-        }
         if self.model.input_size != 0 && !(32..=4096).contains(&self.model.input_size) {
-            p.push(format!("model.input_size: {} is outside 32..=4096 (or 0: follow each bank)", self.model.input_size));
+            p.push(format!(
+                "model.input_size: {} is outside 32..=4096 (or 0: follow each bank)",
+                self.model.input_size
+            ));
         }
         if self.batch.max_size > 256 {
             p.push(format!("batch.max_size: {} is outside 0..=256 (0: 1 on a CPU, 16 on a GPU)", self.batch.max_size));
@@ -524,7 +586,10 @@ impl KensaConfig {
             p.push(format!("kafka.partitions: {} must be at least 1", self.kafka.partitions));
         }
         if self.kafka.replication_factor == 0 || self.kafka.replication_factor < -1 {
-            p.push(format!("kafka.replication_factor: {} must be -1 (broker default) or at least 1", self.kafka.replication_factor));
+            p.push(format!(
+                "kafka.replication_factor: {} must be -1 (broker default) or at least 1",
+                self.kafka.replication_factor
+            ));
         }
         if self.outbox.max_bytes < (1 << 20) {
             p.push(format!("outbox.max_bytes: {} is below the 1 MiB minimum", self.outbox.max_bytes));
@@ -646,10 +711,15 @@ source = { kind = "synthetic", seed = 3, count = 10 }
 
     #[test]
     fn validation_reports_every_problem() {
-        let text = GOOD.replace("product = \"widget\"", "product = \"gadget\"").replace("[kafka]", "[batch]\nmax_size = 300\n[kafka]");
+        let text = GOOD
+            .replace("product = \"widget\"", "product = \"gadget\"")
+            .replace("[kafka]", "[batch]\nmax_size = 300\n[kafka]");
         let c = KensaConfig::from_toml_str(&text).unwrap();
         let p = c.problems();
-        assert!(p.iter().any(|s| s.contains("products.widget.bank") && s.contains("/nonexistent/widget.kbank")), "{p:?}");
+        assert!(
+            p.iter().any(|s| s.contains("products.widget.bank") && s.contains("/nonexistent/widget.kbank")),
+            "{p:?}"
+        );
         assert!(p.iter().any(|s| s.contains("unknown product `gadget`")), "{p:?}");
         assert!(p.iter().any(|s| s.starts_with("batch.max_size")), "{p:?}");
     }
@@ -665,7 +735,8 @@ source = { kind = "synthetic", seed = 3, count = 10 }
 
     #[test]
     fn live_sources_drop_by_default() {
-        let text = GOOD.replace("{ kind = \"synthetic\", seed = 3, count = 10 }", "{ kind = \"rtsp\", url = \"rtsp://x\" }");
+        let text =
+            GOOD.replace("{ kind = \"synthetic\", seed = 3, count = 10 }", "{ kind = \"rtsp\", url = \"rtsp://x\" }");
         let c = KensaConfig::from_toml_str(&text).unwrap();
         assert_eq!(c.cameras[0].effective_policy(), FullPolicy::Drop);
     }

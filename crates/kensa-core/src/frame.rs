@@ -8,8 +8,6 @@ use std::time::{Instant, SystemTime};
 pub struct Frame {
     /// Camera id from the config: the Kafka key, so events stay ordered per camera.
     pub camera: Arc<str>,
-    /// Product the camera inspects now: selects the memory bank.
-    pub product: Arc<str>,
     /// Per-camera sequence number, counted at the appsink: a gap means a dropped frame.
     pub seq: u64,
     /// Wall-clock capture time, carried into the event.
@@ -25,8 +23,6 @@ pub struct Frame {
 impl Frame {
     /// Checks that the pixel buffer matches the declared size.
     pub fn is_consistent(&self) -> bool {
-        self.width > 0
-            && self.height > 0
-            && self.data.len() == self.width as usize * self.height as usize * 3
+        self.width > 0 && self.height > 0 && self.data.len() == self.width as usize * self.height as usize * 3
     }
 }

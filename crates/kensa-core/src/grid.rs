@@ -128,10 +128,7 @@ mod tests {
     #[test]
     fn sentences_match_reference_grammar() {
         assert_eq!(answer(&[]), "No, there is no anomaly in the image.");
-        assert_eq!(
-            answer(&[Cell::TopLeft]),
-            "Yes, there is an anomaly in the image, at the top left of the image."
-        );
+        assert_eq!(answer(&[Cell::TopLeft]), "Yes, there is an anomaly in the image, at the top left of the image.");
         assert_eq!(
             answer(&[Cell::Top, Cell::Center, Cell::BottomRight]),
             "Yes, there are 3 anomalies in the image, they are at the top, center and bottom right of the image."

@@ -9,18 +9,19 @@
 //! - [`grid`]: the 3×3 location grid and AnomalyGPT's exact answer grammar.
 //! - [`batch`]: the cross-camera batcher (flush on size, on max wait, on shutdown).
 //! - [`metrics`]: every metric name Kensa exports, in one place.
-//! - [`eval`]: AUROC, pixel AUROC, PRO, accuracy and F1 for `kensa eval`.
+//! - [`regions`]: connected regions of binary masks and the cell of a region.
+//! - [`npy`]: float32 `.npy` files (anomaly maps on disk).
 //!
 //! Nothing here depends on GStreamer, libtorch or librdkafka, so the logic is testable alone.
 
 pub mod batch;
 pub mod config;
-pub mod eval;
 pub mod frame;
 pub mod grid;
 pub mod map;
 pub mod metrics;
 pub mod npy;
+pub mod regions;
 
 pub use frame::Frame;
 pub use grid::Cell;

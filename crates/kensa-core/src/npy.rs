@@ -35,11 +35,7 @@ pub fn read_f32_2d<R: Read>(mut r: R) -> io::Result<(usize, usize, Vec<f32>)> {
     if !header.contains("'<f4'") {
         return Err(bad("only little-endian float32 is supported"));
     }
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("no shape"))?;
+    let shape = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape"))?;
     let dims: Vec<usize> = shape
         .split(',')
         .filter(|s| !s.trim().is_empty())

@@ -19,7 +19,8 @@ impl AnswerSet {
     pub fn new(tok: &Tokenizer) -> Self {
         let mut answers = Vec::with_capacity(512);
         for mask in 0u32..512 {
-            let cells: Vec<Cell> = Cell::ALL.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, c)| *c).collect();
+            let cells: Vec<Cell> =
+                Cell::ALL.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, c)| *c).collect();
             // A leading space, as the answer follows "### Assistant:" in the prompt.
             let ids = tok.encode(&answer(&cells), false, false);
             answers.push((ids, cells));

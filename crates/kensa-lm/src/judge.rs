@@ -135,11 +135,11 @@ impl LmJudge {
             let next = allowed[best as usize];
             out.push(next);
             if out.len() > self.answers.max_len() {
-                return Err(LmError::Other("answer decoding did not terminate".into()));
+                return Err(LmError::Decode("answer decoding did not terminate".into()));
             }
             logits = self.lm.forward_tokens(&[next], &mut cache)?;
         }
-        let cells = self.answers.parse(&out).ok_or_else(|| LmError::Other("decoded ids are not an answer".into()))?;
+        let cells = self.answers.parse(&out).ok_or_else(|| LmError::Decode("decoded ids are not an answer".into()))?;
         Ok((cells.to_vec(), conf as f32))
     }
 
@@ -163,7 +163,13 @@ impl LmJudge {
 
     /// Trains the prompt learner on `(input, cells)` pairs for `epochs`, calling `progress`
     /// after each step with (step, total, running loss).
-    pub fn train(&mut self, data: &[(JudgeInput, Vec<Cell>)], epochs: usize, lr: f64, mut progress: impl FnMut(usize, usize, f64)) -> Result<()> {
+    pub fn train(
+        &mut self,
+        data: &[(JudgeInput, Vec<Cell>)],
+        epochs: usize,
+        lr: f64,
+        mut progress: impl FnMut(usize, usize, f64),
+    ) -> Result<()> {
         let mut opt = nn::Adam::default().build(&self.learner.vs, lr)?;
         let total = data.len() * epochs;
         let mut running = 0.0;

@@ -1,9 +1,13 @@
-//! A LLaMA-architecture decoder in tch, for the AnomalyGPT-style language-model judge.
+//! A LLaMA-architecture decoder in tch, and the AnomalyGPT-style language-model judge built on it.
+//!
+//! # Layout
 //!
 //! - [`model`]: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU, a KV
 //!   cache; prefill from token ids or from raw embeddings (so learned prompt embeddings can be
 //!   spliced in); greedy decoding. Loads llama2.c checkpoints and Hugging Face-layout
 //!   safetensors (LLaMA, Vicuna: `config.json` + `*.safetensors`).
+//! - [`judging`]: the judge of a bank: its `Judge` impl over the engine's features, the
+//!   labelling rules and training of its prompt learner, its sidecar file.
 //! - [`tokenizer`]: the llama2.c tokenizer format (`tok*.bin`: SentencePiece pieces and scores),
 //!   encode (score-ordered merges, byte fallback) and decode.
 //!
@@ -12,6 +16,7 @@
 
 pub mod answers;
 pub mod judge;
+pub mod judging;
 pub mod model;
 pub mod tokenizer;
 
@@ -23,8 +28,15 @@ pub enum LmError {
     File { path: PathBuf, msg: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// Decoding went off the answer grammar, or a checkpoint's contents are inconsistent.
     #[error("{0}")]
-    Other(String),
+    Decode(String),
+    /// A trained judge that does not fit the bank or backbone it is used with.
+    #[error("language-model judge: {0}")]
+    Mismatch(String),
+    /// The vision side (backbone, bank) failed while preparing the judge's input.
+    #[error("model: {0}")]
+    Model(String),
 }
 
 pub type Result<T> = std::result::Result<T, LmError>;

@@ -115,7 +115,11 @@ impl Llama {
             need += v * d;
         }
         if (floats.len() as i64) < need * 4 {
-            return Err(err(format!("holds {} bytes of weights, the header implies at least {}", floats.len(), need * 4)));
+            return Err(err(format!(
+                "holds {} bytes of weights, the header implies at least {}",
+                floats.len(),
+                need * 4
+            )));
         }
         let mut off = 0usize;
         let mut take = |shape: &[i64]| -> Tensor {
@@ -163,7 +167,7 @@ impl Llama {
             &std::fs::read_to_string(dir.join("config.json")).map_err(|e| err(format!("config.json: {e}")))?,
         )
         .map_err(|e| err(format!("config.json: {e}")))?;
-        let int = |k: &str| cfg.get(k).and_then(|v| v.as_i64());
+        let int = |k: &str| cfg.get(k).and_then(serde_json::Value::as_i64);
         let dim = int("hidden_size").ok_or_else(|| err("config.json: no hidden_size".into()))?;
         let n_heads = int("num_attention_heads").ok_or_else(|| err("config.json: no num_attention_heads".into()))?;
         let config = Config {
@@ -174,8 +178,8 @@ impl Llama {
             n_kv_heads: int("num_key_value_heads").unwrap_or(n_heads),
             vocab_size: int("vocab_size").ok_or_else(|| err("config.json: no vocab_size".into()))?,
             seq_len: int("max_position_embeddings").unwrap_or(2048),
-            norm_eps: cfg.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6),
-            rope_theta: cfg.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0),
+            norm_eps: cfg.get("rms_norm_eps").and_then(serde_json::Value::as_f64).unwrap_or(1e-6),
+            rope_theta: cfg.get("rope_theta").and_then(serde_json::Value::as_f64).unwrap_or(10000.0),
         };
         config.check().map_err(err)?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -270,10 +274,19 @@ impl Llama {
             "rope_theta": c.rope_theta,
             "tie_word_embeddings": false,
         });
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).map_err(|e| err(e.to_string()))
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap())
+            .map_err(|e| err(e.to_string()))
     }
 
-    fn assemble(config: Config, embed: Tensor, layers: Vec<Layer>, norm: Tensor, classifier: Tensor, device: Device, kind: Kind) -> Self {
+    fn assemble(
+        config: Config,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        classifier: Tensor,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
         let mv = |t: Tensor| t.to_device(device).to_kind(kind);
         let layers = layers
             .into_iter()
@@ -291,7 +304,8 @@ impl Llama {
             .collect();
         // Rotary tables in fp32: angle(pos, i) = pos / theta^(2i / head_size).
         let hs = config.head_size();
-        let inv: Vec<f32> = (0..hs / 2).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / hs as f64)) as f32).collect();
+        let inv: Vec<f32> =
+            (0..hs / 2).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / hs as f64)) as f32).collect();
         let inv = Tensor::from_slice(&inv);
         let pos = Tensor::arange(config.seq_len, (Kind::Float, Device::Cpu));
         let ang = pos.unsqueeze(1) * inv.unsqueeze(0);
@@ -357,7 +371,7 @@ impl Llama {
         let t = embeds.size()[0];
         let start = cache.len;
         if start + t > c.seq_len {
-            return Err(LmError::Other(format!("sequence of {} tokens exceeds the model's {}", start + t, c.seq_len)));
+            return Err(LmError::Decode(format!("sequence of {} tokens exceeds the model's {}", start + t, c.seq_len)));
         }
         let (hs, nh, nkv) = (c.head_size(), c.n_heads, c.n_kv_heads);
         let group = nh / nkv;
@@ -388,10 +402,10 @@ impl Llama {
             let scores = qh.to_kind(Kind::Float).matmul(&kq.to_kind(Kind::Float).transpose(1, 2)) * scale;
             let att = scores.masked_fill(&mask.unsqueeze(0), f64::NEG_INFINITY).softmax(-1, Kind::Float);
             let out = att.to_kind(self.kind).matmul(&vq).transpose(0, 1).reshape([t, c.dim]);
-            x = x + out.matmul(&l.wo.tr());
+            x += out.matmul(&l.wo.tr());
             let xb = self.rms(&x, &l.ffn_norm);
             let hb = xb.matmul(&l.w1.tr()).silu() * xb.matmul(&l.w3.tr());
-            x = x + hb.matmul(&l.w2.tr());
+            x += hb.matmul(&l.w2.tr());
             cache.k[i] = Some(k_all);
             cache.v[i] = Some(v_all);
         }

@@ -8,14 +8,14 @@ use tch::{Device, Kind, Tensor};
 
 fn model_dir() -> Option<PathBuf> {
     let p = std::env::var("KENSA_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+        .map_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"), PathBuf::from)
         .join("models/stories260K");
     p.join("stories260K.bin").is_file().then_some(p)
 }
 
 fn reference(dir: &Path) -> (Vec<i64>, String) {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let g = &j["greedy_from_bos"];
     let ids = g["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     (ids, g["text"].as_str().unwrap().to_string())
@@ -40,7 +40,10 @@ fn stories260k_reproduces_llama2c_greedy_tokens() {
     assert_eq!(got, want, "greedy token ids differ from llama2.c's");
     let tok = Tokenizer::load(&dir.join("tok512.bin"), m.config.vocab_size as usize).unwrap();
     let decoded = tok.decode(&got);
-    assert!(text.starts_with(decoded.trim_end()) || decoded.starts_with(text.trim_end()), "decoded {decoded:?}, reference {text:?}");
+    assert!(
+        text.starts_with(decoded.trim_end()) || decoded.starts_with(text.trim_end()),
+        "decoded {decoded:?}, reference {text:?}"
+    );
     // Encoding the reference text gives ids that decode back to it.
     let ids = tok.encode("Once upon a time, there was a little girl named Lily.", false, false);
     assert_eq!(tok.decode(&ids).trim_start(), "Once upon a time, there was a little girl named Lily.");
@@ -132,7 +135,8 @@ fn decoding_follows_the_answer_grammar() {
         assert_eq!(parse_answer(text.trim()).as_deref(), Some(cells.as_slice()), "{text:?}");
     }
     // An untrained model, constrained, still says a whole valid answer, the same every time.
-    let prompt = m.embed_tokens(&tok.encode("### Human: Is there any anomaly in the image? ### Assistant:", true, false));
+    let prompt =
+        m.embed_tokens(&tok.encode("### Human: Is there any anomaly in the image? ### Assistant:", true, false));
     let run = || m.greedy(&prompt, set.max_len() + 1, None, |p| Some(set.allowed(p))).unwrap();
     let a = run();
     assert!(set.parse(&a).is_some(), "not an answer: {:?}", tok.decode(&a));

@@ -50,7 +50,7 @@ pub const DEFAULT: &str = "none";
 pub fn parse_list(s: &str) -> Result<Vec<Augment>> {
     let mut out = Vec::new();
     for tok in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        let bad = |why: &str| ModelError::Other(format!("augmentation `{tok}`: {why}"));
+        let bad = |why: &str| ModelError::Recipe(format!("augmentation `{tok}`: {why}"));
         let a = match tok {
             "none" => continue,
             "hflip" => Augment::HFlip,
@@ -168,7 +168,10 @@ mod tests {
         // A tiny rotation changes little; a shift by a quarter moves the ramp by one pixel.
         let t = &Augment::Rotate(1.0).apply(&x)[0];
         assert!((t - &x).abs().max().double_value(&[]) < 0.3);
-        let ramp = Tensor::arange(8, (Kind::Float, tch::Device::Cpu)).view([1, 1, 1, 8]).expand([1, 1, 8, 8], false).contiguous();
+        let ramp = Tensor::arange(8, (Kind::Float, tch::Device::Cpu))
+            .view([1, 1, 1, 8])
+            .expand([1, 1, 8, 8], false)
+            .contiguous();
         let s = &Augment::Shift(0.125).apply(&ramp)[0];
         // Output x samples input x + 1 (interior columns).
         assert!((s.double_value(&[0, 0, 4, 3]) - 4.0).abs() < 1e-4, "{}", s.double_value(&[0, 0, 4, 3]));

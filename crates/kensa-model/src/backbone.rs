@@ -87,7 +87,8 @@ impl Backbone {
             return Err(err("sidecar strides/channels are empty or of different lengths".into()));
         }
         let kind = meta.kind().map_err(err)?;
-        let mut module = CModule::load_on_device(path, device).map_err(|e| err(format!("not loadable TorchScript: {e}")))?;
+        let mut module =
+            CModule::load_on_device(path, device).map_err(|e| err(format!("not loadable TorchScript: {e}")))?;
         module.set_eval();
         let mean = Tensor::from_slice(&meta.mean).view([1, 3, 1, 1]).to_device(device);
         let std = Tensor::from_slice(&meta.std).view([1, 3, 1, 1]).to_device(device);
@@ -147,11 +148,15 @@ impl Backbone {
                 .into_iter()
                 .map(|iv| match iv {
                     IValue::Tensor(t) => Ok(t),
-                    other => Err(ModelError::Other(format!("backbone returned a non-tensor item: {other:?}"))),
+                    other => Err(ModelError::BackboneOutput(format!("backbone returned a non-tensor item: {other:?}"))),
                 })
                 .collect::<Result<_>>()?,
             IValue::Tensor(t) => vec![t],
-            other => return Err(ModelError::Other(format!("backbone returned {other:?}, expected a list of tensors"))),
+            other => {
+                return Err(ModelError::BackboneOutput(format!(
+                    "backbone returned {other:?}, expected a list of tensors"
+                )))
+            }
         };
         if maps.len() != self.meta.strides.len() {
             return Err(ModelError::Backbone {
@@ -169,7 +174,7 @@ impl Backbone {
         let _g = tch::no_grad_guard();
         let maps = self.forward(images)?;
         if aggregation.len() != maps.len() {
-            return Err(ModelError::Other(format!(
+            return Err(ModelError::BackboneOutput(format!(
                 "{} aggregation sizes given for a backbone with {} layers",
                 aggregation.len(),
                 maps.len()

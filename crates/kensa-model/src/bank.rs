@@ -108,10 +108,8 @@ impl Bank {
                 (format!("layer{i}"), v, shape)
             })
             .collect();
-        let raw: Vec<(String, Vec<u8>, Vec<usize>)> = bytes
-            .into_iter()
-            .map(|(n, v, s)| (n, v.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
-            .collect();
+        let raw: Vec<(String, Vec<u8>, Vec<usize>)> =
+            bytes.into_iter().map(|(n, v, s)| (n, v.iter().flat_map(|x| x.to_le_bytes()).collect(), s)).collect();
         let views: Vec<(String, TensorView<'_>)> = raw
             .iter()
             .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes match")))
@@ -159,9 +157,8 @@ impl Bank {
     /// Loads a bank and checks its own integrity (format, sizes, content hash) only.
     pub fn load_unchecked(path: &Path, device: Device) -> Result<Self> {
         let err = |msg: String| ModelError::Bank { path: path.to_path_buf(), msg };
-        let len = std::fs::metadata(path)
-            .map_err(|e| err(format!("cannot read: {e} (make one with `kensa enroll`)")))?
-            .len();
+        let len =
+            std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e} (make one with `kensa enroll`)")))?.len();
         if len > MAX_BANK_BYTES {
             return Err(err(format!("{len} bytes is over the {MAX_BANK_BYTES}-byte bank limit")));
         }

@@ -31,7 +31,9 @@ pub fn default_aggregation(layers: usize) -> Vec<u32> {
 /// Checks an aggregation list: one odd size (1-15) per backbone layer.
 pub fn check_aggregation(aggregation: &[u32], layers: usize) -> std::result::Result<(), String> {
     if aggregation.len() != layers || aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15) {
-        return Err(format!("aggregation {aggregation:?}: give one odd size (1-15) per backbone layer ({layers} layers)"));
+        return Err(format!(
+            "aggregation {aggregation:?}: give one odd size (1-15) per backbone layer ({layers} layers)"
+        ));
     }
     Ok(())
 }
@@ -62,7 +64,7 @@ impl Engine {
 
     /// Sets the per-layer aggregation used for enrollment (one odd size per layer).
     pub fn with_aggregation(mut self, aggregation: Vec<u32>) -> Result<Self> {
-        check_aggregation(&aggregation, self.backbone.meta.strides.len()).map_err(crate::ModelError::Other)?;
+        check_aggregation(&aggregation, self.backbone.meta.strides.len()).map_err(crate::ModelError::Recipe)?;
         self.aggregation = aggregation;
         Ok(self)
     }
@@ -160,8 +162,19 @@ impl Engine {
     /// Scores RGB8 images against a bank, at the bank's input size and aggregation, inside the
     /// bank's crop if it has one; each map is at its image's own resolution (0 outside the crop).
     pub fn score(&self, images: &[(&[u8], u32, u32)], bank: &Bank) -> Result<Vec<AnomalyMap>> {
+        Ok(self.score_with(images, bank, None)?.into_iter().map(|(m, _)| m).collect())
+    }
+
+    /// [`Engine::score`], and with `judge_side = Some(n)` also what the language-model judge
+    /// reads of each frame ([`JudgeFeatures`], map pooled to `n`²), from the same forward pass.
+    pub fn score_with(
+        &self,
+        images: &[(&[u8], u32, u32)],
+        bank: &Bank,
+        judge_side: Option<i64>,
+    ) -> Result<Vec<(AnomalyMap, Option<JudgeFeatures>)>> {
         let _g = tch::no_grad_guard();
-        let size = bank.meta.input_size as i64;
+        let size = i64::from(bank.meta.input_size);
         let cropped: Vec<Option<([u32; 4], Vec<u8>)>> =
             images.iter().map(|&(d, w, h)| crop_frame(d, w, h, bank.meta.crop)).collect();
         let rects: Vec<Option<[u32; 4]>> = cropped.iter().map(|c| c.as_ref().map(|(r, _)| *r)).collect();
@@ -175,16 +188,55 @@ impl Engine {
             .collect();
         let feats = self.features_at(&views, size, &bank.meta.aggregation())?;
         let maps = self.maps_from_features(&feats, &bank.layers, size, bank.meta.self_match);
+        let judge = match judge_side {
+            Some(side) => Some(judge_features(&feats, &maps, side)?),
+            None => None,
+        };
+        let mut judge = judge.map(Vec::into_iter);
         Ok(images
             .iter()
             .zip(&rects)
             .enumerate()
-            .map(|(i, (&(_, w, h), r))| match r {
-                None => to_map(&maps.get(i as i64), w, h),
-                Some(r) => paste(&to_map(&maps.get(i as i64), r[2], r[3]), *r, w, h),
+            .map(|(i, (&(_, w, h), r))| {
+                let m = maps.get(i as i64);
+                let map = match r {
+                    None => to_map(&m, w, h),
+                    Some(r) => paste(&to_map(&m, r[2], r[3]), *r, w, h),
+                };
+                (map, judge.as_mut().and_then(Iterator::next))
             })
             .collect())
     }
+}
+
+/// What the language-model judge reads of one frame, computed in the engine's forward pass
+/// (so the judge never runs the backbone again): the anomaly map on the model's grid,
+/// max-pooled to `side`², and the mean of each layer's patch features, concatenated. Plain
+/// data, so it crosses from the model thread to the judge's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JudgeFeatures {
+    pub side: i64,
+    /// `side * side` scores, row-major.
+    pub map: Vec<f32>,
+    /// Sum of the backbone's channels.
+    pub pooled: Vec<f32>,
+}
+
+fn judge_features(feats: &[Tensor], maps: &Tensor, side: i64) -> Result<Vec<JudgeFeatures>> {
+    let pooled: Vec<Tensor> =
+        feats.iter().map(|f| f.to_kind(Kind::Float).mean_dim([2i64, 3].as_slice(), false, Kind::Float)).collect();
+    let pooled = Tensor::cat(&pooled, 1).to_device(Device::Cpu); // [B, D]
+    let small = maps.to_kind(Kind::Float).unsqueeze(1).adaptive_max_pool2d([side, side]).0.to_device(Device::Cpu);
+    let n = pooled.size()[0];
+    (0..n)
+        .map(|i| {
+            Ok(JudgeFeatures {
+                side,
+                map: Vec::<f32>::try_from(small.get(i).flatten(0, -1))?,
+                pooled: Vec::<f32>::try_from(pooled.get(i))?,
+            })
+        })
+        .collect()
 }
 
 /// The self-match, on every layer but the finest: a patch's distance becomes the smaller of
@@ -221,7 +273,7 @@ fn match_self_in_blocks(feats: &[Tensor], layers: Vec<Tensor>, size: i64, block_
             let dv = d.view([bs, hw]);
             let (median, _) = dv.median_dim(1, true);
             let unexplained = dv.gt_tensor(&median); // [bs, hw]: never a match
-            // Blocks of query rows: a bounded similarity block whatever the input size.
+                                                     // Blocks of query rows: a bounded similarity block whatever the input size.
             let block = (block_elems / hw).clamp(1, hw);
             let rows: Vec<Tensor> = (0..bs)
                 .map(|b| {
@@ -297,8 +349,8 @@ pub fn to_map(m: &Tensor, w: u32, h: u32) -> AnomalyMap {
             .upsample_bilinear2d([h as i64, w as i64], false, None::<f64>, None::<f64>)
             .view([h as i64, w as i64])
     };
-    let v: Vec<f32> = Vec::try_from(m.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1))
-        .expect("float map");
+    let v: Vec<f32> =
+        Vec::try_from(m.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1)).expect("float map");
     AnomalyMap::new(w, h, v)
 }
 

@@ -1,10 +1,10 @@
 //! Enrollment: a memory bank from a handful of normal references, with the verdict calibrated
 //! from the references alone (no defect samples, no threshold to set).
 
-use crate::bank::{Bank, BankMeta, BANK_FORMAT};
-use crate::engine::Engine;
 use crate::augment::{self, Augment};
 use crate::backbone::images_to_batch;
+use crate::bank::{Bank, BankMeta, BANK_FORMAT};
+use crate::engine::Engine;
 use crate::{pseudo, ModelError, Result};
 use image::RgbImage;
 use kensa_verdict::Calibration;
@@ -85,10 +85,10 @@ pub fn enroll(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Bank> {
     if refs.is_empty() {
-        return Err(ModelError::Other("enrollment needs at least one reference image".into()));
+        return Err(ModelError::Recipe("enrollment needs at least one reference image".into()));
     }
     if !(opts.coreset > 0.0 && opts.coreset <= 1.0) {
-        return Err(ModelError::Other(format!("coreset fraction {} is outside (0, 1]", opts.coreset)));
+        return Err(ModelError::Recipe(format!("coreset fraction {} is outside (0, 1]", opts.coreset)));
     }
     let _g = tch::no_grad_guard();
     // References cropped to the region of interest, as frames will be.
@@ -97,7 +97,7 @@ pub fn enroll(
         None => refs,
         Some(c) => {
             if c[2] == 0 || c[3] == 0 {
-                return Err(ModelError::Other(format!("crop {c:?} is empty")));
+                return Err(ModelError::Recipe(format!("crop {c:?} is empty")));
             }
             cropped = refs
                 .iter()
@@ -163,7 +163,7 @@ pub fn enroll(
     let keep_anomaly = (k * n_anom).div_ceil(REGION_FIT_MAPS);
     let side = engine.input_size as u32;
     for (i, (_, img)) in refs.iter().enumerate() {
-        let bank_i = if k >= 2 { layers_of(Some(i)) } else { full.iter().map(|t| t.shallow_clone()).collect() };
+        let bank_i = if k >= 2 { layers_of(Some(i)) } else { full.iter().map(tch::Tensor::shallow_clone).collect() };
         let donor = &refs[(i + 1) % k].1;
         let mut batch_imgs = Vec::new();
         for j in 0..n_norm {
@@ -180,10 +180,14 @@ pub fn enroll(
             let views: Vec<(&[u8], u32, u32)> =
                 chunk.iter().map(|(im, _)| (im.as_raw().as_slice(), im.width(), im.height())).collect();
             let feats = engine.features(&views)?;
-            let maps = engine.maps_from_features(&feats, &bank_i, engine.input_size, engine.self_match).to_device(tch::Device::Cpu);
+            let maps = engine
+                .maps_from_features(&feats, &bank_i, engine.input_size, engine.self_match)
+                .to_device(tch::Device::Cpu);
             let maxes: Vec<f32> = Vec::try_from(maps.flatten(1, -1).amax([1], false)).map_err(ModelError::Torch)?;
             for (idx, ((_, mask), s)) in chunk.iter().zip(maxes).enumerate() {
-                let map = || -> Result<Vec<f32>> { Vec::try_from(maps.get(idx as i64).flatten(0, -1)).map_err(ModelError::Torch) };
+                let map = || -> Result<Vec<f32>> {
+                    Vec::try_from(maps.get(idx as i64).flatten(0, -1)).map_err(ModelError::Torch)
+                };
                 match mask {
                     Some(mask) => {
                         if anomalous.len() % keep_anomaly == 0 {
@@ -208,10 +212,13 @@ pub fn enroll(
     // One reference: its augmented copies are optimistic pseudo-normals, so the decision goes
     // midway between the highest of them and the median synthetic defect; leave-one-out ones (K ≥ 2)
     // are pessimistic, so midway between their median and the lowest synthetic defect.
-    let mut calibration =
-        if k == 1 { Calibration::fit_single(&normal, &anomalous) } else { Calibration::fit_leave_one_out(&normal, &anomalous) };
+    let mut calibration = if k == 1 {
+        Calibration::fit_single(&normal, &anomalous)
+    } else {
+        Calibration::fit_leave_one_out(&normal, &anomalous)
+    };
     calibration.fit_logistic();
-    let nm: Vec<&[f32]> = normal_maps.iter().map(|m| m.as_slice()).collect();
+    let nm: Vec<&[f32]> = normal_maps.iter().map(std::vec::Vec::as_slice).collect();
     let am: Vec<(&[f32], &[bool])> = anomaly_maps.iter().map(|(m, k)| (m.as_slice(), k.as_slice())).collect();
     calibration.fit_regions(&nm, &am, side, side);
     let bb = &engine.backbone.meta;
@@ -226,10 +233,7 @@ pub fn enroll(
         channels: bb.channels.clone(),
         references: k,
         reference_files: refs.iter().map(|(n, _)| n.clone()).collect(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         calibration,
         content_sha256: String::new(),
         coreset: opts.coreset,

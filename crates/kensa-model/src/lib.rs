@@ -5,6 +5,7 @@
 //! - [`backbone`]: loads a TorchScript feature extractor and its sidecar JSON, turns images
 //!   into locally aggregated, L2-normalised patch features.
 //! - [`bank`]: the memory bank file (safetensors + validated metadata + calibration).
+//! - [`cli`]: the command-line options of every command that loads a model or builds a bank.
 //! - [`engine`]: scores batches of frames against banks: per layer `1 − max cos`, mean over
 //!   layers, upsampled and smoothed, at each frame's own resolution.
 //! - [`enroll`]: builds a bank from reference images and calibrates the verdict.
@@ -15,10 +16,12 @@
 pub mod augment;
 pub mod backbone;
 pub mod bank;
+pub mod cli;
 pub mod engine;
 pub mod enroll;
 pub mod pseudo;
 
+use kensa_core::config::{Device, Precision};
 use std::path::PathBuf;
 
 /// Default model input side for enrollment (pixels). Chosen by `kensa eval` on ../shared/data:
@@ -61,41 +64,54 @@ pub enum ModelError {
     Image { path: PathBuf, msg: String },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("model.device = cuda, but libtorch sees no CUDA device (is libtorch_cuda linked and a GPU present?)")]
+    NoCuda,
+    /// An enrollment recipe or its inputs that cannot be used (augmentation, coreset, crop).
     #[error("{0}")]
-    Other(String),
+    Recipe(String),
+    /// A TorchScript file whose output is not the list of feature maps Kensa expects.
+    #[error("{0}")]
+    BackboneOutput(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-/// Picks the libtorch device for `auto`, `cpu` or `cuda`.
-/// The tensor kind `model.precision` asks for; `auto` (None) follows the backbone file.
-pub fn precision_kind(precision: &str) -> Result<Option<tch::Kind>> {
+/// The tensor kind a precision asks for; `auto` (None) follows the backbone file.
+pub fn precision_kind(precision: Precision) -> Option<tch::Kind> {
     use tch::Kind;
     match precision {
-        "auto" => Ok(None),
-        "fp32" => Ok(Some(Kind::Float)),
-        "fp16" => Ok(Some(Kind::Half)),
-        "bf16" => Ok(Some(Kind::BFloat16)),
-        other => Err(ModelError::Other(format!("unknown precision `{other}` (auto, fp32, fp16, bf16)"))),
+        Precision::Auto => None,
+        Precision::Fp32 => Some(Kind::Float),
+        Precision::Fp16 => Some(Kind::Half),
+        Precision::Bf16 => Some(Kind::BFloat16),
     }
 }
 
-pub fn device_from_str(s: &str) -> Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => {
-            if tch::Cuda::is_available() {
-                Ok(tch::Device::Cuda(0))
-            } else {
-                Err(ModelError::Other(
-                    "model.device = cuda, but libtorch sees no CUDA device (is libtorch_cuda linked and a GPU present?)"
-                        .into(),
-                ))
-            }
-        }
-        "auto" => Ok(tch::Device::cuda_if_available()),
-        other => Err(ModelError::Other(format!("unknown device `{other}` (auto, cpu, cuda)"))),
+/// The libtorch device for `model.device`: `cuda` fails when libtorch sees no GPU.
+pub fn torch_device(device: Device) -> Result<tch::Device> {
+    match device {
+        Device::Cpu => Ok(tch::Device::Cpu),
+        Device::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        Device::Cuda => Err(ModelError::NoCuda),
+        Device::Auto => Ok(tch::Device::cuda_if_available()),
     }
+}
+
+/// The backbone as the commands and the daemon choose it: `path` (default: $KENSA_BACKBONE,
+/// else the one scripts/setup.sh exports) on `device` in `precision`, with a warning when that
+/// precision is emulated on this CPU.
+pub fn load_backbone(
+    path: Option<&std::path::Path>,
+    device: Device,
+    precision: Precision,
+) -> Result<backbone::Backbone> {
+    let device = torch_device(device)?;
+    let path = path.map_or_else(default_backbone_path, std::path::Path::to_path_buf);
+    let backbone = backbone::Backbone::load(&path, device)?.with_precision(precision_kind(precision))?;
+    if let Some(w) = backbone.precision_warning() {
+        tracing::warn!("{w}");
+    }
+    Ok(backbone)
 }
 
 /// Where the default backbone lives: `$KENSA_BACKBONE`, else
@@ -106,8 +122,9 @@ pub fn default_backbone_path() -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    let cache = std::env::var("KENSA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/kensa"));
+    let cache = std::env::var("KENSA_CACHE").map_or_else(
+        |_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/kensa"),
+        PathBuf::from,
+    );
     cache.join("models/efficientnet-lite0.pt")
 }

@@ -42,9 +42,7 @@ fn sample_bilinear(img: &RgbImage, x: f32, y: f32) -> [f32; 3] {
     let (fx, fy) = (x - x0 as f32, y - y0 as f32);
     let g = |xx, yy| img.get_pixel(xx, yy).0.map(|v| v as f32);
     let (a, b, c, d) = (g(x0, y0), g(x1, y0), g(x0, y1), g(x1, y1));
-    [0, 1, 2].map(|i| {
-        a[i] * (1.0 - fx) * (1.0 - fy) + b[i] * fx * (1.0 - fy) + c[i] * (1.0 - fx) * fy + d[i] * fx * fy
-    })
+    [0, 1, 2].map(|i| a[i] * (1.0 - fx) * (1.0 - fy) + b[i] * fx * (1.0 - fy) + c[i] * (1.0 - fx) * fy + d[i] * fx * fy)
 }
 
 /// Adds one synthetic defect (spot, scratch, a cut-paste patch from `donor`, or an NSA patch
@@ -227,8 +225,8 @@ pub fn poisson_blend(src: &[[f32; 3]], dst: &[[f32; 3]], w: usize, h: usize) -> 
 
 fn blend(img: &mut RgbImage, x: u32, y: u32, c: [f32; 3], alpha: f32) {
     let p = img.get_pixel_mut(x, y);
-    for i in 0..3 {
-        p.0[i] = (c[i] * alpha + p.0[i] as f32 * (1.0 - alpha)).clamp(0.0, 255.0) as u8;
+    for (px, ci) in p.0.iter_mut().zip(c) {
+        *px = (ci * alpha + f32::from(*px) * (1.0 - alpha)).clamp(0.0, 255.0) as u8;
     }
 }
 
@@ -271,7 +269,8 @@ mod tests {
         }
         // A textured source on a flat target keeps its texture (its gradients), not its level.
         let dst = vec![[100.0f32; 3]; (w + 2) * (h + 2)];
-        let src: Vec<[f32; 3]> = (0..(w + 2) * (h + 2)).map(|i| [if (i % (w + 2)) % 2 == 0 { 200.0 } else { 240.0 }; 3]).collect();
+        let src: Vec<[f32; 3]> =
+            (0..(w + 2) * (h + 2)).map(|i| [if (i % (w + 2)) % 2 == 0 { 200.0 } else { 240.0 }; 3]).collect();
         let f = poisson_blend(&src, &dst, w, h);
         let mid = (h / 2) * w + w / 2;
         assert!((f[mid][0] - f[mid + 1][0]).abs() > 25.0, "texture lost: {} {}", f[mid][0], f[mid + 1][0]);

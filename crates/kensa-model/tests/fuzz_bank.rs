@@ -25,7 +25,10 @@ fn valid_bank() -> Vec<u8> {
         crop: None,
         self_match: true,
     };
-    let layers = vec![tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)), tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu))];
+    let layers = vec![
+        tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)),
+        tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu)),
+    ];
     let bank = Bank::new(meta, layers);
     let p = std::env::temp_dir().join(format!("kensa-fuzz-valid-{}.kbank", std::process::id()));
     bank.save(&p).unwrap();

@@ -7,7 +7,7 @@
 
 use kensa_core::config::KafkaConfig;
 use kensa_core::grid::Cell;
-use kensa_core::metrics as m;
+use kensa_core::metrics::{self as m, Label, PublishFailure};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -15,7 +15,10 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use std::time::{Duration, Instant};
 
+pub mod delivery;
+pub mod event;
 pub mod outbox;
+pub mod tail;
 
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/kensa.v1.rs"));
@@ -25,7 +28,14 @@ pub use proto::InspectionEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("Kafka brokers {brokers} unreachable after {waited_s} s: {last}. Check kafka.brokers and that the broker is up")]
+    /// A consumer (`kensa tail`, the control topic) could not read.
+    #[error("{0}")]
+    Consumer(String),
+    #[error("cannot write {path}: {source}")]
+    Write { path: std::path::PathBuf, source: std::io::Error },
+    #[error(
+        "Kafka brokers {brokers} unreachable after {waited_s} s: {last}. Check kafka.brokers and that the broker is up"
+    )]
     Unreachable { brokers: String, waited_s: u64, last: String },
     #[error("cannot create Kafka topic {topic}: {msg} (create it yourself, or check kafka.partitions and kafka.replication_factor)")]
     Topic { topic: String, msg: String },
@@ -157,7 +167,8 @@ impl Publisher {
         // the first delivery or the first timeout.
         for t in [&cfg.topic, &cfg.defects_topic] {
             metrics::counter!(m::EVENTS_PUBLISHED, "topic" => t.clone()).absolute(0);
-            metrics::counter!(m::PUBLISH_ERRORS, "topic" => t.clone(), "reason" => "MessageTimedOut").absolute(0);
+            metrics::counter!(m::PUBLISH_ERRORS, "topic" => t.clone(), "reason" => PublishFailure::TimedOut.as_str())
+                .absolute(0);
         }
         if cfg.create_topics {
             ensure_topics(cfg, &[&cfg.topic, &cfg.defects_topic]).await?;
@@ -165,9 +176,10 @@ impl Publisher {
             for topic in [cfg.topic.clone(), cfg.defects_topic.clone()] {
                 let p = producer.clone();
                 let t = topic.clone();
-                let md = tokio::task::spawn_blocking(move || p.client().fetch_metadata(Some(&t), Duration::from_secs(5)))
-                    .await
-                    .expect("metadata thread");
+                let md =
+                    tokio::task::spawn_blocking(move || p.client().fetch_metadata(Some(&t), Duration::from_secs(5)))
+                        .await
+                        .expect("metadata thread");
                 let exists = md.is_ok_and(|m| {
                     m.topics().iter().any(|x| x.name() == topic && x.error().is_none() && !x.partitions().is_empty())
                 });
@@ -200,9 +212,15 @@ impl Publisher {
                 Ok(_) => metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.clone()).increment(1),
                 Err((e, _)) => {
                     let code = e.rdkafka_error_code();
-                    let reason = code.map(|c| format!("{c:?}")).unwrap_or_else(|| "client".into());
-                    metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.clone(), "reason" => reason.clone()).increment(1);
-                    first_err.get_or_insert(SendError { fatal: is_fatal(code), reason, topic: topic.clone(), msg: e.to_string() });
+                    let reason = failure_of(code);
+                    metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.clone(), "reason" => reason.as_str())
+                        .increment(1);
+                    first_err.get_or_insert(SendError {
+                        fatal: is_fatal(code),
+                        reason,
+                        topic: topic.clone(),
+                        msg: e.to_string(),
+                    });
                 }
             }
         }
@@ -227,7 +245,7 @@ impl Publisher {
 #[derive(Debug, Clone)]
 pub struct SendError {
     pub fatal: bool,
-    pub reason: String,
+    pub reason: PublishFailure,
     pub topic: String,
     pub msg: String,
 }
@@ -236,6 +254,31 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = if self.fatal { "rejected for good" } else { "not acknowledged (will retry)" };
         write!(f, "Kafka {kind} on {}: {}", self.topic, self.msg)
+    }
+}
+
+/// The `reason` label of a librdkafka error code.
+pub fn failure_of(code: Option<RDKafkaErrorCode>) -> PublishFailure {
+    use RDKafkaErrorCode as C;
+    match code {
+        Some(C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut) => PublishFailure::TimedOut,
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => PublishFailure::TooLarge,
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => PublishFailure::UnknownTopic,
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::Authentication) => {
+            PublishFailure::NotAuthorized
+        }
+        Some(
+            C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::InvalidArgument
+            | C::KeySerialization
+            | C::ValueSerialization,
+        ) => PublishFailure::Invalid,
+        Some(C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::NetworkException) => {
+            PublishFailure::Transport
+        }
+        _ => PublishFailure::Other,
     }
 }
 
@@ -358,9 +401,8 @@ pub fn rfc3339(secs: i64, nanos: u32) -> String {
 
 /// An event as JSON (for `kensa tail`): every field, cells by name, the mask by size.
 pub fn event_to_json(ev: &InspectionEvent) -> serde_json::Value {
-    let cell = |c: i32| {
-        proto::Cell::try_from(c).ok().and_then(cell_from_proto).map(|c| c.name()).unwrap_or("unspecified")
-    };
+    let cell =
+        |c: i32| proto::Cell::try_from(c).ok().and_then(cell_from_proto).map_or("unspecified", kensa_core::Cell::name);
     serde_json::json!({
         "event_id": ev.event_id,
         "camera": ev.camera_id,
@@ -429,7 +471,13 @@ mod tests {
 
     #[test]
     fn schema_registry_framing_roundtrips_and_headers_are_cloudevents() {
-        let ev = InspectionEvent { event_id: "c/1/0".into(), camera_id: "c".into(), anomalous: true, score: 0.5, ..Default::default() };
+        let ev = InspectionEvent {
+            event_id: "c/1/0".into(),
+            camera_id: "c".into(),
+            anomalous: true,
+            score: 0.5,
+            ..Default::default()
+        };
         for id in [None, Some(42)] {
             let rec = spool_record(&ev, "r", "d", id);
             assert_eq!(rec.topics, ["r", "d"]);

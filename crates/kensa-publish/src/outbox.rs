@@ -51,23 +51,8 @@ pub enum OutboxError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
-/// Why an append was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refused {
-    /// A normal result while the spool is over 80 % of its budget.
-    FullNormal,
-    /// A defect while the spool is at its budget.
-    FullDefect,
-}
-
-impl Refused {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Refused::FullNormal => "outbox_full_normal",
-            Refused::FullDefect => "outbox_full_defect",
-        }
-    }
-}
+/// Why an append was refused: the `reason` label of `kensa_outbox_dropped_total`.
+pub use kensa_core::metrics::OutboxRefusal as Refused;
 
 struct Segment {
     path: PathBuf,
@@ -112,7 +97,7 @@ impl Outbox {
         for (n, path) in names {
             let acks_path = path.with_extension("acks");
             let acked = read_acks(&acks_path);
-            let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
             let records = read_segment(&path)?;
             let mut outstanding = 0;
             for (i, rec) in records.into_iter().enumerate() {
@@ -144,10 +129,8 @@ impl Outbox {
     }
 
     fn next_segment_id(&self) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         let last = self.segments.keys().next_back().copied().unwrap_or(0);
         now.max(last + 1)
     }
@@ -328,8 +311,12 @@ mod tests {
         let d = tmp("reopen");
         let (mut ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
         assert!(pending.is_empty());
-        let ids: Vec<EntryId> =
-            ob.append(&[rec("a", false, 10), rec("b", true, 10), rec("c", false, 10)]).unwrap().into_iter().map(Result::unwrap).collect();
+        let ids: Vec<EntryId> = ob
+            .append(&[rec("a", false, 10), rec("b", true, 10), rec("c", false, 10)])
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         ob.ack(ids[1]);
         drop(ob);
         let (mut ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
@@ -352,7 +339,11 @@ mod tests {
         let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
         ob.append(&[rec("a", false, 10), rec("b", false, 10)]).unwrap();
         drop(ob);
-        let seg = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().unwrap() == "seg").unwrap();
+        let seg = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().unwrap() == "seg")
+            .unwrap();
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&seg, bytes).unwrap();

@@ -60,8 +60,8 @@ pub enum SynthError {
     Mkdir { path: String, source: std::io::Error },
 }
 
-const SALT_DEFECT: u64 = 0x5eed_defe_c7;
-const SALT_POSE: u64 = 0x0b1e_c7;
+const SALT_DEFECT: u64 = 0x005e_edde_fec7;
+const SALT_POSE: u64 = 0x000b_1ec7;
 
 impl Line {
     pub fn new(seed: u64, defect_rate: f64, width: u32, height: u32) -> Self {
@@ -221,8 +221,8 @@ fn inject(img: &mut RgbImage, mask: &mut GrayImage, part: &Part, kind: DefectKin
     };
     let mut paint = |x: u32, y: u32, c: [f32; 3], alpha: f32| {
         let p = img.get_pixel_mut(x, y);
-        for i in 0..3 {
-            p.0[i] = (c[i] * alpha + p.0[i] as f32 * (1.0 - alpha)).clamp(0.0, 255.0) as u8;
+        for (px, ci) in p.0.iter_mut().zip(c) {
+            *px = (ci * alpha + f32::from(*px) * (1.0 - alpha)).clamp(0.0, 255.0) as u8;
         }
         mask.put_pixel(x, y, Luma([255]));
     };
@@ -282,7 +282,9 @@ fn inject(img: &mut RgbImage, mask: &mut GrayImage, part: &Part, kind: DefectKin
             for y in 0..h {
                 for x in 0..w {
                     let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
-                    if part.inside(px, py) && blobs.iter().any(|(bx, by, br)| (px - bx).powi(2) + (py - by).powi(2) < br * br) {
+                    if part.inside(px, py)
+                        && blobs.iter().any(|(bx, by, br)| (px - bx).powi(2) + (py - by).powi(2) < br * br)
+                    {
                         paint(x, y, [52.0, 118.0, 48.0], 0.9);
                     }
                 }

@@ -1,11 +1,17 @@
-//! Prometheus metrics (`/metrics`) and health (`/healthz`) on one small HTTP listener.
+//! Prometheus metrics (`/metrics`) and health (`/healthz`, `/livez`, `/readyz`) on one small
+//! HTTP listener.
+//!
+//! # Layout
+//! - [`install_recorder`]: the process's Prometheus recorder, buckets and descriptions.
+//! - [`Health`]: what the probes report (model loaded, broker reachable, each camera's state).
+//! - [`serve`]: the listener, until its cancellation token fires.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use kensa_core::metrics as m;
+use kensa_core::metrics::{self as m, CameraState, Label};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +29,16 @@ pub enum TelemetryError {
 /// Installs the global Prometheus recorder, with buckets by name suffix and every metric
 /// described. Call once, before any metric is touched.
 pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
+    // One global recorder per process: a second daemon in the same process (tests) shares it.
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let h = build_recorder()?;
+    Ok(HANDLE.get_or_init(|| h).clone())
+}
+
+fn build_recorder() -> Result<PrometheusHandle, TelemetryError> {
     // Fine below 100 ms, where a CPU model step and a healthy capture→ack latency live.
     let seconds = [
         0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -70,7 +86,16 @@ struct HealthState {
     ready: bool,
     /// The last periodic metadata request to Kafka succeeded.
     broker: bool,
-    cameras: BTreeMap<String, String>,
+    cameras: BTreeMap<String, CameraStatus>,
+}
+
+/// A camera's state as `/healthz` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CameraStatus {
+    pub state: &'static str,
+    /// Why (the failing element, the reconnect reason, how many frames it delivered).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 impl Health {
@@ -85,8 +110,9 @@ impl Health {
         let s = self.inner.lock().expect("health lock");
         s.ready && s.broker
     }
-    pub fn set_camera(&self, id: &str, state: impl Into<String>) {
-        self.inner.lock().expect("health lock").cameras.insert(id.to_string(), state.into());
+    pub fn set_camera(&self, id: &str, state: CameraState, detail: impl Into<String>) {
+        let status = CameraStatus { state: state.as_str(), detail: detail.into() };
+        self.inner.lock().expect("health lock").cameras.insert(id.to_string(), status);
     }
     pub fn snapshot(&self) -> serde_json::Value {
         let s = self.inner.lock().expect("health lock");
@@ -125,19 +151,21 @@ pub async fn serve(
     addr: &str,
     handle: PrometheusHandle,
     health: Health,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
     let local = listener.local_addr().map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
+    let (upkeep, stop) = (handle.clone(), shutdown.clone());
+    let upkeep = async move {
         loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+            }
         }
-    });
+    };
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
@@ -145,7 +173,9 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .with_state(AppState { handle, health });
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        let (served, ()) = tokio::join!(serve, upkeep);
+        if let Err(e) = served {
             tracing::error!("metrics listener stopped: {e}");
         }
     });

@@ -123,7 +123,9 @@ impl Calibration {
             method: match placement {
                 Placement::BestGap => "balanced-accuracy midpoint over pseudo-normal references and synthetic defects",
                 Placement::Margin => "midpoint of the highest augmented reference and the median synthetic defect",
-                Placement::LeaveOneOut => "midpoint of the median leave-one-out reference and the lowest synthetic defect",
+                Placement::LeaveOneOut => {
+                    "midpoint of the median leave-one-out reference and the lowest synthetic defect"
+                }
             }
             .into(),
             normal_scores: n.clone(),
@@ -293,7 +295,14 @@ pub trait Judge {
     /// The name events carry in `verdicts[].judge`.
     fn name(&self) -> &'static str;
     /// A verdict in AnomalyGPT's grammar, or why there is none.
-    fn judge(&self, e: &Evidence<'_>) -> Result<Verdict, String>;
+    fn judge(&self, e: &Evidence<'_>) -> Result<Verdict, VerdictError>;
+}
+
+/// Why a judge gave no verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum VerdictError {
+    #[error("{judge} judge: {source}")]
+    Judge { judge: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 /// The self-calibrating judge of a bank.
@@ -304,7 +313,7 @@ impl Judge for CalibratedJudge<'_> {
         JUDGE_CALIBRATED
     }
 
-    fn judge(&self, e: &Evidence<'_>) -> Result<Verdict, String> {
+    fn judge(&self, e: &Evidence<'_>) -> Result<Verdict, VerdictError> {
         Ok(judge(e.map, self.0).0)
     }
 }
@@ -356,51 +365,22 @@ pub fn judge(map: &AnomalyMap, cal: &Calibration) -> (Verdict, Vec<u8>) {
 /// 8-connected components of `map >= level`, each with its pixel indices.
 fn components(map: &AnomalyMap, level: f32) -> Vec<(Region, Vec<usize>)> {
     let (w, h) = (map.width as usize, map.height as usize);
-    let mut seen = vec![false; w * h];
-    let mut out = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..w * h {
-        if seen[start] || map.data[start] < level {
-            continue;
-        }
-        seen[start] = true;
-        stack.push(start);
-        let mut pixels = Vec::new();
-        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-        let (mut peak, mut px, mut py) = (f32::NEG_INFINITY, 0.0f64, 0.0f64);
-        while let Some(i) = stack.pop() {
-            pixels.push(i);
-            let (x, y) = (i % w, i / w);
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x + 1);
-            y1 = y1.max(y + 1);
-            if map.data[i] > peak {
-                peak = map.data[i];
+    let above: Vec<bool> = map.data.iter().map(|&v| v >= level).collect();
+    kensa_core::regions::components(&above, w)
+        .into_iter()
+        .map(|pixels| {
+            let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+            let mut peak = f32::NEG_INFINITY;
+            for &i in &pixels {
+                let (x, y) = (i % w, i / w);
+                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+                peak = peak.max(map.data[i]);
             }
-            px += x as f64;
-            py += y as f64;
-            for dy in -1i64..=1 {
-                for dx in -1i64..=1 {
-                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
-                        continue;
-                    }
-                    let j = ny as usize * w + nx as usize;
-                    if !seen[j] && map.data[j] >= level {
-                        seen[j] = true;
-                        stack.push(j);
-                    }
-                }
-            }
-        }
-        let n = pixels.len() as f64;
-        // A region's cell is the cell of its centre (the centroid of its pixels).
-        let cell = Cell::of_point(px / n + 0.5, py / n + 0.5, w as f64, h as f64);
-        let region = Region { cell, bbox: [x0 as u32, y0 as u32, x1 as u32, y1 as u32], area: pixels.len() as u32, peak };
-        out.push((region, pixels));
-    }
-    out
+            let cell = kensa_core::regions::cell_of(&pixels, w, h);
+            let area = u32::try_from(pixels.len()).unwrap_or(u32::MAX);
+            (Region { cell, bbox: [x0 as u32, y0 as u32, x1 as u32, y1 as u32], area, peak }, pixels)
+        })
+        .collect()
 }
 
 /// Encodes a 0/255 mask as a grayscale PNG.
@@ -485,8 +465,12 @@ mod tests {
         // The fitted scale beats others on the likelihood it maximises.
         let nll = |c: &Calibration| -> f64 {
             let (tp, tn) = (5.0 / 6.0, 1.0 / 6.0);
-            let l = |x: f32, t: f64| { let p = c.probability(x) as f64; -(t * p.ln() + (1.0 - t) * (1.0 - p).ln()) };
-            c.normal_scores.iter().map(|&x| l(x, tn)).sum::<f64>() + c.anomaly_scores.iter().map(|&x| l(x, tp)).sum::<f64>()
+            let l = |x: f32, t: f64| {
+                let p = c.probability(x) as f64;
+                -(t * p.ln() + (1.0 - t) * (1.0 - p).ln())
+            };
+            c.normal_scores.iter().map(|&x| l(x, tn)).sum::<f64>()
+                + c.anomaly_scores.iter().map(|&x| l(x, tp)).sum::<f64>()
         };
         for f in [0.5f32, 2.0] {
             let mut other = wide.clone();
@@ -522,7 +506,7 @@ mod tests {
             })
             .collect();
         let mut c = Calibration::fit(&[0.3, 0.3, 0.3, 0.3], &[0.8, 0.8, 0.8, 0.8]);
-        let n: Vec<&[f32]> = normal.iter().map(|v| v.as_slice()).collect();
+        let n: Vec<&[f32]> = normal.iter().map(Vec::as_slice).collect();
         let a: Vec<(&[f32], &[bool])> = anomalies.iter().map(|(m, k)| (m.as_slice(), k.as_slice())).collect();
         c.fit_regions(&n, &a, w, h);
         // Between the halo and the defect: F1 = 1.
@@ -545,8 +529,9 @@ mod tests {
                 (m, k.clone())
             })
             .collect();
-        let n2: Vec<Vec<f32>> = normal.iter().map(|m| m.iter().map(|&v| if v > 0.2 { 0.6 } else { v }).collect()).collect();
-        let n2r: Vec<&[f32]> = n2.iter().map(|v| v.as_slice()).collect();
+        let n2: Vec<Vec<f32>> =
+            normal.iter().map(|m| m.iter().map(|&v| if v > 0.2 { 0.6 } else { v }).collect()).collect();
+        let n2r: Vec<&[f32]> = n2.iter().map(Vec::as_slice).collect();
         let a2: Vec<(&[f32], &[bool])> = faint.iter().map(|(m, k)| (m.as_slice(), k.as_slice())).collect();
         let mut c2 = Calibration::fit(&[0.3], &[0.8]);
         c2.fit_regions(&n2r, &a2, w, h);
@@ -580,7 +565,10 @@ mod tests {
 
         let (v, _) = judge(&blob_map(90, 90, &[(80, 80, 5, 0.9), (45, 45, 5, 0.7)]), &cal);
         assert_eq!(v.locations, vec![Cell::BottomRight, Cell::Center]);
-        assert_eq!(v.answer, "Yes, there are 2 anomalies in the image, they are at the bottom right and center of the image.");
+        assert_eq!(
+            v.answer,
+            "Yes, there are 2 anomalies in the image, they are at the bottom right and center of the image."
+        );
         assert_eq!(v.regions.len(), 2);
     }
 

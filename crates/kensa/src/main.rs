@@ -1,16 +1,13 @@
-//! `kensa`: the inspection daemon and its tools. Wiring only; the work is in the crates.
+//! `kensa`: the inspection daemon and its tools. Wiring only: command-line parsing, logging,
+//! signals and exit codes; the work is in the crates (docs/architecture.md).
 
 mod commands;
-mod deliver;
-mod eval;
-mod judge;
-mod overlay;
-mod reload;
-mod run;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "kensa", version, about = "Few-shot, thresholdless visual inspection for production lines")]
@@ -25,30 +22,47 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon: cameras → scoring → verdicts → Kafka, with /metrics and /healthz.
-    Run(run::RunArgs),
+    Run(RunArgs),
     /// Build a product's memory bank from a handful of normal images.
     Enroll(commands::EnrollArgs),
     /// Score still images against a bank; writes <stem>.json and <stem>_map.npy per image.
-    Score(commands::ScoreArgs),
+    Score(kensa_eval::score::ScoreArgs),
     /// Write a synthetic production line data set in MVTec layout.
     Synth(commands::SynthArgs),
     /// Few-shot evaluation on MVTec-layout data: AUROC, pixel AUROC, PRO, verdict accuracy.
-    Eval(eval::EvalArgs),
+    Eval(kensa_eval::eval::EvalArgs),
     /// Train the language-model judge (prompt learner) on synthetic anomalies of a bank's references.
-    TrainJudge(judge::TrainJudgeArgs),
+    TrainJudge(kensa_lm::judging::TrainJudgeArgs),
     /// Print events from a Kafka topic as JSON lines.
-    Tail(commands::TailArgs),
+    Tail(kensa_publish::tail::TailArgs),
     /// Validate a config file and parse every camera's pipeline, without running.
     Check {
+        /// Config file (TOML).
         #[arg(long)]
         config: PathBuf,
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Config file (TOML); `KENSA__SECTION__KEY` environment variables override it.
+    #[arg(long)]
+    config: PathBuf,
+    /// Exit once every camera has ended and every event is acknowledged (finite sources).
+    #[arg(long)]
+    exit_when_done: bool,
+    /// Stop by itself after this many seconds (as if sent SIGTERM).
+    #[arg(long)]
+    max_runtime_s: Option<u64>,
+    /// Longest an orderly shutdown may take before Kensa exits anyway.
+    #[arg(long, default_value_t = 30)]
+    shutdown_deadline_s: u64,
+}
+
 fn init_logging(format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KENSA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -65,20 +79,85 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result = match cli.cmd {
-        Cmd::Run(a) => run::main(a),
+        Cmd::Run(a) => run(&a),
         Cmd::Enroll(a) => commands::enroll(a),
-        Cmd::TrainJudge(a) => judge::train_judge(a),
-        Cmd::Score(a) => commands::score(a),
+        Cmd::TrainJudge(a) => kensa_lm::judging::train_judge(&a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Cmd::Score(a) => kensa_eval::score::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Synth(a) => commands::synth(a),
-        Cmd::Tail(a) => commands::tail(a),
-        Cmd::Eval(a) => eval::main(a),
+        Cmd::Tail(a) => kensa_publish::tail::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
+        Cmd::Eval(a) => kensa_eval::eval::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Check { config } => commands::check(&config),
     };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(1)
+    })
+}
+
+/// `kensa run`. Exit codes: 0 clean, 1 start-up error, 2 a camera failed or events were
+/// dropped, 3 the shutdown deadline passed, 4 a second SIGTERM/SIGINT forced the exit.
+fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = kensa_core::config::KensaConfig::load(&a.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("kensa-rt")
+        .build()
+        .context("cannot start the async runtime")?;
+    let opts = kensa_daemon::RunOptions {
+        exit_when_done: a.exit_when_done,
+        shutdown_deadline: Duration::from_secs(a.shutdown_deadline_s),
+        config_path: Some(a.config.clone()),
+    };
+    let max_runtime = a.max_runtime_s.map(Duration::from_secs);
+    let summary = rt.block_on(async move {
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            signal().await;
+            tracing::info!("signal received; shutting down");
+            let _ = first_tx.send(());
+            signal().await;
+            tracing::error!("second signal: exiting now; events not yet acknowledged stay in the outbox");
+            hard_exit(4);
+        });
+        let shutdown = async move {
+            match max_runtime {
+                Some(d) => {
+                    tokio::select! {
+                        _ = first_rx => {}
+                        () = tokio::time::sleep(d) => tracing::info!("max runtime reached; shutting down"),
+                    }
+                }
+                None => {
+                    let _ = first_rx.await;
+                }
+            }
+        };
+        kensa_daemon::run(cfg, opts, shutdown).await
+    })?;
+    if summary.deadline_passed {
+        // Stages may still hold libtorch, librdkafka or GStreamer threads: exit without their
+        // destructors; the outbox is already durable on disk.
+        hard_exit(3);
     }
+    Ok(if summary.camera_failures > 0 || summary.events_dropped > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install SIGTERM/SIGINT handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Exits at once, without atexit handlers or destructors.
+#[allow(unsafe_code)]
+fn hard_exit(code: i32) -> ! {
+    // SAFETY: _exit takes no pointers and never returns; skipping destructors is the point.
+    unsafe { libc::_exit(code) }
 }

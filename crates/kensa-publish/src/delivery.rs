@@ -4,9 +4,11 @@
 //! `rejected/` folder with the reason. On shutdown, in-flight sends get `drain` to finish; what
 //! remains stays spooled and is sent at the next start.
 
-use kensa_core::metrics as m;
-use kensa_publish::outbox::{EntryId, Outbox, SpoolRecord};
-use kensa_publish::{spool_record, InspectionEvent, Publisher};
+use crate::outbox::{EntryId, Outbox, SpoolRecord};
+use crate::{spool_record, InspectionEvent, Publisher};
+use kensa_core::metrics::{
+    self as m, Label, PublishFailure, EVENTS_REJECTED, OUTBOX_APPENDED, OUTBOX_BYTES, OUTBOX_DROPPED, OUTBOX_PENDING,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -17,18 +19,26 @@ pub struct Scored {
     pub captured_at: Instant,
 }
 
-pub const OUTBOX_BYTES: &str = "kensa_outbox_bytes";
-pub const OUTBOX_PENDING: &str = "kensa_outbox_events";
-pub const OUTBOX_APPENDED: &str = "kensa_outbox_appended_total";
-pub const OUTBOX_DROPPED: &str = "kensa_outbox_dropped_total";
-pub const EVENTS_REJECTED: &str = "kensa_events_rejected_total";
-
+/// Where and how events are sent (from `[kafka]` and `[publish]`).
 pub struct Settings {
     pub topic: String,
     pub defects_topic: String,
     pub schema_registry_id: Option<u32>,
     pub drain: Duration,
     pub max_message_bytes: usize,
+}
+
+impl Settings {
+    /// The settings the config gives.
+    pub fn from_config(kafka: &kensa_core::config::KafkaConfig, publish: &kensa_core::config::PublishConfig) -> Self {
+        Self {
+            topic: kafka.topic.clone(),
+            defects_topic: kafka.defects_topic.clone(),
+            schema_registry_id: publish.schema_registry_id,
+            drain: Duration::from_secs(publish.drain_timeout_s),
+            max_message_bytes: kafka.max_message_bytes,
+        }
+    }
 }
 
 /// What delivery ended with.
@@ -92,7 +102,7 @@ pub async fn run(
                 }
                 let reason = format!("event is {size} bytes, over kafka.max_message_bytes = {}", s.max_message_bytes);
                 let kept = outbox.lock().expect("outbox lock").keep_rejected(rec, &reason);
-                metrics::counter!(EVENTS_REJECTED, "reason" => "too_large").increment(1);
+                metrics::counter!(EVENTS_REJECTED, "reason" => PublishFailure::TooLarge.as_str()).increment(1);
                 tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq, kept = %kept.display(),
                     "{reason}; not sent (lower publish.mask_max_side or raise the limit)");
                 false
@@ -121,8 +131,8 @@ pub async fn run(
                     }
                     Err(refused) => {
                         summary.dropped += 1;
-                        metrics::counter!(OUTBOX_DROPPED, "reason" => refused.reason()).increment(1);
-                        tracing::warn!(camera = %x.event.camera_id, frame = x.event.frame_seq, reason = refused.reason(),
+                        metrics::counter!(OUTBOX_DROPPED, "reason" => refused.as_str()).increment(1);
+                        tracing::warn!(camera = %x.event.camera_id, frame = x.event.frame_seq, reason = refused.as_str(),
                             "outbox over budget: event dropped");
                         None
                     }
@@ -186,13 +196,13 @@ async fn deliver(
                 return;
             }
             Err(e) if e.fatal => {
-                metrics::counter!(EVENTS_REJECTED, "reason" => e.reason.clone()).increment(1);
+                metrics::counter!(EVENTS_REJECTED, "reason" => e.reason.as_str()).increment(1);
                 let kept = id.map(|id| outbox.lock().expect("outbox lock").reject(id, &rec, &e.to_string()));
                 tracing::error!(event = %rec.event_id, kept = ?kept, "{e}");
                 return;
             }
             Err(e) => {
-                if attempt == 1 || attempt % 20 == 0 {
+                if attempt == 1 || attempt.is_multiple_of(20) {
                     tracing::warn!(event = %rec.event_id, attempt, "{e}");
                 }
                 tokio::select! {

@@ -1,22 +1,21 @@
-//! `kensa train-judge`: trains the language-model judge's prompt learner and image projection
-//! (the LM stays frozen) on synthetic anomalies made from a bank's reference images.
+//! The language-model judge of a bank: its [`kensa_verdict::Judge`] implementation, the rules
+//! that label its training examples, its training (`kensa train-judge`, `kensa eval --lm`) and
+//! its sidecar file. It reads the [`JudgeFeatures`] the engine computes in its own forward
+//! pass, so judging a frame never runs the backbone a second time.
 
-use crate::commands::ModelArgs;
-use anyhow::{bail, Context, Result};
-use clap::Args;
-use kensa_capture::images;
+use crate::judge::{JudgeInput, LmJudge, MAP_SIDE};
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::{LmError, Result};
 use kensa_core::grid::Cell;
-use kensa_lm::judge::{JudgeInput, LmJudge, MAP_SIDE};
-use kensa_lm::model::Llama;
-use kensa_lm::tokenizer::Tokenizer;
-use kensa_model::backbone::images_to_batch;
+use kensa_core::regions::mask_cells;
 use kensa_model::bank::Bank;
-use kensa_model::engine::Engine;
+use kensa_model::engine::{Engine, JudgeFeatures};
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Training set and schedule of the LM judge, shared by `train-judge` and `eval --lm`.
 /// Measured with `kensa train-judge --eval` on a 1-reference bottle bank
@@ -29,49 +28,129 @@ pub const TRAIN_EXAMPLES: usize = 480;
 pub const TRAIN_EPOCHS: usize = 6;
 pub const TRAIN_LR: f64 = 0.002;
 
-#[derive(Args)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct TrainJudgeArgs {
     /// Bank made by `kensa enroll`.
     #[arg(long)]
-    bank: PathBuf,
+    pub bank: PathBuf,
     /// Folder the bank was enrolled from (its reference images, by the names the bank records).
     #[arg(long)]
-    images: PathBuf,
+    pub images: PathBuf,
     /// Language model: a llama2.c checkpoint (.bin; tokenizer from --tokenizer).
     #[arg(long)]
-    lm: PathBuf,
+    pub lm: PathBuf,
     /// llama2.c tokenizer (default: tok512.bin beside the checkpoint).
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
     /// Where to write the trained judge (safetensors; a .json sidecar is written beside it).
     #[arg(long)]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Synthetic training examples (half normal, half with synthetic defects).
     #[arg(long, default_value_t = TRAIN_EXAMPLES)]
-    examples: usize,
+    pub examples: usize,
     #[arg(long, default_value_t = TRAIN_EPOCHS)]
-    epochs: usize,
+    pub epochs: usize,
     /// Adam learning rate.
     #[arg(long, default_value_t = TRAIN_LR)]
-    lr: f64,
+    pub lr: f64,
     /// Optional product description spliced into the prompt.
     #[arg(long, default_value = "")]
-    description: String,
+    pub description: String,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Also report accuracy on real images: an MVTec-layout class folder (its test/ is used).
     #[arg(long)]
-    eval: Option<PathBuf>,
+    pub eval: Option<PathBuf>,
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: kensa_model::cli::ModelArgs,
 }
 
-/// The language-model judge of one bank, as a [`kensa_verdict::Judge`]: it reads the frame's
-/// map and pooled features, answers along the grammar, and keeps the map's regions and score.
+/// What `kensa train-judge` writes beside the judge's weights (`<judge>.json`), and what the
+/// daemon checks before it uses them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sidecar {
+    /// The language model the prompt learner was trained with.
+    pub lm: PathBuf,
+    /// Its tokenizer, when not the one beside the checkpoint.
+    pub tokenizer: Option<PathBuf>,
+    /// Product description spliced into the prompt.
+    #[serde(default)]
+    pub description: String,
+    /// Map unit ([`map_scale`] of the bank it was trained on).
+    pub scale: f64,
+    /// Width of the pooled image features (the backbone's channels).
+    pub image_dim: i64,
+    pub map_side: i64,
+    /// The bank (content hash prefix) whose references it was trained on.
+    pub bank_version: String,
+    pub backbone: String,
+    pub examples: usize,
+    pub epochs: usize,
+    pub held_out_accuracy: f64,
+    pub held_out_exact_answer: f64,
+}
+
+impl Sidecar {
+    /// The sidecar path of a judge file.
+    pub fn path_of(judge: &Path) -> PathBuf {
+        PathBuf::from(format!("{}.json", judge.display()))
+    }
+
+    pub fn read(judge: &Path) -> Result<Self> {
+        let p = Self::path_of(judge);
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| LmError::File { path: p.clone(), msg: format!("cannot read the judge's sidecar: {e}") })?;
+        serde_json::from_str(&text).map_err(|e| LmError::File { path: p, msg: format!("bad judge sidecar: {e}") })
+    }
+
+    pub fn write(&self, judge: &Path) -> Result<()> {
+        let p = Self::path_of(judge);
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| LmError::File { path: p.clone(), msg: e.to_string() })?;
+        std::fs::write(&p, text + "\n").map_err(|e| LmError::File { path: p, msg: format!("cannot write: {e}") })
+    }
+
+    /// Refuses a judge trained for another bank (`bank_version`) or backbone (`dim`, its
+    /// pooled feature width), saying what to do.
+    pub fn check(&self, bank_version: &str, dim: i64) -> Result<()> {
+        if self.image_dim != dim || self.map_side != MAP_SIDE {
+            return Err(LmError::Mismatch(format!(
+                "trained with image features of size {} and maps of {}², the backbone gives {dim} and the judge reads {MAP_SIDE}²",
+                self.image_dim, self.map_side
+            )));
+        }
+        if self.bank_version != bank_version {
+            return Err(LmError::Mismatch(format!(
+                "trained on bank version {}, the product's bank is version {bank_version}: run `kensa train-judge` again for this bank",
+                self.bank_version
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Width of the pooled image features an engine's backbone gives.
+pub fn image_dim(engine: &Engine) -> i64 {
+    engine.backbone.meta.channels.iter().map(|&c| i64::from(c)).sum()
+}
+
+/// A trained judge for a product: its sidecar checked against the bank version and the
+/// backbone's feature width, its LM loaded on `device`, its weights read.
+pub fn load_judge(file: &Path, bank_version: &str, dim: i64, device: tch::Device) -> Result<LmJudge> {
+    let side = Sidecar::read(file)?;
+    side.check(bank_version, dim)?;
+    let (model, tok) = load_lm(&side.lm, side.tokenizer.as_deref(), device)?;
+    let mut j = LmJudge::new(model, tok, side.image_dim, &side.description, side.scale);
+    j.load_weights(file)?;
+    Ok(j)
+}
+
+/// The language-model judge of one bank, as a [`kensa_verdict::Judge`] over features the
+/// engine already computed: it answers along the grammar and keeps the map's regions and score.
 pub struct LanguageModelJudge<'a> {
     pub lm: &'a LmJudge,
-    pub engine: &'a Engine,
-    pub bank: &'a Bank,
+    pub calibration: &'a kensa_verdict::Calibration,
+    pub features: &'a JudgeFeatures,
 }
 
 impl kensa_verdict::Judge for LanguageModelJudge<'_> {
@@ -79,19 +158,52 @@ impl kensa_verdict::Judge for LanguageModelJudge<'_> {
         "language-model"
     }
 
-    fn judge(&self, e: &kensa_verdict::Evidence<'_>) -> std::result::Result<kensa_verdict::Verdict, String> {
-        let x = judge_input(self.engine, self.bank, e.image).map_err(|e| e.to_string())?;
-        let (cells, confidence) = self.lm.judge(&x).map_err(|e| e.to_string())?;
-        let (map_verdict, _) = kensa_verdict::judge(e.map, &self.bank.meta.calibration);
+    fn judge(
+        &self,
+        e: &kensa_verdict::Evidence<'_>,
+    ) -> std::result::Result<kensa_verdict::Verdict, kensa_verdict::VerdictError> {
+        let wrap = |err: LmError| kensa_verdict::VerdictError::Judge { judge: "language-model", source: Box::new(err) };
+        let x = input_from(self.features);
+        let (cells, confidence) = self.lm.judge(&x).map_err(wrap)?;
+        let (map_verdict, _) = kensa_verdict::judge(e.map, self.calibration);
         Ok(kensa_verdict::Verdict {
             anomalous: !cells.is_empty(),
             answer: kensa_core::grid::answer(&cells),
             locations: cells,
             confidence,
-            judge: self.name(),
+            judge: "language-model",
             ..map_verdict
         })
     }
+}
+
+/// The judge's input tensors from the engine's features.
+pub fn input_from(f: &JudgeFeatures) -> JudgeInput {
+    JudgeInput { map: Tensor::from_slice(&f.map).view([f.side, f.side]), image: Tensor::from_slice(&f.pooled) }
+}
+
+/// The judge's view of one image (its map max-pooled to `MAP_SIDE²` and its pooled features),
+/// from one forward pass of the engine.
+pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Result<JudgeInput> {
+    let view = [(img.as_raw().as_slice(), img.width(), img.height())];
+    let mut scored = engine.score_with(&view, bank, Some(MAP_SIDE)).map_err(|e| LmError::Model(e.to_string()))?;
+    let features =
+        scored.pop().and_then(|(_, f)| f).ok_or_else(|| LmError::Model("the engine returned no features".into()))?;
+    Ok(input_from(&features))
+}
+
+/// A llama2.c checkpoint and its tokenizer (`tok512.bin` beside it unless given).
+pub fn load_lm(lm: &Path, tokenizer: Option<&Path>, device: tch::Device) -> Result<(Llama, Tokenizer)> {
+    if lm.is_dir() {
+        return Err(LmError::File {
+            path: lm.to_path_buf(),
+            msg: "Hugging Face models load with kensa_lm::model::Llama::load_hf, but their tokenizer.json is not supported by the judge yet; use a llama2.c checkpoint".into(),
+        });
+    }
+    let model = Llama::load_llama2c(lm, device)?;
+    let tp = tokenizer.map_or_else(|| lm.with_file_name("tok512.bin"), Path::to_path_buf);
+    let tok = Tokenizer::load(&tp, model.config.vocab_size as usize)?;
+    Ok((model, tok))
 }
 
 /// The unit the LM judge's prompt learner sees anomaly maps in: the highest pseudo-normal score
@@ -103,51 +215,6 @@ impl kensa_verdict::Judge for LanguageModelJudge<'_> {
 pub fn map_scale(cal: &kensa_verdict::Calibration) -> f64 {
     // The calibration keeps its populations sorted.
     cal.normal_scores.last().copied().unwrap_or(cal.image_threshold) as f64
-}
-
-/// Distinct grid cells of a binary mask's connected regions (by region centre).
-pub fn mask_cells(mask: &[bool], w: usize, h: usize) -> Vec<Cell> {
-    let mut cells: Vec<Cell> = kensa_core::eval::regions(mask, w)
-        .into_iter()
-        .filter(|r| r.len() >= 4)
-        .map(|r| {
-            let (sx, sy) = r.iter().fold((0.0, 0.0), |(a, b), &i| (a + (i % w) as f64, b + (i / w) as f64));
-            let n = r.len() as f64;
-            Cell::of_point(sx / n + 0.5, sy / n + 0.5, w as f64, h as f64)
-        })
-        .collect();
-    cells.sort();
-    cells.dedup();
-    cells
-}
-
-/// The judge's view of one image: its map (max-pooled to MAP_SIDE²) and pooled features.
-pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Result<JudgeInput> {
-    let _g = tch::no_grad_guard();
-    // Inside the bank's crop, as the engine scores.
-    let cropped = kensa_model::engine::crop_frame(img.as_raw(), img.width(), img.height(), bank.meta.crop);
-    let view = match &cropped {
-        Some((r, data)) => [(data.as_slice(), r[2], r[3])],
-        None => [(img.as_raw().as_slice(), img.width(), img.height())],
-    };
-    let size = bank.meta.input_size as i64;
-    let batch = images_to_batch(&view, size, engine.device());
-    let feats = engine.backbone.patch_features(&batch, &bank.meta.aggregation())?;
-    let pooled: Vec<Tensor> = feats.iter().map(|f| f.to_kind(Kind::Float).mean_dim([2i64, 3].as_slice(), false, Kind::Float)).collect();
-    let image = Tensor::cat(&pooled, 1).squeeze_dim(0);
-    let maps = engine.maps_from_features(&feats, &bank.layers, size, bank.meta.self_match); // [1, S, S]
-    let map = maps.unsqueeze(1).adaptive_max_pool2d([MAP_SIDE, MAP_SIDE]).0.view([MAP_SIDE, MAP_SIDE]);
-    Ok(JudgeInput { map, image })
-}
-
-pub fn load_lm(lm: &Path, tokenizer: Option<&Path>, device: tch::Device) -> Result<(Llama, Tokenizer)> {
-    if lm.is_dir() {
-        bail!("{}: Hugging Face models load with kensa_lm::model::Llama::load_hf, but their tokenizer.json is not supported by train-judge yet; use a llama2.c checkpoint", lm.display());
-    }
-    let model = Llama::load_llama2c(lm, device)?;
-    let tp = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| lm.with_file_name("tok512.bin"));
-    let tok = Tokenizer::load(&tp, model.config.vocab_size as usize).with_context(|| format!("tokenizer {}", tp.display()))?;
-    Ok((model, tok))
 }
 
 /// The score up to which the LM judge's training treats a map as normal: the bank's image
@@ -200,7 +267,7 @@ pub fn synth_examples(
         let mut x = judge_input(engine, bank, &img)?;
         let gain = rng.random_range(1.0..=gain_max);
         if gain != 1.0 {
-            x.map = x.map * f64::from(gain);
+            x.map *= f64::from(gain);
         }
         top = top.max(x.map.max().double_value(&[]));
         normals.push((x, Vec::new()));
@@ -225,11 +292,16 @@ pub fn synth_examples(
             continue;
         }
         let m: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
-        defects.push((x, mask_cells(&m, mask.width() as usize, mask.height() as usize)));
+        defects.push((x, mask_cells(&m, mask.width() as usize, mask.height() as usize, 4)));
         tick();
     }
     if unseen > 0 {
-        tracing::info!(unseen, kept = defects.len(), level, "synthetic defects that score within the normal examples' range were drawn again");
+        tracing::info!(
+            unseen,
+            kept = defects.len(),
+            level,
+            "synthetic defects that score within the normal examples' range were drawn again"
+        );
     }
     // Alternating, so that any tail held out for testing holds both.
     let mut data = Vec::with_capacity(normals.len() + defects.len());
@@ -243,17 +315,24 @@ pub fn synth_examples(
     Ok(data)
 }
 
-pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
+/// `kensa train-judge`: trains a bank's judge on synthetic anomalies of its references, writes
+/// it and its [`Sidecar`], and optionally reports its accuracy on a class's real test images.
+pub fn train_judge(a: &TrainJudgeArgs) -> Result<()> {
     let t0 = Instant::now();
-    let backbone = a.model.backbone()?;
-    let probe = Bank::load_unchecked(&a.bank, tch::Device::Cpu)?;
-    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)?.cast(backbone.kind);
+    let backbone = a.model.backbone().map_err(|e| LmError::Model(e.to_string()))?;
+    let probe = Bank::load_unchecked(&a.bank, tch::Device::Cpu).map_err(|e| LmError::Model(e.to_string()))?;
+    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)
+        .map_err(|e| LmError::Model(e.to_string()))?
+        .cast(backbone.kind);
     let engine = Engine::new(backbone, bank.meta.input_size);
     let refs: Vec<image::RgbImage> = bank
         .meta
         .reference_files
         .iter()
-        .map(|n| images::load_rgb(&a.images.join(n)).with_context(|| format!("reference {n} of {} (in --images)", a.bank.display())))
+        .map(|n| {
+            kensa_capture::images::load_rgb(&a.images.join(n))
+                .map_err(|e| LmError::Model(format!("reference {n} of {} (in --images): {e}", a.bank.display())))
+        })
         .collect::<Result<_>>()?;
     let (lm, tok) = load_lm(&a.lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
     let image_dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
@@ -262,16 +341,21 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
     let mut judge = LmJudge::new(lm, tok, image_dim, &a.description, scale);
 
     let bar = indicatif::ProgressBar::new(a.examples as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("synthesising {bar:30} {pos}/{len} ({elapsed})").expect("template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("synthesising {bar:30} {pos}/{len} ({elapsed})").expect("template"),
+    );
     let data = synth_examples(&engine, &bank, &refs, a.examples, a.seed, || bar.inc(1))?;
     bar.finish_and_clear();
     if data.len() < 10 {
-        bail!("only {} usable synthetic examples; raise --examples", data.len());
+        return Err(LmError::Decode(format!("only {} usable synthetic examples; raise --examples", data.len())));
     }
     let held = (data.len() / 5).max(2);
     let (train, test) = data.split_at(data.len() - held);
     let bar = indicatif::ProgressBar::new((train.len() * a.epochs) as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("training {bar:30} {pos}/{len} loss {msg} ({elapsed}, eta {eta})").expect("template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("training {bar:30} {pos}/{len} loss {msg} ({elapsed}, eta {eta})")
+            .expect("template"),
+    );
     judge.train(train, a.epochs, a.lr, |step, _, loss| {
         bar.set_position(step as u64);
         bar.set_message(format!("{loss:.3}"));
@@ -279,22 +363,21 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     let (acc, exact) = accuracy(&judge, test)?;
     judge.save(&a.out)?;
-    let side = serde_json::json!({
-        "lm": a.lm.canonicalize().unwrap_or(a.lm.clone()),
-        "tokenizer": a.tokenizer,
-        "description": a.description,
-        "scale": scale,
-        "image_dim": image_dim,
-        "map_side": MAP_SIDE,
-        "bank_version": bank.meta.version(),
-        "backbone": engine.backbone.meta.name,
-        "examples": a.examples,
-        "epochs": a.epochs,
-        "held_out_accuracy": acc,
-        "held_out_exact_answer": exact,
-    });
-    let sp = PathBuf::from(format!("{}.json", a.out.display()));
-    std::fs::write(&sp, serde_json::to_string_pretty(&side)? + "\n").with_context(|| format!("cannot write {}", sp.display()))?;
+    let side = Sidecar {
+        lm: a.lm.canonicalize().unwrap_or_else(|_| a.lm.clone()),
+        tokenizer: a.tokenizer.clone(),
+        description: a.description.clone(),
+        scale,
+        image_dim,
+        map_side: MAP_SIDE,
+        bank_version: bank.meta.version(),
+        backbone: engine.backbone.meta.name.clone(),
+        examples: a.examples,
+        epochs: a.epochs,
+        held_out_accuracy: acc,
+        held_out_exact_answer: exact,
+    };
+    side.write(&a.out)?;
     eprintln!(
         "trained the judge in {:.0}s on {} synthetic examples ({} epochs); held-out synthetic: verdict accuracy {acc:.3}, exact answer {exact:.3} ({} examples) -> {}",
         t0.elapsed().as_secs_f64(),
@@ -306,18 +389,24 @@ pub fn train_judge(a: TrainJudgeArgs) -> Result<ExitCode> {
     if let Some(dir) = &a.eval {
         let test_dir = dir.join("test");
         let mut real = Vec::new();
-        for t in crate::eval::test_images(dir)? {
-            let img = images::load_rgb(&t.path)?;
-            let cells = match crate::eval::load_mask(t.mask.as_ref(), img.width(), img.height())? {
-                Some(m) => mask_cells(&m, img.width() as usize, img.height() as usize),
-                None => vec![Cell::Center], // anomalous, but its mask is missing
-            };
+        let bad = |e: kensa_capture::images::ImageError| LmError::Model(e.to_string());
+        for t in kensa_capture::mvtec::test_images(dir).map_err(bad)? {
+            let img = kensa_capture::images::load_rgb(&t.path).map_err(bad)?;
+            let cells =
+                match kensa_capture::mvtec::load_mask(t.mask.as_ref(), img.width(), img.height()).map_err(bad)? {
+                    Some(m) => mask_cells(&m, img.width() as usize, img.height() as usize, 4),
+                    None => vec![Cell::Center], // anomalous, but its mask is missing
+                };
             real.push((judge_input(&engine, &bank, &img)?, cells));
         }
         let (acc, exact) = accuracy(&judge, &real)?;
-        eprintln!("real images in {}: verdict accuracy {acc:.3}, exact answer {exact:.3} ({} images)", test_dir.display(), real.len());
+        eprintln!(
+            "real images in {}: verdict accuracy {acc:.3}, exact answer {exact:.3} ({} images)",
+            test_dir.display(),
+            real.len()
+        );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// (anomalous yes/no accuracy, exact-answer accuracy) of the judge on labelled inputs; logs
@@ -339,7 +428,7 @@ pub fn accuracy(judge: &LmJudge, data: &[(JudgeInput, Vec<Cell>)]) -> Result<(f6
         exact += usize::from(&got == cells);
     }
     let n = data.len().max(1) as f64;
-    eprintln!(
+    tracing::info!(
         "  tp {tp} fp {fp} tn {tn} fn {fneg}; precision {:.3} recall {:.3}; location accuracy (true positives with a correct cell) {:.3}",
         tp as f64 / (tp + fp).max(1) as f64,
         tp as f64 / (tp + fneg).max(1) as f64,
@@ -367,23 +456,5 @@ mod tests {
         // A decision below the highest pseudo-normal: no gain.
         cal.image_threshold = 0.12;
         assert_eq!(normal_gain(&cal), 1.0);
-    }
-
-    #[test]
-    fn mask_cells_are_distinct_region_centres() {
-        let (w, h) = (9usize, 9usize);
-        let mut m = vec![false; w * h];
-        // A 2×2 blob in the top left, one in the bottom right, one more in the top left.
-        for (x, y) in [(0, 0), (1, 0), (0, 1), (1, 1), (7, 7), (8, 7), (7, 8), (8, 8)] {
-            m[y * w + x] = true;
-        }
-        for (x, y) in [(1, 2 + 1), (2, 2 + 1), (1, 2 + 2), (2, 2 + 2)] {
-            m[y * w + x] = true;
-        }
-        assert_eq!(mask_cells(&m, w, h), vec![Cell::TopLeft, Cell::Left, Cell::BottomRight]);
-        // Specks under 4 pixels are not regions.
-        let mut speck = vec![false; w * h];
-        speck[40] = true;
-        assert!(mask_cells(&speck, w, h).is_empty());
     }
 }

@@ -56,7 +56,7 @@ fn range(maps: &[&[f32]]) -> Option<(f32, f32)> {
     let mut lo = f32::INFINITY;
     let mut hi = f32::NEG_INFINITY;
     for m in maps {
-        for &v in m.iter() {
+        for &v in *m {
             lo = lo.min(v);
             hi = hi.max(v);
         }
@@ -84,39 +84,6 @@ fn histograms(maps: &[&[f32]], masks: &[&[bool]], lo: f32, hi: f32, bins: usize)
     (hp, hn)
 }
 
-/// 8-connected regions of a mask (`width` wide), as lists of pixel indices.
-pub fn regions(mask: &[bool], width: usize) -> Vec<Vec<usize>> {
-    let h = mask.len() / width;
-    let mut seen = vec![false; mask.len()];
-    let mut out = Vec::new();
-    for s in 0..mask.len() {
-        if !mask[s] || seen[s] {
-            continue;
-        }
-        seen[s] = true;
-        let mut stack = vec![s];
-        let mut region = Vec::new();
-        while let Some(i) = stack.pop() {
-            region.push(i);
-            let (x, y) = ((i % width) as i64, (i / width) as i64);
-            for dy in -1..=1 {
-                for dx in -1..=1 {
-                    let (nx, ny) = (x + dx, y + dy);
-                    if nx >= 0 && ny >= 0 && (nx as usize) < width && (ny as usize) < h {
-                        let j = ny as usize * width + nx as usize;
-                        if mask[j] && !seen[j] {
-                            seen[j] = true;
-                            stack.push(j);
-                        }
-                    }
-                }
-            }
-        }
-        out.push(region);
-    }
-    out
-}
-
 /// PRO: for each threshold, the mean over ground-truth regions of the fraction of the region
 /// above it, against the false-positive rate over normal pixels; the area under that curve up
 /// to `max_fpr` (0.3 by convention), divided by `max_fpr`. `widths[i]` is map i's width.
@@ -127,7 +94,7 @@ pub fn pro(maps: &[&[f32]], masks: &[&[bool]], widths: &[usize], max_fpr: f64, b
     // One histogram per region.
     let mut region_hists: Vec<(Vec<u32>, f64)> = Vec::new();
     for ((m, k), &w) in maps.iter().zip(masks).zip(widths) {
-        for r in regions(k, w) {
+        for r in kensa_core::regions::components(k, w) {
             let mut h = vec![0u32; bins];
             for &i in &r {
                 h[bin_of(m[i], lo, hi, bins)] += 1;
@@ -210,14 +177,6 @@ mod tests {
         let mask = [true, false, false, false, false, false, false, false, false, false, false, false, true];
         let v = pro(&[&map], &[&mask], &[13], 0.3, 1000).unwrap();
         assert!((v - 0.5).abs() < 1e-9, "{v}");
-    }
-
-    #[test]
-    fn regions_are_8_connected() {
-        let m = [true, false, false, false, true, false, false, false, true]; // a diagonal
-        assert_eq!(regions(&m, 3).len(), 1);
-        let m = [true, false, true, false, false, false, true, false, true];
-        assert_eq!(regions(&m, 3).len(), 4);
     }
 
     #[test]

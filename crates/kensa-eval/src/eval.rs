@@ -3,125 +3,64 @@
 //! enrollment exactly as `kensa enroll` does it, every test image scored and judged; then image
 //! AUROC, pixel AUROC, PRO (to 30 % FPR), verdict accuracy and F1, and images per second.
 
-use crate::commands::ModelArgs;
-use anyhow::{bail, Context, Result};
-use clap::Args;
+use crate::metrics;
+use crate::{io_err, EvalError, Result};
 use kensa_capture::images;
-use kensa_core::eval;
+use kensa_capture::mvtec::{classes, load_mask, test_images, TestImage};
+use kensa_core::regions::mask_cells;
+use kensa_lm::judging::{judge_input, load_lm, map_scale, synth_examples, TRAIN_EPOCHS, TRAIN_EXAMPLES, TRAIN_LR};
+use kensa_model::cli::{ModelArgs, RecipeArgs};
 use kensa_model::engine::Engine;
 use kensa_model::enroll::enroll;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::PathBuf;
 use std::time::Instant;
 
-#[derive(Args)]
+/// The options of `kensa eval` (the binary uses them as the subcommand's arguments).
+#[derive(clap::Args, Clone, Debug)]
 pub struct EvalArgs {
     /// An MVTec-layout class folder (train/good, test/*, ground_truth/*), or a folder of them.
     #[arg(long)]
-    data: PathBuf,
+    pub data: PathBuf,
     /// Shot counts, comma separated.
     #[arg(long, default_value = "1", value_delimiter = ',')]
-    shots: Vec<usize>,
+    pub shots: Vec<usize>,
     /// Runs per shot count, each with other references.
     #[arg(long, default_value_t = 1)]
-    runs: usize,
+    pub runs: usize,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Write every result as JSON here.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
     /// Also evaluate the language-model judge: a llama2.c checkpoint (tokenizer beside it as
     /// tok512.bin, or --tokenizer). For every run it is trained on that run's references (as
     /// `kensa train-judge`), then judges every test image.
     #[arg(long)]
-    lm: Option<PathBuf>,
+    pub lm: Option<PathBuf>,
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
     /// Synthetic examples per LM-judge training.
-    #[arg(long, default_value_t = crate::judge::TRAIN_EXAMPLES)]
-    judge_examples: usize,
+    #[arg(long, default_value_t = TRAIN_EXAMPLES)]
+    pub judge_examples: usize,
     /// Write a self-contained HTML report here (DIR/report.html): the table, ROC curves per
     /// class and shot count, and the worst false positives and negatives as
     /// image | ground truth | heatmap overlay (from each shot count's first run).
     #[arg(long)]
-    report: Option<PathBuf>,
+    pub report: Option<PathBuf>,
     /// Images per model call (as `kensa score --batch`).
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub batch: usize,
     /// Also print image and pixel AUROC per defect type (each test/<type> folder against
     /// test/good), with the type's share of all defect pixels; always in the JSON.
     #[arg(long)]
-    by_type: bool,
+    pub by_type: bool,
     /// How each run's bank is built (as `kensa enroll`).
     #[command(flatten)]
-    recipe: crate::commands::RecipeArgs,
+    pub recipe: RecipeArgs,
     #[command(flatten)]
-    model: ModelArgs,
-}
-
-pub(crate) struct TestImage {
-    pub path: PathBuf,
-    /// The test/ folder it came from (`good` for normal images).
-    pub kind: String,
-    pub anomalous: bool,
-    pub mask: Option<PathBuf>,
-}
-
-fn classes(root: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    if root.join("train/good").is_dir() {
-        return Ok(vec![(name(root), root.to_path_buf())]);
-    }
-    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(root)
-        .with_context(|| format!("cannot list {}", root.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("train/good").is_dir())
-        .map(|p| (name(&p), p))
-        .collect();
-    v.sort();
-    if v.is_empty() {
-        bail!("{} is not an MVTec-layout class (no train/good) nor a folder of them", root.display());
-    }
-    Ok(v)
-}
-
-pub(crate) fn test_images(class: &Path) -> Result<Vec<TestImage>> {
-    let mut out = Vec::new();
-    let mut kinds: Vec<PathBuf> = std::fs::read_dir(class.join("test"))
-        .with_context(|| format!("{} has no test folder", class.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    kinds.sort();
-    for k in kinds {
-        let kind = k.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        for p in images::list_images(&k)? {
-            let anomalous = kind != "good";
-            let mask = anomalous.then(|| {
-                class.join("ground_truth").join(&kind).join(format!("{}_mask.png", p.file_stem().unwrap_or_default().to_string_lossy()))
-            });
-            out.push(TestImage { path: p, kind: kind.clone(), anomalous, mask });
-        }
-    }
-    Ok(out)
-}
-
-/// The ground-truth mask at `w × h`: all false for a normal image (`p` None), `None` when an
-/// anomalous image's mask file is missing.
-pub(crate) fn load_mask(p: Option<&PathBuf>, w: u32, h: u32) -> Result<Option<Vec<bool>>> {
-    let Some(p) = p else { return Ok(Some(vec![false; (w * h) as usize])) };
-    if !p.is_file() {
-        return Ok(None);
-    }
-    let m = image::open(p).with_context(|| format!("cannot read mask {}", p.display()))?.to_luma8();
-    let m = if m.dimensions() != (w, h) {
-        image::imageops::resize(&m, w, h, image::imageops::FilterType::Nearest)
-    } else {
-        m
-    };
-    Ok(Some(m.pixels().map(|p| p.0[0] > 127).collect()))
+    pub model: ModelArgs,
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -162,11 +101,19 @@ struct TypeResult {
 /// Image and pixel AUROC of each defect type against the normal images. `kinds[i]` and
 /// `scores[i]`/`labels[i]` describe test image `i`; `map_of[i]` is its index in `maps`/`masks`
 /// (None when it has no ground truth).
-fn by_type(kinds: &[&str], scores: &[f32], labels: &[bool], map_of: &[Option<usize>], maps: &[&[f32]], masks: &[&[bool]]) -> Vec<TypeResult> {
+fn by_type(
+    kinds: &[&str],
+    scores: &[f32],
+    labels: &[bool],
+    map_of: &[Option<usize>],
+    maps: &[&[f32]],
+    masks: &[&[bool]],
+) -> Vec<TypeResult> {
     let mut types: Vec<&str> = kinds.iter().zip(labels).filter(|(_, &l)| l).map(|(k, _)| *k).collect();
     types.sort();
     types.dedup();
-    let defect_px: Vec<usize> = map_of.iter().map(|j| j.map_or(0, |j| masks[j].iter().filter(|&&v| v).count())).collect();
+    let defect_px: Vec<usize> =
+        map_of.iter().map(|j| j.map_or(0, |j| masks[j].iter().filter(|&&v| v).count())).collect();
     let all_px: usize = defect_px.iter().sum();
     types
         .into_iter()
@@ -180,8 +127,8 @@ fn by_type(kinds: &[&str], scores: &[f32], labels: &[bool], map_of: &[Option<usi
             TypeResult {
                 kind: t.to_string(),
                 images: l.iter().filter(|&&v| v).count(),
-                image_auroc: eval::auroc(&s, &l),
-                pixel_auroc: eval::pixel_auroc(&m, &k, 10_000),
+                image_auroc: metrics::auroc(&s, &l),
+                pixel_auroc: metrics::pixel_auroc(&m, &k, 10_000),
                 pixel_share: if all_px == 0 { 0.0 } else { px as f64 / all_px as f64 },
             }
         })
@@ -202,7 +149,13 @@ struct JudgeStats {
 }
 
 impl JudgeStats {
-    fn add(&mut self, predicted: &[kensa_core::grid::Cell], anomalous: bool, says: bool, truth: &[kensa_core::grid::Cell]) {
+    fn add(
+        &mut self,
+        predicted: &[kensa_core::grid::Cell],
+        anomalous: bool,
+        says: bool,
+        truth: &[kensa_core::grid::Cell],
+    ) {
         let c = &mut self.counts; // tp fp tn fn located located_of
         match (says, anomalous) {
             (true, true) => {
@@ -228,7 +181,30 @@ impl JudgeStats {
     }
 }
 
-pub fn main(a: EvalArgs) -> Result<ExitCode> {
+/// What an evaluation did: how many runs and test images, and the files it wrote.
+#[derive(Clone, Debug)]
+pub struct EvalOutcome {
+    /// Runs evaluated (classes × shot counts × runs per shot count).
+    pub runs: usize,
+    /// Test images scored, over all runs.
+    pub images: usize,
+    /// `--report`'s `report.html`, when asked.
+    pub report: Option<PathBuf>,
+    /// The `--json` file, when asked.
+    pub json: Option<PathBuf>,
+}
+
+impl EvalOutcome {
+    /// The process exit status it stands for: 0 (an evaluation that ran to its end succeeded;
+    /// failures are [`EvalError`]s, exit status 1).
+    pub fn exit_code(&self) -> u8 {
+        0
+    }
+}
+
+/// `kensa eval`: every class, shot count and run of `a`; prints the tables on stdout (a
+/// progress bar on stderr meanwhile) and writes `--json` and `--report`.
+pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
     let engine = a.recipe.engine(a.model.backbone()?)?;
     let classes = classes(&a.data)?;
     let mut plan = Vec::new();
@@ -251,11 +227,18 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
     for (name, dir, k, run, _) in plan {
         bar.set_message(format!("{name} {k}-shot run {}", run + 1));
         let mut train = images::list_images(&dir.join("train/good"))?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed ^ (run as u64).wrapping_mul(0x9e37_79b9) ^ k as u64);
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(a.seed ^ (run as u64).wrapping_mul(0x9e37_79b9) ^ k as u64);
         train.shuffle(&mut rng);
         train.truncate(k);
         if train.len() < k {
-            bail!("{}: only {} references in train/good, {k} asked", name, train.len());
+            return Err(EvalError::Data {
+                what: format!(
+                    "{name}: only {} references in {}, {k} asked",
+                    train.len(),
+                    dir.join("train/good").display()
+                ),
+            });
         }
         let refs: Vec<(String, image::RgbImage)> = train
             .iter()
@@ -265,14 +248,14 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
         let tests = test_images(&dir)?;
         let lm_judge = match &a.lm {
             Some(lm) => {
-                let (model, tok) = crate::judge::load_lm(lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
-                let dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
-                let scale = crate::judge::map_scale(&bank.meta.calibration);
+                let (model, tok) = load_lm(lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
+                let dim = kensa_lm::judging::image_dim(&engine);
+                let scale = map_scale(&bank.meta.calibration);
                 tch::manual_seed((a.seed ^ run as u64) as i64);
                 let mut j = kensa_lm::judge::LmJudge::new(model, tok, dim, "", scale);
                 let ref_imgs: Vec<image::RgbImage> = refs.iter().map(|r| r.1.clone()).collect();
-                let data = crate::judge::synth_examples(&engine, &bank, &ref_imgs, a.judge_examples, a.seed ^ run as u64, || {})?;
-                j.train(&data, crate::judge::TRAIN_EPOCHS, crate::judge::TRAIN_LR, |_, _, _| {})?;
+                let data = synth_examples(&engine, &bank, &ref_imgs, a.judge_examples, a.seed ^ run as u64, || {})?;
+                j.train(&data, TRAIN_EPOCHS, TRAIN_LR, |_, _, _| {})?;
                 Some(j)
             }
             None => None,
@@ -283,8 +266,10 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
         let (mut maps, mut masks, mut widths, mut map_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let t0 = Instant::now();
         for chunk in tests.chunks(a.batch.max(1)) {
-            let imgs: Vec<image::RgbImage> = chunk.iter().map(|t| images::load_rgb(&t.path)).collect::<Result<_, _>>()?;
-            let views: Vec<(&[u8], u32, u32)> = imgs.iter().map(|i| (i.as_raw().as_slice(), i.width(), i.height())).collect();
+            let imgs: Vec<image::RgbImage> =
+                chunk.iter().map(|t| images::load_rgb(&t.path)).collect::<Result<_, _>>()?;
+            let views: Vec<(&[u8], u32, u32)> =
+                imgs.iter().map(|i| (i.as_raw().as_slice(), i.width(), i.height())).collect();
             let out = engine.score(&views, &bank)?;
             for ((t, map), img) in chunk.iter().zip(out).zip(&imgs) {
                 let (v, _) = kensa_verdict::judge(&map, &bank.meta.calibration);
@@ -292,10 +277,13 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
                 labels.push(t.anomalous);
                 preds.push(v.anomalous);
                 let mask = load_mask(t.mask.as_ref(), map.width, map.height)?;
-                let truth = mask.as_ref().map(|m| crate::judge::mask_cells(m, map.width as usize, map.height as usize)).unwrap_or_default();
+                let truth = mask
+                    .as_ref()
+                    .map(|m| mask_cells(m, map.width as usize, map.height as usize, 4))
+                    .unwrap_or_default();
                 calibrated.add(&v.locations, t.anomalous, v.anomalous, &truth);
                 if let Some(j) = &lm_judge {
-                    let (cells, _) = j.judge(&crate::judge::judge_input(&engine, &bank, img)?)?;
+                    let (cells, _) = j.judge(&judge_input(&engine, &bank, img)?)?;
                     language.add(&cells, t.anomalous, !cells.is_empty(), &truth);
                 }
                 map_of.push(mask.is_some().then_some(maps.len()));
@@ -311,17 +299,17 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
         if a.report.is_some() && run == 0 {
             sections.push(section(&engine, &bank, &name, k, &tests, &scores, &preds)?);
         }
-        let mref: Vec<&[f32]> = maps.iter().map(|m| m.as_slice()).collect();
-        let kref: Vec<&[bool]> = masks.iter().map(|m| m.as_slice()).collect();
-        let (acc, f1) = eval::accuracy_f1(&preds, &labels);
+        let mref: Vec<&[f32]> = maps.iter().map(Vec::as_slice).collect();
+        let kref: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
+        let (acc, f1) = metrics::accuracy_f1(&preds, &labels);
         results.push(RunResult {
             class: name.clone(),
             shots: k,
             run,
             references: refs.iter().map(|r| r.0.clone()).collect(),
-            image_auroc: eval::auroc(&scores, &labels),
-            pixel_auroc: eval::pixel_auroc(&mref, &kref, 10_000),
-            pro: eval::pro(&mref, &kref, &widths, 0.3, 10_000),
+            image_auroc: metrics::auroc(&scores, &labels),
+            pixel_auroc: metrics::pixel_auroc(&mref, &kref, 10_000),
+            pro: metrics::pro(&mref, &kref, &widths, 0.3, 10_000),
             verdict_accuracy: acc,
             verdict_f1: f1,
             images_per_second: tests.len() as f64 / secs.max(1e-9),
@@ -329,7 +317,14 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
             judges: std::iter::once(calibrated.finish()).chain(lm_judge.is_some().then(|| language.finish())).collect(),
             calibration: bank.meta.calibration.clone(),
             scores: tests.iter().zip(&scores).map(|(t, &s)| (t.path.display().to_string(), s, t.anomalous)).collect(),
-            by_type: by_type(&tests.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>(), &scores, &labels, &map_of, &mref, &kref),
+            by_type: by_type(
+                &tests.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>(),
+                &scores,
+                &labels,
+                &map_of,
+                &mref,
+                &kref,
+            ),
         });
     }
     bar.finish_and_clear();
@@ -337,18 +332,33 @@ pub fn main(a: EvalArgs) -> Result<ExitCode> {
     if a.by_type {
         print_type_table(&results);
     }
+    let mut report = None;
     if let Some(dir) = &a.report {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         let p = dir.join("report.html");
-        std::fs::write(&p, report_html(&results, &sections, &a)).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(&p, report_html(&results, &sections, a)).map_err(io_err("write", &p))?;
         eprintln!("wrote {}", p.display());
+        report = Some(p);
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&serde_json::json!({ "runs": results, "summary": summary(&results) }))?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": results, "summary": summary(&results) }))?,
+        )
+        .map_err(io_err("write", p))?;
         eprintln!("wrote {}", p.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(EvalOutcome {
+        runs: results.len(),
+        images: results.iter().map(|r| r.images).sum(),
+        report,
+        json: a.json.clone(),
+    })
+}
+
+/// A metric as the tables print it: 3 decimals, "-" when undefined.
+fn fmt3(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.3}"))
 }
 
 fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
@@ -384,8 +394,8 @@ fn judge_rows(results: &[RunResult]) -> Vec<(String, usize, String, [f64; 4])> {
             let v = [j.accuracy, j.precision, j.recall, j.location_accuracy];
             match rows.iter().position(|x| x.0 == r.class && x.1 == r.shots && x.2 == j.judge) {
                 Some(i) => {
-                    for k in 0..4 {
-                        rows[i].3[k] += v[k];
+                    for (sum, x) in rows[i].3.iter_mut().zip(v) {
+                        *sum += x;
                     }
                     n[i] += 1.0;
                 }
@@ -405,7 +415,10 @@ fn judge_rows(results: &[RunResult]) -> Vec<(String, usize, String, [f64; 4])> {
 fn print_table(results: &[RunResult]) {
     print_main_table(results);
     println!();
-    println!("{:<22} {:>5} {:<15} {:>8} {:>9} {:>6} {:>8}", "class", "shots", "judge", "accuracy", "precision", "recall", "location");
+    println!(
+        "{:<22} {:>5} {:<15} {:>8} {:>9} {:>6} {:>8}",
+        "class", "shots", "judge", "accuracy", "precision", "recall", "location"
+    );
     for (c, k, j, v) in judge_rows(results) {
         println!("{c:<22} {k:>5} {j:<15} {:>8.3} {:>9.3} {:>6.3} {:>8.3}", v[0], v[1], v[2], v[3]);
     }
@@ -415,24 +428,30 @@ fn print_table(results: &[RunResult]) {
 /// share of the defect pixels.
 fn print_type_table(results: &[RunResult]) {
     println!();
-    println!("{:<22} {:>5} {:<20} {:>6} {:>9} {:>9} {:>8}", "class", "shots", "defect type", "images", "img_AUROC", "pix_AUROC", "px_share");
+    println!(
+        "{:<22} {:>5} {:<20} {:>6} {:>9} {:>9} {:>8}",
+        "class", "shots", "defect type", "images", "img_AUROC", "pix_AUROC", "px_share"
+    );
     let mut keys: Vec<(&str, usize, &str)> = Vec::new();
-    for key in results.iter().flat_map(|r| r.by_type.iter().map(move |t| (r.class.as_str(), r.shots, t.kind.as_str()))) {
+    for key in results.iter().flat_map(|r| r.by_type.iter().map(move |t| (r.class.as_str(), r.shots, t.kind.as_str())))
+    {
         if !keys.contains(&key) {
             keys.push(key);
         }
     }
-    let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
     for (c, k, t) in keys {
-        let ts: Vec<&TypeResult> =
-            results.iter().filter(|r| r.class == c && r.shots == k).flat_map(|r| r.by_type.iter().filter(|x| x.kind == t)).collect();
+        let ts: Vec<&TypeResult> = results
+            .iter()
+            .filter(|r| r.class == c && r.shots == k)
+            .flat_map(|r| r.by_type.iter().filter(|x| x.kind == t))
+            .collect();
         let images = ts.first().map_or(0, |x| x.images);
         let share = mean(ts.iter().map(|x| Some(x.pixel_share)));
         println!(
             "{c:<22} {k:>5} {t:<20} {images:>6} {:>9} {:>9} {:>8}",
-            f(mean(ts.iter().map(|x| x.image_auroc))),
-            f(mean(ts.iter().map(|x| x.pixel_auroc))),
-            f(share)
+            fmt3(mean(ts.iter().map(|x| x.image_auroc))),
+            fmt3(mean(ts.iter().map(|x| x.pixel_auroc))),
+            fmt3(share)
         );
     }
 }
@@ -440,7 +459,7 @@ fn print_type_table(results: &[RunResult]) {
 /// One summary row as printed: class, shots, runs, the five metrics (3 decimals, "-" when
 /// undefined) and images per second (1 decimal).
 fn summary_cells(r: &serde_json::Value) -> [String; 9] {
-    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    let f = |v: &serde_json::Value| fmt3(v.as_f64());
     [
         r["class"].as_str().unwrap_or("").to_string(),
         r["shots"].as_u64().unwrap_or(0).to_string(),
@@ -471,7 +490,7 @@ fn print_main_table(results: &[RunResult]) {
     if rows.len() > shots.len() {
         for k in shots {
             let rs: Vec<&serde_json::Value> = rows.iter().filter(|r| r["shots"].as_u64() == Some(k)).collect();
-            let m = |key: &str| mean(rs.iter().map(|r| r[key].as_f64())).map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+            let m = |key: &str| fmt3(mean(rs.iter().map(|r| r[key].as_f64())));
             println!(
                 "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6}",
                 "mean",
@@ -520,7 +539,15 @@ fn roc(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
 }
 
 /// `preds[i]`: the calibrated judge's verdict on test image `i` (anomalous or not).
-fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: usize, tests: &[TestImage], scores: &[f32], preds: &[bool]) -> Result<Section> {
+fn section(
+    engine: &Engine,
+    bank: &kensa_model::bank::Bank,
+    class: &str,
+    shots: usize,
+    tests: &[TestImage],
+    scores: &[f32],
+    preds: &[bool],
+) -> Result<Section> {
     let labels: Vec<bool> = tests.iter().map(|t| t.anomalous).collect();
     // The overlay outlines regions above the pixel level; the caption names the image decision.
     let (level, decision) = (bank.meta.calibration.pixel_threshold, bank.meta.calibration.image_threshold);
@@ -548,7 +575,13 @@ fn section(engine: &Engine, bank: &kensa_model::bank::Bank, class: &str, shots: 
             worst.push((caption, crate::overlay::png(&pic)));
         }
     }
-    Ok(Section { class: class.to_string(), shots, roc: roc(scores, &labels), auroc: eval::auroc(scores, &labels), worst })
+    Ok(Section {
+        class: class.to_string(),
+        shots,
+        roc: roc(scores, &labels),
+        auroc: metrics::auroc(scores, &labels),
+        worst,
+    })
 }
 
 fn esc(s: &str) -> String {
@@ -585,7 +618,7 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
         a.runs,
         a.seed,
         a.recipe.input_size,
-        a.recipe.aggregation.as_ref().map(|v| format!("{v:?}")).unwrap_or_else(|| "default".into()),
+        a.recipe.aggregation.as_ref().map_or_else(|| "default".into(), |v| format!("{v:?}")),
         esc(&a.recipe.augment),
         a.recipe.coreset,
         if a.recipe.no_self_match { "off" } else { "on" }
@@ -601,7 +634,7 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
             "<h2>{} — {} shot(s), run 1</h2><p>image AUROC {}</p>{}<div>",
             esc(&s.class),
             s.shots,
-            s.auroc.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
+            fmt3(s.auroc),
             roc_svg(&s.roc)
         ));
         for (cap, png) in &s.worst {
@@ -637,7 +670,8 @@ mod tests {
         let kinds = ["good", "good", "crack", "stain", "stain"];
         let scores = [0.1, 0.5, 0.9, 0.3, 0.7];
         let labels = [false, false, true, true, true];
-        let maps: [&[f32]; 4] = [&[0.1, 0.2, 0.1, 0.1], &[0.5, 0.1, 0.1, 0.1], &[0.9, 0.2, 0.1, 0.1], &[0.6, 0.1, 0.2, 0.1]];
+        let maps: [&[f32]; 4] =
+            [&[0.1, 0.2, 0.1, 0.1], &[0.5, 0.1, 0.1, 0.1], &[0.9, 0.2, 0.1, 0.1], &[0.6, 0.1, 0.2, 0.1]];
         let masks: [&[bool]; 4] = [&[false; 4], &[false; 4], &[true, false, false, false], &[false, false, true, true]];
         let t = by_type(&kinds, &scores, &labels, &[Some(0), Some(1), Some(2), Some(3), None], &maps, &masks);
         assert_eq!(t.iter().map(|x| (x.kind.as_str(), x.images)).collect::<Vec<_>>(), vec![("crack", 1), ("stain", 2)]);

@@ -2,7 +2,7 @@
 //! the outline of the regions above the decision level, and side-by-side panels
 //! (image | ground truth | overlay) for `kensa score --overlay` and `kensa eval --report`.
 
-use image::{Rgb, RgbImage};
+use image::{ImageEncoder, Rgb, RgbImage};
 use kensa_core::AnomalyMap;
 
 /// Jet-like colour for t in [0, 1]: blue → cyan → yellow → red.
@@ -21,7 +21,9 @@ pub fn heat_overlay(img: &RgbImage, map: &AnomalyMap, level: f32) -> RgbImage {
     assert_eq!((img.width(), img.height()), (w, h), "map and image sizes differ");
     let top = map.data.iter().copied().fold(2.0 * level, f32::max).max(1e-6);
     let mut out = RgbImage::new(w, h);
-    let above = |x: i64, y: i64| x >= 0 && y >= 0 && x < w as i64 && y < h as i64 && map.data[(y as u32 * w + x as u32) as usize] >= level;
+    let above = |x: i64, y: i64| {
+        x >= 0 && y >= 0 && x < w as i64 && y < h as i64 && map.data[(y as u32 * w + x as u32) as usize] >= level
+    };
     for y in 0..h {
         for x in 0..w {
             let v = map.data[(y * w + x) as usize];
@@ -51,7 +53,11 @@ pub fn panel(img: &RgbImage, gt: Option<&[bool]>, map: &AnomalyMap, level: f32) 
     image::imageops::overlay(&mut out, img, 0, 0);
     let mut x0 = w + gap;
     if let Some(gt) = gt {
-        let m = RgbImage::from_fn(w, h, |x, y| if gt[(y * w + x) as usize] { Rgb([255, 255, 255]) } else { Rgb([0, 0, 0]) });
+        let m = RgbImage::from_fn(
+            w,
+            h,
+            |x, y| if gt[(y * w + x) as usize] { Rgb([255, 255, 255]) } else { Rgb([0, 0, 0]) },
+        );
         image::imageops::overlay(&mut out, &m, x0 as i64, 0);
         x0 += w + gap;
     }
@@ -67,8 +73,6 @@ pub fn png(img: &RgbImage) -> Vec<u8> {
         .expect("PNG encoding to memory");
     v
 }
-
-use image::ImageEncoder;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,437 @@
+//! The Kensa daemon as a library: [`run`] takes a config and a shutdown future and runs the
+//! inspection pipeline until the future resolves (or, with [`RunOptions::exit_when_done`],
+//! until every finite camera has ended and every event is delivered).
+//!
+//! # Layout
+//! One linear stage graph, each stage in the crate that owns its job, each edge a bounded
+//! channel:
+//!
+//! ```text
+//! cameras (kensa-capture, GStreamer threads)
+//!   → frames (mpsc, batch.queue; a camera's policy: block or drop)
+//!   → batcher (here: groups frames by the product the lineup gives their camera)
+//!   → model (model.rs: one OS thread, tensors only, driven through a ModelHandle)
+//!   → verdict stage (verdict.rs: judges, masks, evidence, the event; its own OS thread)
+//!   → delivery (kensa-publish: durable outbox, then Kafka)
+//! ```
+//!
+//! - [`model`]: the model thread and its handle (score, swap a bank).
+//! - [`verdict`]: the verdict/events stage.
+//! - [`lineup`]: the one owner of camera → product assignments.
+//! - [`reload`]: bank files polled, SIGHUP, the control topic.
+//!
+//! Shutdown: the shutdown future resolves → cameras get end-of-stream → the frame channel
+//! closes → the batcher flushes its partial batch → the model drains → the verdict stage
+//! drains → delivery waits for every acknowledgement (bounded by `publish.drain_timeout_s`) →
+//! background tasks are cancelled; the whole drain runs under one deadline.
+
+pub mod lineup;
+pub mod model;
+pub mod reload;
+pub mod verdict;
+
+use kensa_core::config::{JudgeMode, KensaConfig};
+use kensa_core::metrics::{self as m, CameraState, Label, Stage};
+use kensa_core::Frame;
+use kensa_publish::delivery::{self, Scored};
+use kensa_publish::outbox::Outbox;
+use kensa_publish::Publisher;
+use kensa_telemetry::Health;
+use lineup::Lineup;
+use model::{Group, ModelHandle};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use verdict::{ScoredBatch, VerdictStage};
+
+/// Why the daemon could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] kensa_model::ModelError),
+    #[error(transparent)]
+    Lm(#[from] kensa_lm::LmError),
+    #[error(transparent)]
+    Publish(#[from] kensa_publish::PublishError),
+    #[error(transparent)]
+    Outbox(#[from] kensa_publish::outbox::OutboxError),
+    #[error(transparent)]
+    Telemetry(#[from] kensa_telemetry::TelemetryError),
+    #[error("the model thread has stopped")]
+    ModelStopped,
+    #[error("{stage}: {msg}")]
+    Stage { stage: &'static str, msg: String },
+}
+
+/// How [`run`] behaves beyond the config.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Stop once every camera has ended and every event is acknowledged (finite sources).
+    pub exit_when_done: bool,
+    /// Longest the orderly shutdown may take.
+    pub shutdown_deadline: Duration,
+    /// The config file: SIGHUP reads it again (hot reload). None: no SIGHUP handling.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { exit_when_done: false, shutdown_deadline: Duration::from_secs(30), config_path: None }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Cameras that failed (at start or later).
+    pub camera_failures: usize,
+    /// Events refused by the outbox budget: lost, and counted.
+    pub events_dropped: u64,
+    /// Events still spooled at exit (sent at the next start).
+    pub events_spooled: u64,
+    /// The orderly shutdown did not finish within the deadline; stages may still be running.
+    pub deadline_passed: bool,
+}
+
+/// Runs the daemon until `shutdown` resolves (or until done, see [`RunOptions`]).
+pub async fn run(
+    cfg: KensaConfig,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, DaemonError> {
+    let handle = kensa_telemetry::install_recorder()?;
+    let health = Health::default();
+    let token = CancellationToken::new();
+    let mut background = JoinSet::new();
+
+    // Model first: a bad backbone or bank fails start-up.
+    let (model, info, model_thread) = model::start(&cfg).await?;
+    tracing::info!(model = %info.description, "model loaded");
+    metrics::gauge!(m::MODEL_INFO, "model" => info.description.clone()).set(1.0);
+    for (product, b) in &info.banks {
+        tracing::info!(product = %product, bank_version = %b.version, "bank loaded");
+        metrics::gauge!(m::BANK_INFO, "product" => product.clone(), "version" => b.version.clone()).set(1.0);
+    }
+    let judges = load_judges(&cfg, &info)?;
+
+    let (outbox, pending) = Outbox::open(&cfg.outbox.dir, cfg.outbox.max_bytes)?;
+    tracing::info!(dir = %cfg.outbox.dir.display(), pending = pending.len(), "outbox open");
+    let publisher = Publisher::connect(&cfg.kafka).await?;
+    health.set_broker(true);
+    background.spawn(watch_broker(publisher.clone(), health.clone(), token.clone()));
+    let (addr, http) = kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), token.clone()).await?;
+    tracing::info!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
+
+    // Capture.
+    let (frame_tx, frame_rx) = mpsc::channel::<Frame>(cfg.batch.queue);
+    let (cameras, start_failures) = start_cameras(&cfg, &frame_tx, &health);
+    let stoppers: Vec<_> = cameras.iter().map(kensa_capture::Camera::stopper).collect();
+    let (scored_tx, scored_rx) = mpsc::channel::<ScoredBatch>(1);
+    let (events_tx, events_rx) = mpsc::channel::<Scored>(256);
+    background.spawn(sample_depths(
+        [
+            (Stage::Capture, frame_tx.downgrade().into()),
+            (Stage::Scored, scored_tx.downgrade().into()),
+            (Stage::Publish, events_tx.downgrade().into()),
+        ],
+        token.clone(),
+    ));
+    drop(frame_tx);
+    health.set_ready(true);
+    let cams_done = tokio::task::spawn_blocking({
+        let health = health.clone();
+        move || join_cameras(cameras, &health)
+    });
+
+    // Reload: bank files, SIGHUP, the control topic.
+    let lineup = Lineup::from_config(&cfg);
+    let reloader = reload::Reloader::new(&cfg, info.loader.clone(), model.clone(), lineup.clone());
+    if cfg.model.bank_poll_s > 0 {
+        let every = Duration::from_secs(cfg.model.bank_poll_s);
+        background.spawn(until(token.clone(), reload::watch_files(reloader.clone(), every)));
+    }
+    if let Some(path) = opts.config_path.clone() {
+        background.spawn(until(token.clone(), reload::on_sighup(path, reloader.clone())));
+    }
+    if let Some(topic) = cfg.kafka.control_topic.clone() {
+        if cfg.kafka.create_topics {
+            if let Err(e) = kensa_publish::ensure_topics(&cfg.kafka, &[&topic]).await {
+                tracing::error!("{e}");
+            }
+        }
+        background.spawn(until(token.clone(), reload::control_topic(cfg.kafka.clone(), topic, reloader.clone())));
+    }
+    drop(reloader);
+
+    // Batcher → model → verdict stage → delivery.
+    let max_size = cfg.batch.effective_max_size(info.device.is_cuda());
+    tracing::info!(max_size, "batching");
+    let with_judge: HashSet<String> =
+        if cfg.judges.mode == JudgeMode::Calibrated { HashSet::new() } else { judges.keys().cloned().collect() };
+    let batcher = tokio::spawn(batcher(
+        frame_rx,
+        model.clone(),
+        lineup,
+        with_judge,
+        scored_tx,
+        (max_size, Duration::from_millis(cfg.batch.max_wait_ms)),
+    ));
+    drop(model);
+    let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
+    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges);
+    let verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
+    let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
+    let mut delivery = tokio::spawn(delivery::run(publisher, outbox, pending, events_rx, settings));
+
+    // Wait for a reason to stop.
+    tokio::pin!(shutdown);
+    let mut cams_done = cams_done;
+    let mut camera_failures = None;
+    let mut delivered = None;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => { tracing::info!("shutting down"); break; }
+            r = &mut cams_done, if camera_failures.is_none() => {
+                let failed = r.unwrap_or(0);
+                camera_failures = Some(failed);
+                tracing::info!(failed, "all cameras have ended");
+            }
+            r = &mut delivery, if delivered.is_none() => {
+                delivered = Some(r.unwrap_or_default());
+                tracing::info!("all frames scored and published");
+                if opts.exit_when_done { break; }
+            }
+        }
+    }
+
+    // Orderly shutdown under one deadline: capture, then each stage as its input closes.
+    for s in &stoppers {
+        s.stop();
+    }
+    let drain = async {
+        let failed = match camera_failures {
+            Some(f) => f,
+            None => cams_done.await.unwrap_or(0),
+        };
+        let batched = batcher.await;
+        let _ = verdicts.await;
+        let summary = match delivered {
+            Some(s) => s,
+            None => delivery.await.unwrap_or_default(),
+        };
+        (failed, batched, summary)
+    };
+    let Ok((failed, batched, delivered)) = tokio::time::timeout(opts.shutdown_deadline, drain).await else {
+        tracing::error!("shutdown did not finish within {}s", opts.shutdown_deadline.as_secs());
+        token.cancel();
+        return Ok(Summary { deadline_passed: true, camera_failures: start_failures, ..Summary::default() });
+    };
+    token.cancel();
+    while background.join_next().await.is_some() {}
+    let _ = http.await;
+    let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
+    if let Ok(Err(e)) = batched {
+        health.set_ready(false);
+        return Err(e);
+    }
+    let summary = Summary {
+        camera_failures: failed + start_failures,
+        events_dropped: delivered.dropped,
+        events_spooled: delivered.remaining,
+        deadline_passed: false,
+    };
+    if summary.events_spooled > 0 {
+        tracing::warn!(
+            events = summary.events_spooled,
+            dir = %cfg.outbox.dir.display(),
+            "events not yet acknowledged by Kafka stay in the outbox and are sent at the next start"
+        );
+    }
+    if summary.events_dropped > 0 {
+        tracing::error!(events = summary.events_dropped, "events were dropped because the outbox was over its budget");
+    }
+    tracing::info!(
+        camera_failures = summary.camera_failures,
+        events_dropped = summary.events_dropped,
+        events_spooled = summary.events_spooled,
+        "stopped"
+    );
+    Ok(summary)
+}
+
+/// Runs `f` until it ends or `token` is cancelled.
+async fn until(token: CancellationToken, f: impl Future<Output = ()>) {
+    tokio::select! {
+        () = token.cancelled() => {}
+        () = f => {}
+    }
+}
+
+/// The language-model judges of the products that have one (`products.NAME.judge`), each
+/// checked against its product's bank and the backbone.
+fn load_judges(
+    cfg: &KensaConfig,
+    info: &model::ModelInfo,
+) -> Result<HashMap<String, kensa_lm::judge::LmJudge>, DaemonError> {
+    let mut out = HashMap::new();
+    for (name, p) in &cfg.products {
+        let Some(file) = &p.judge else { continue };
+        let version = info.banks.get(name).map(|b| b.version.as_str()).unwrap_or_default();
+        let j = kensa_lm::judging::load_judge(file, version, info.feature_dim, info.device)
+            .map_err(|e| DaemonError::Config(format!("products.{name}.judge: {e}")))?;
+        tracing::info!(product = %name, judge = %file.display(), "language-model judge loaded");
+        out.insert(name.clone(), j);
+    }
+    Ok(out)
+}
+
+/// Forms batches when the model is free (a slot downstream is reserved first, so exactly one
+/// batch is ever waiting for the verdict stage), groups them by product, and scores them.
+async fn batcher(
+    mut frames: mpsc::Receiver<Frame>,
+    model: ModelHandle,
+    lineup: Lineup,
+    with_judge: HashSet<String>,
+    out: mpsc::Sender<ScoredBatch>,
+    (max_size, max_wait): (usize, Duration),
+) -> Result<(), DaemonError> {
+    loop {
+        let Ok(slot) = out.reserve().await else { return Ok(()) };
+        let Some(batch) = kensa_core::batch::next_batch(&mut frames, max_size, max_wait).await else { return Ok(()) };
+        let formed_at = Instant::now();
+        let mut groups: Vec<Group> = Vec::new();
+        for f in batch {
+            let Some(product) = lineup.product_of(&f.camera) else {
+                tracing::error!(camera = %f.camera, "frame from a camera the lineup does not know; dropped");
+                continue;
+            };
+            match groups.iter_mut().find(|g| g.product == product) {
+                Some(g) => g.frames.push(f),
+                None => {
+                    let judge_features = with_judge.contains(&*product);
+                    groups.push(Group { product, frames: vec![f], judge_features });
+                }
+            }
+        }
+        match model.score(groups).await {
+            Ok(groups) => slot.send(ScoredBatch { groups, formed_at }),
+            Err(e) => {
+                tracing::error!("{e}; inspection cannot go on");
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn start_cameras(
+    cfg: &KensaConfig,
+    frames: &mpsc::Sender<Frame>,
+    health: &Health,
+) -> (Vec<kensa_capture::Camera>, usize) {
+    let mut cameras = Vec::new();
+    let mut failures = 0;
+    for cam in &cfg.cameras {
+        let h = health.clone();
+        let on_state: kensa_capture::StateFn = Arc::new(move |id, state, detail| h.set_camera(id, state, detail));
+        match kensa_capture::start(cam, frames.clone(), on_state) {
+            Ok(c) => {
+                tracing::info!(camera = %cam.id, source = cam.source.kind(), "camera started");
+                cameras.push(c);
+            }
+            Err(e) => {
+                failures += 1;
+                health.set_camera(&cam.id, CameraState::Failed, e.to_string());
+                metrics::counter!(m::CAMERA_ERRORS, "camera" => cam.id.clone()).increment(1);
+                tracing::error!(camera = %cam.id, "{e}");
+            }
+        }
+    }
+    (cameras, failures)
+}
+
+/// Waits for every camera's thread; returns how many failed.
+fn join_cameras(cameras: Vec<kensa_capture::Camera>, health: &Health) -> usize {
+    let mut failed = 0;
+    for c in cameras {
+        let id = c.id.clone();
+        match c.join() {
+            kensa_capture::Outcome::Ended { frames } => {
+                health.set_camera(&id, CameraState::Ended, format!("after {frames} frames"))
+            }
+            kensa_capture::Outcome::Failed { frames, reason } => {
+                failed += 1;
+                health.set_camera(&id, CameraState::Failed, format!("after {frames} frames: {reason}"));
+            }
+        }
+    }
+    failed
+}
+
+/// Readiness follows the broker: a metadata request every 5 s.
+async fn watch_broker(p: Publisher, h: Health, token: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let p = p.clone();
+        let ok = tokio::task::spawn_blocking(move || p.reachable(Duration::from_secs(3))).await.unwrap_or(false);
+        h.set_broker(ok);
+    }
+}
+
+/// A queue whose depth is sampled: a weak sender (the queue may close meanwhile).
+enum Probe {
+    Frames(mpsc::WeakSender<Frame>),
+    Batches(mpsc::WeakSender<ScoredBatch>),
+    Events(mpsc::WeakSender<Scored>),
+}
+
+impl From<mpsc::WeakSender<Frame>> for Probe {
+    fn from(w: mpsc::WeakSender<Frame>) -> Self {
+        Probe::Frames(w)
+    }
+}
+impl From<mpsc::WeakSender<ScoredBatch>> for Probe {
+    fn from(w: mpsc::WeakSender<ScoredBatch>) -> Self {
+        Probe::Batches(w)
+    }
+}
+impl From<mpsc::WeakSender<Scored>> for Probe {
+    fn from(w: mpsc::WeakSender<Scored>) -> Self {
+        Probe::Events(w)
+    }
+}
+
+impl Probe {
+    fn depth(&self) -> usize {
+        fn d<T>(w: &mpsc::WeakSender<T>) -> usize {
+            w.upgrade().map_or(0, |t| t.max_capacity() - t.capacity())
+        }
+        match self {
+            Probe::Frames(w) => d(w),
+            Probe::Batches(w) => d(w),
+            Probe::Events(w) => d(w),
+        }
+    }
+}
+
+/// Samples each queue's depth once a second.
+async fn sample_depths(queues: [(Stage, Probe); 3], token: CancellationToken) {
+    loop {
+        for (stage, q) in &queues {
+            metrics::gauge!(m::QUEUE_DEPTH, "stage" => stage.as_str()).set(q.depth() as f64);
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The model stage: one OS thread owns the engine (tch tensors are not `Sync`) and every
+//! product's bank, and does tensors only. It is driven through a [`ModelHandle`] with
+//! [`Command`]s, each answered on a oneshot channel (TEI-style); commands run in order, so a
+//! bank swap lands between two batches and every frame is scored entirely with one bank.
+
+use crate::DaemonError;
+use kensa_core::config::KensaConfig;
+use kensa_core::metrics::{self as m, DropReason, Label, ReloadResult};
+use kensa_core::{AnomalyMap, Frame};
+use kensa_model::backbone::BackboneMeta;
+use kensa_model::bank::Bank;
+use kensa_model::engine::{Engine, JudgeFeatures};
+use kensa_verdict::Calibration;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Frames of one product, to score with its bank.
+pub struct Group {
+    pub product: Arc<str>,
+    pub frames: Vec<Frame>,
+    /// Also compute what the language-model judge reads (the product has one and may use it).
+    pub judge_features: bool,
+}
+
+/// The bank a group was scored with: what the verdict stage needs of it.
+#[derive(Clone)]
+pub struct BankView {
+    pub version: String,
+    pub calibration: Arc<Calibration>,
+}
+
+/// A scored frame.
+pub struct ScoredFrame {
+    pub frame: Frame,
+    pub map: AnomalyMap,
+    pub features: Option<JudgeFeatures>,
+}
+
+/// The model's answer for one group.
+pub enum GroupResult {
+    Scored {
+        product: Arc<str>,
+        bank: BankView,
+        frames: Vec<ScoredFrame>,
+        model_s: f64,
+    },
+    /// Not scored: the product has no bank, or the model failed on the batch.
+    Dropped {
+        product: Arc<str>,
+        frames: Vec<Frame>,
+        reason: DropReason,
+    },
+}
+
+/// Work for the model thread.
+pub enum Command {
+    Score {
+        groups: Vec<Group>,
+        reply: oneshot::Sender<Vec<GroupResult>>,
+    },
+    /// Replace (or add) a product's bank; answers the bank it replaced, if any.
+    SwapBank {
+        product: String,
+        bank: Box<Bank>,
+        reply: oneshot::Sender<Option<String>>,
+    },
+}
+
+/// What start-up learned about the model.
+#[derive(Clone)]
+pub struct ModelInfo {
+    /// `<backbone name>@<weights>`: the events' `model_id`.
+    pub model_id: String,
+    /// Human description with device and precision, for the log and `kensa_model_info`.
+    pub description: String,
+    pub device: tch::Device,
+    /// Width of the pooled features the language-model judge reads.
+    pub feature_dim: i64,
+    /// Product → its bank at start.
+    pub banks: HashMap<String, BankView>,
+    /// What loading another bank needs (reloads).
+    pub loader: Loader,
+}
+
+/// Loads banks the way start-up did (off the model thread).
+#[derive(Clone)]
+pub struct Loader {
+    pub backbone: BackboneMeta,
+    pub input_size: u32,
+    pub device: tch::Device,
+    pub kind: tch::Kind,
+}
+
+impl Loader {
+    /// Loads and validates a bank on a blocking thread.
+    pub async fn load(&self, path: &Path) -> Result<Bank, DaemonError> {
+        let (p, me) = (path.to_path_buf(), self.clone());
+        tokio::task::spawn_blocking(move || {
+            Bank::load(&p, &me.backbone, me.input_size, me.device).map(|b| b.cast(me.kind)).map_err(DaemonError::from)
+        })
+        .await
+        .map_err(|e| DaemonError::Stage { stage: "bank loader", msg: e.to_string() })?
+    }
+}
+
+/// Sends work to the model thread.
+#[derive(Clone)]
+pub struct ModelHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl ModelHandle {
+    /// Scores groups of frames; an error means the model thread has ended.
+    pub async fn score(&self, groups: Vec<Group>) -> Result<Vec<GroupResult>, DaemonError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Score { groups, reply }).await.map_err(|_| DaemonError::ModelStopped)?;
+        rx.await.map_err(|_| DaemonError::ModelStopped)
+    }
+
+    /// Swaps a product's bank in between two batches.
+    pub async fn swap_bank(&self, product: &str, bank: Bank) -> Result<Option<String>, DaemonError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::SwapBank { product: product.to_string(), bank: Box::new(bank), reply };
+        self.tx.send(cmd).await.map_err(|_| DaemonError::ModelStopped)?;
+        rx.await.map_err(|_| DaemonError::ModelStopped)
+    }
+}
+
+fn view(bank: &Bank) -> BankView {
+    BankView { version: bank.meta.version(), calibration: Arc::new(bank.meta.calibration.clone()) }
+}
+
+/// Starts the model thread: loads the backbone and every product's bank (a bad one fails
+/// start-up), then serves commands until every handle is dropped.
+pub async fn start(cfg: &KensaConfig) -> Result<(ModelHandle, ModelInfo, std::thread::JoinHandle<()>), DaemonError> {
+    let (tx, mut rx) = mpsc::channel::<Command>(1);
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<ModelInfo, DaemonError>>();
+    let cfg = cfg.clone();
+    let thread = std::thread::Builder::new()
+        .name("kensa-model".into())
+        .spawn(move || {
+            let (engine, mut banks) = match load(&cfg) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let meta = &engine.backbone.meta;
+            let info = ModelInfo {
+                model_id: format!("{}@{}", meta.name, meta.weights),
+                description: format!(
+                    "{}@{} on {:?} ({:?})",
+                    meta.name,
+                    meta.weights,
+                    engine.device(),
+                    engine.backbone.kind
+                ),
+                device: engine.device(),
+                feature_dim: meta.channels.iter().map(|&c| i64::from(c)).sum(),
+                banks: banks.iter().map(|(k, b)| (k.clone(), view(b))).collect(),
+                loader: Loader {
+                    backbone: meta.clone(),
+                    input_size: cfg.model.input_size,
+                    device: engine.device(),
+                    kind: engine.backbone.kind,
+                },
+            };
+            let _ = ready_tx.send(Ok(info));
+            while let Some(cmd) = rx.blocking_recv() {
+                match cmd {
+                    Command::Score { groups, reply } => {
+                        let _ = reply.send(score(&engine, &banks, groups));
+                    }
+                    Command::SwapBank { product, bank, reply } => {
+                        let old = banks.insert(product, *bank).map(|b| b.meta.version());
+                        let _ = reply.send(old);
+                    }
+                }
+            }
+        })
+        .map_err(|e| DaemonError::Stage { stage: "model", msg: format!("cannot start the model thread: {e}") })?;
+    let info = ready_rx.await.map_err(|_| DaemonError::ModelStopped)??;
+    Ok((ModelHandle { tx }, info, thread))
+}
+
+fn load(cfg: &KensaConfig) -> Result<(Engine, HashMap<String, Bank>), DaemonError> {
+    let m = &cfg.model;
+    if m.threads > 0 {
+        tch::set_num_threads(i32::try_from(m.threads).unwrap_or(i32::MAX));
+    }
+    let backbone = kensa_model::load_backbone(m.backbone.as_deref(), m.device, m.precision)?;
+    let (device, kind) = (backbone.device, backbone.kind);
+    let mut banks = HashMap::new();
+    for (name, p) in &cfg.products {
+        let bank = Bank::load(&p.bank, &backbone.meta, m.input_size, device)
+            .map_err(|e| DaemonError::Config(format!("products.{name}.bank: {e}")))?
+            .cast(kind);
+        banks.insert(name.clone(), bank);
+    }
+    Ok((Engine::new(backbone, m.input_size), banks))
+}
+
+/// Scores each group with its product's bank.
+fn score(engine: &Engine, banks: &HashMap<String, Bank>, groups: Vec<Group>) -> Vec<GroupResult> {
+    let t0 = Instant::now();
+    let n: usize = groups.iter().map(|g| g.frames.len()).sum();
+    metrics::histogram!(m::BATCH_SIZE).record(n as f64);
+    let out = groups
+        .into_iter()
+        .map(|g| {
+            let Some(bank) = banks.get(&*g.product) else {
+                tracing::error!(product = %g.product, "no bank loaded for product; frames dropped");
+                return GroupResult::Dropped { product: g.product, frames: g.frames, reason: DropReason::NoBank };
+            };
+            let views: Vec<(&[u8], u32, u32)> =
+                g.frames.iter().map(|f| (f.data.as_slice(), f.width, f.height)).collect();
+            let t = Instant::now();
+            let side = g.judge_features.then_some(kensa_lm::judge::MAP_SIDE);
+            let scored = engine.score_with(&views, bank, side);
+            metrics::histogram!(m::SCORE_LATENCY).record(t.elapsed().as_secs_f64());
+            match scored {
+                Ok(maps) => {
+                    let model_s = t.elapsed().as_secs_f64() / g.frames.len().max(1) as f64;
+                    let frames = g
+                        .frames
+                        .into_iter()
+                        .zip(maps)
+                        .map(|(frame, (map, features))| ScoredFrame { frame, map, features })
+                        .collect();
+                    GroupResult::Scored { product: g.product, bank: view(bank), frames, model_s }
+                }
+                Err(e) => {
+                    tracing::error!(product = %g.product, "scoring failed: {e}");
+                    GroupResult::Dropped { product: g.product, frames: g.frames, reason: DropReason::ScoringFailed }
+                }
+            }
+        })
+        .collect();
+    metrics::histogram!(m::BATCH_LATENCY).record(t0.elapsed().as_secs_f64());
+    out
+}
+
+/// Records a swapped-in bank in the metrics and the log.
+pub fn note_swap(product: &str, old: Option<&str>, new: &str, path: &Path, trigger: &str) {
+    if let Some(old) = old {
+        metrics::gauge!(m::BANK_INFO, "product" => product.to_string(), "version" => old.to_string()).set(0.0);
+    }
+    metrics::gauge!(m::BANK_INFO, "product" => product.to_string(), "version" => new.to_string()).set(1.0);
+    metrics::counter!(m::BANK_RELOADS, "product" => product.to_string(), "result" => ReloadResult::Ok.as_str())
+        .increment(1);
+    tracing::info!(product, version = new, path = %path.display(), trigger, "bank swapped in");
+}

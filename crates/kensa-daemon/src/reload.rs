@@ -1,0 +1,272 @@
+//! Hot reload and product changeover, without a restart.
+//!
+//! Three triggers: a bank file that changes on disk (polled), SIGHUP (the config file is read
+//! again: changed bank paths, new products, cameras assigned to another product), and an optional
+//! Kafka control topic (`kafka.control_topic`) carrying JSON commands:
+//! `{"camera": "line-1", "product": "bottle"}` or `{"product": "bottle", "bank": "/path.kbank"}`.
+//! Banks are loaded and validated off the model thread; a bad one is rejected with a clear error
+//! and the old one keeps running. The model thread applies each change between two batches, so
+//! every frame is scored entirely with one bank: the swap is atomic per camera.
+
+use crate::lineup::Lineup;
+use crate::model::{note_swap, Loader, ModelHandle};
+use kensa_core::config::KensaConfig;
+use kensa_core::metrics::{self as m, ControlError, Label, ReloadResult};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+/// What reloading works with: how to load a bank, where to swap it in, and the lineup.
+#[derive(Clone)]
+pub struct Reloader {
+    pub loader: Loader,
+    pub model: ModelHandle,
+    pub lineup: Lineup,
+    /// Product → the bank file in use.
+    pub banks: Arc<Mutex<HashMap<String, PathBuf>>>,
+}
+
+fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl Reloader {
+    pub fn new(cfg: &KensaConfig, loader: Loader, model: ModelHandle, lineup: Lineup) -> Self {
+        let banks = cfg.products.iter().map(|(k, v)| (k.clone(), v.bank.clone())).collect();
+        Self { loader, model, lineup, banks: Arc::new(Mutex::new(banks)) }
+    }
+
+    fn bank_paths(&self) -> HashMap<String, PathBuf> {
+        self.banks.lock().expect("reload state").clone()
+    }
+
+    /// Loads a bank and swaps it in; false (logged, counted) when it is rejected.
+    async fn swap(&self, product: &str, path: &Path, trigger: &'static str) -> bool {
+        let bank = match self.loader.load(path).await {
+            Ok(b) => b,
+            Err(e) => {
+                metrics::counter!(m::BANK_RELOADS, "product" => product.to_string(), "result" => ReloadResult::Rejected.as_str())
+                    .increment(1);
+                tracing::error!(product, trigger, "new bank rejected, the previous one keeps running: {e}");
+                return false;
+            }
+        };
+        let new = bank.meta.version();
+        match self.model.swap_bank(product, bank).await {
+            Ok(old) => {
+                note_swap(product, old.as_deref(), &new, path, trigger);
+                self.banks.lock().expect("reload state").insert(product.to_string(), path.to_path_buf());
+                true
+            }
+            Err(e) => {
+                tracing::error!(product, "bank not swapped: {e}");
+                false
+            }
+        }
+    }
+
+    /// Moves a camera to a product with a loaded bank; false (logged, counted) otherwise.
+    fn assign(&self, camera: &str, product: &str, trigger: &'static str) -> bool {
+        let known_product = self.banks.lock().expect("reload state").contains_key(product);
+        if known_product && self.lineup.assign(camera, product) {
+            tracing::info!(camera, product, trigger, "camera now inspects another product");
+            return true;
+        }
+        metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Unknown.as_str()).increment(1);
+        tracing::error!(
+            camera,
+            product,
+            trigger,
+            "changeover ignored: unknown camera or product without a loaded bank"
+        );
+        false
+    }
+}
+
+/// Polls every product's bank file; a changed file is loaded and swapped in.
+pub async fn watch_files(r: Reloader, every: Duration) {
+    let mut seen: HashMap<PathBuf, Option<(SystemTime, u64)>> = r
+        .bank_paths()
+        .into_values()
+        .map(|p| {
+            let s = stamp(&p);
+            (p, s)
+        })
+        .collect();
+    loop {
+        tokio::time::sleep(every).await;
+        for (product, path) in r.bank_paths() {
+            let now = stamp(&path);
+            let before = seen.get(&path).copied().flatten();
+            if now.is_some() && now != before {
+                seen.insert(path.clone(), now);
+                tracing::info!(product = %product, path = %path.display(), "bank file changed; reloading");
+                r.swap(&product, &path, "file").await;
+            }
+        }
+    }
+}
+
+/// On SIGHUP, reads the config again and applies bank and camera-product changes.
+pub async fn on_sighup(config: PathBuf, r: Reloader) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %config.display(), "SIGHUP: reloading the config");
+        let cfg = match KensaConfig::load(&config) {
+            Ok(c) => c,
+            Err(e) => {
+                metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Config.as_str()).increment(1);
+                tracing::error!("config reload rejected, nothing changed: {e}");
+                continue;
+            }
+        };
+        let old = r.bank_paths();
+        for (product, p) in &cfg.products {
+            if old.get(product) != Some(&p.bank) {
+                r.swap(product, &p.bank, "sighup").await;
+            }
+        }
+        for cam in &cfg.cameras {
+            match r.lineup.product_of(&cam.id) {
+                None => tracing::warn!(camera = %cam.id, "a camera added to the config starts only after a restart"),
+                Some(p) if *p != *cam.product => {
+                    r.assign(&cam.id, &cam.product, "sighup");
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// A command on the control topic.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    pub camera: Option<String>,
+    pub product: String,
+    pub bank: Option<PathBuf>,
+}
+
+/// Applies one control-topic command.
+pub async fn apply(cmd: Command, r: &Reloader) {
+    if let Some(bank) = &cmd.bank {
+        if !r.swap(&cmd.product, bank, "control").await {
+            return;
+        }
+    }
+    if let Some(camera) = cmd.camera {
+        r.assign(&camera, &cmd.product, "control");
+    }
+}
+
+/// Reads the control topic from its end and applies each command.
+pub async fn control_topic(kafka: kensa_core::config::KafkaConfig, topic: String, r: Reloader) {
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Result<Command, String>>(16);
+    let t = topic.clone();
+    if let Err(e) =
+        std::thread::Builder::new().name("kensa-control".into()).spawn(move || control_reader(&kafka, &t, &cmd_tx))
+    {
+        tracing::error!(topic = %topic, "cannot start the control-topic reader: {e}");
+        return;
+    }
+    while let Some(cmd) = cmd_rx.recv().await {
+        match cmd {
+            Ok(cmd) => {
+                tracing::info!(topic = %topic, ?cmd, "control command");
+                apply(cmd, &r).await;
+            }
+            Err(e) => {
+                metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Parse.as_str()).increment(1);
+                tracing::error!(topic = %topic, "bad control message ignored: {e}");
+            }
+        }
+    }
+}
+
+fn control_reader(kafka: &kensa_core::config::KafkaConfig, topic: &str, out: &mpsc::Sender<Result<Command, String>>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut cc = kensa_publish::client_config(kafka);
+    cc.set("group.id", "kensa-control").set("enable.auto.commit", "false");
+    for k in ["acks", "enable.idempotence", "message.timeout.ms"] {
+        cc.remove(k);
+    }
+    let consumer: BaseConsumer = match cc.create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(topic, "cannot read the control topic: {e}");
+            return;
+        }
+    };
+    let parts: Vec<i32> = match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+        Ok(md) => md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
+            .collect(),
+        Err(e) => {
+            tracing::error!(topic, "cannot read the control topic: {e}");
+            return;
+        }
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in parts {
+        let _ = tpl.add_partition_offset(topic, p, Offset::End);
+    }
+    if let Err(e) = consumer.assign(&tpl) {
+        tracing::error!(topic, "cannot read the control topic: {e}");
+        return;
+    }
+    tracing::info!(topic, "reading control commands");
+    loop {
+        if out.is_closed() {
+            return;
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+        let parsed = match msg {
+            Ok(m) => {
+                let bytes = m.payload().unwrap_or_default();
+                if bytes.len() > 64 << 10 {
+                    Err(format!("{} bytes is over the 64 KiB control-message limit", bytes.len()))
+                } else {
+                    serde_json::from_slice::<Command>(bytes)
+                        .map_err(|e| format!("{e} in {:?}", String::from_utf8_lossy(bytes)))
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if out.blocking_send(parsed).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+    use proptest::prelude::*;
+
+    #[test]
+    fn commands_parse() {
+        let c: Command = serde_json::from_str(r#"{"camera": "c1", "product": "p"}"#).unwrap();
+        assert_eq!((c.camera.as_deref(), c.product.as_str(), c.bank), (Some("c1"), "p", None));
+        assert!(serde_json::from_str::<Command>(r#"{"camera": "c1"}"#).is_err(), "product is required");
+        assert!(
+            serde_json::from_str::<Command>(r#"{"product": "p", "rm": "-rf"}"#).is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn control_messages_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = serde_json::from_slice::<Command>(&bytes);
+        }
+    }
+}

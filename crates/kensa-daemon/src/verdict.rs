@@ -1,0 +1,278 @@
+//! The verdict stage, after the model: for each scored frame the calibrated verdict, the
+//! language-model judge when the mode, the frame and the budget call for it (over the features
+//! the engine already computed), the mask, the stored map and snapshot, the metrics, and the
+//! event. Its own OS thread (the LM judges are tch models), so the model thread never waits on
+//! PNG encoding, disk writes or the LM.
+
+use crate::model::{BankView, GroupResult, ScoredFrame};
+use kensa_core::config::{JudgeMode, JudgesConfig, KensaConfig, PublishConfig, StoreWhich};
+use kensa_core::metrics::{self as m, Label, LmResult, Stage};
+use kensa_core::{AnomalyMap, Frame};
+use kensa_lm::judge::LmJudge;
+use kensa_publish::delivery::Scored;
+use kensa_publish::event::{self, Judgement, Origin};
+use kensa_verdict::{Judge as _, Verdict};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// One batch from the model, with when it was formed.
+pub struct ScoredBatch {
+    pub groups: Vec<GroupResult>,
+    pub formed_at: Instant,
+}
+
+/// Everything the stage needs besides its input.
+pub struct VerdictStage {
+    pub model_id: String,
+    pub run_id: String,
+    /// Camera id → (line, station).
+    pub cameras: HashMap<String, (String, String)>,
+    pub publish: PublishConfig,
+    pub judges: JudgesConfig,
+    /// Product → its language-model judge.
+    pub lm: HashMap<String, LmJudge>,
+}
+
+impl VerdictStage {
+    pub fn new(cfg: &KensaConfig, model_id: String, run_id: String, lm: HashMap<String, LmJudge>) -> Self {
+        Self {
+            model_id,
+            run_id,
+            cameras: cfg.cameras.iter().map(|c| (c.id.clone(), (c.line.clone(), c.station.clone()))).collect(),
+            publish: cfg.publish.clone(),
+            judges: cfg.judges.clone(),
+            lm,
+        }
+    }
+
+    /// Runs until `input` closes or `out` is gone.
+    pub fn run(self, mut input: mpsc::Receiver<ScoredBatch>, out: &mpsc::Sender<Scored>) {
+        let mut budget = Budget::new(self.judges.budget_per_s);
+        while let Some(batch) = input.blocking_recv() {
+            for g in batch.groups {
+                match g {
+                    GroupResult::Dropped { frames, reason, .. } => {
+                        for f in frames {
+                            metrics::counter!(m::FRAMES_DROPPED, "camera" => f.camera.to_string(), "reason" => reason.as_str())
+                                .increment(1);
+                        }
+                    }
+                    GroupResult::Scored { product, bank, frames, model_s } => {
+                        for s in frames {
+                            let queue_s = batch.formed_at.saturating_duration_since(s.frame.captured_at).as_secs_f64();
+                            let scored = self.judge(&product, &bank, s, &mut budget, (queue_s, model_s));
+                            if out.blocking_send(scored).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn judge(
+        &self,
+        product: &str,
+        bank: &BankView,
+        s: ScoredFrame,
+        budget: &mut Budget,
+        (queue_s, model_s): (f64, f64),
+    ) -> Scored {
+        let t = Instant::now();
+        let (f, map) = (&s.frame, &s.map);
+        let (calibrated, mask) = kensa_verdict::judge(map, &bank.calibration);
+        let lm = self.language_model(product, bank, &s, &calibrated, budget);
+        let lm_decides =
+            lm.is_some() && matches!(self.judges.mode, JudgeMode::LanguageModel | JudgeMode::LanguageModelOnUncertain);
+        let decided = match (&lm, lm_decides) {
+            (Some(l), true) => l,
+            _ => &calibrated,
+        };
+        let (mask, mw, mh) = downscale_mask(&mask, map.width, map.height, self.publish.mask_max_side);
+        let (map_path, snapshot_path) = match &self.publish.store_dir {
+            Some(dir) if decided.anomalous || self.publish.store == StoreWhich::All => store(dir, f, map),
+            _ => (String::new(), String::new()),
+        };
+        let (camera, product_l) = (f.camera.to_string(), product.to_string());
+        metrics::counter!(m::FRAMES_SCORED, "camera" => camera.clone(), "product" => product_l.clone()).increment(1);
+        metrics::histogram!(m::IMAGE_SCORE, "product" => product_l.clone()).record(f64::from(decided.score));
+        if decided.anomalous {
+            metrics::counter!(m::ANOMALIES, "camera" => camera.clone(), "product" => product_l.clone()).increment(1);
+        }
+        let verdicts: Vec<&Verdict> = std::iter::once(&calibrated).chain(lm.as_ref()).collect();
+        if verdicts.iter().any(|v| v.anomalous != calibrated.anomalous) {
+            metrics::counter!(m::JUDGE_DISAGREEMENTS, "camera" => camera, "product" => product_l).increment(1);
+        }
+        let stages = [(Stage::Queue, queue_s), (Stage::Model, model_s), (Stage::Verdict, t.elapsed().as_secs_f64())];
+        for (stage, seconds) in stages {
+            metrics::histogram!(m::STAGE_LATENCY, "stage" => stage.as_str()).record(seconds);
+        }
+        let (line, station) = self.cameras.get(&*f.camera).cloned().unwrap_or_default();
+        let origin = Origin {
+            camera: &f.camera,
+            product,
+            line: &line,
+            station: &station,
+            run_id: &self.run_id,
+            seq: f.seq,
+            capture_time: f.capture_time,
+            width: map.width,
+            height: map.height,
+        };
+        let judgement = Judgement {
+            decided,
+            verdicts: &verdicts,
+            mask_png: kensa_verdict::mask_png(&mask, mw, mh),
+            mask_size: (mw, mh),
+            bank_version: bank.version.clone(),
+            model_id: &self.model_id,
+            map_path,
+            snapshot_path,
+            stages: &stages,
+        };
+        Scored { event: event::build(&origin, judgement), captured_at: f.captured_at }
+    }
+
+    /// The language-model judge's verdict on a frame, when the mode, the frame and the budget
+    /// call for one; `None` otherwise (and on a judge error, which is logged and counted).
+    fn language_model(
+        &self,
+        product: &str,
+        bank: &BankView,
+        s: &ScoredFrame,
+        calibrated: &Verdict,
+        budget: &mut Budget,
+    ) -> Option<Verdict> {
+        let lm = self.lm.get(product)?;
+        let features = s.features.as_ref()?;
+        let wanted = match self.judges.mode {
+            JudgeMode::Calibrated => false,
+            JudgeMode::Both | JudgeMode::LanguageModel => true,
+            JudgeMode::LanguageModelOnUncertain => {
+                calibrated.anomalous || (calibrated.confidence - 0.5).abs() < self.judges.uncertain_band as f32
+            }
+        };
+        if !wanted {
+            return None;
+        }
+        let count = |r: LmResult| {
+            metrics::counter!(m::LM_JUDGEMENTS, "product" => product.to_string(), "result" => r.as_str()).increment(1)
+        };
+        if !budget.take() {
+            count(LmResult::OverBudget);
+            return None;
+        }
+        let img = image::RgbImage::from_raw(s.frame.width, s.frame.height, s.frame.data.clone())?;
+        let judge = kensa_lm::judging::LanguageModelJudge { lm, calibration: &bank.calibration, features };
+        match judge.judge(&kensa_verdict::Evidence { map: &s.map, image: &img }) {
+            Ok(v) => {
+                count(LmResult::Ran);
+                Some(v)
+            }
+            Err(e) => {
+                count(LmResult::Error);
+                tracing::error!(product, camera = %s.frame.camera, frame = s.frame.seq, "{e}");
+                None
+            }
+        }
+    }
+}
+
+/// Token bucket for language-model judgements.
+struct Budget {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl Budget {
+    fn new(rate: f64) -> Self {
+        Self { tokens: rate.max(1.0), rate, last: Instant::now() }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate.max(1.0));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Nearest-neighbour downscale of a 0/255 mask so its longer side is at most `max_side`
+/// (0: unchanged).
+pub fn downscale_mask(mask: &[u8], w: u32, h: u32, max_side: u32) -> (Vec<u8>, u32, u32) {
+    if max_side == 0 || w.max(h) <= max_side {
+        return (mask.to_vec(), w, h);
+    }
+    let scale = f64::from(max_side) / f64::from(w.max(h));
+    let (nw, nh) = (((f64::from(w) * scale).round() as u32).max(1), ((f64::from(h) * scale).round() as u32).max(1));
+    let mut out = vec![0u8; (nw * nh) as usize];
+    for y in 0..nh {
+        let sy = ((f64::from(y) + 0.5) / scale) as u32;
+        for x in 0..nw {
+            let sx = ((f64::from(x) + 0.5) / scale) as u32;
+            out[(y * nw + x) as usize] = mask[(sy.min(h - 1) * w + sx.min(w - 1)) as usize];
+        }
+    }
+    (out, nw, nh)
+}
+
+/// Writes the full-resolution map (.npy) and the frame (.png) under `dir/<camera>/`; returns
+/// their paths (empty strings if writing failed, which is logged).
+fn store(dir: &Path, f: &Frame, map: &AnomalyMap) -> (String, String) {
+    let d = dir.join(&*f.camera);
+    let stem = format!("{:012}", f.seq);
+    let res = (|| -> std::io::Result<(PathBuf, PathBuf)> {
+        std::fs::create_dir_all(&d)?;
+        let mp = d.join(format!("{stem}_map.npy"));
+        kensa_core::npy::write_f32_2d(
+            std::io::BufWriter::new(std::fs::File::create(&mp)?),
+            map.height as usize,
+            map.width as usize,
+            &map.data,
+        )?;
+        let sp = d.join(format!("{stem}.png"));
+        image::save_buffer(&sp, &f.data, f.width, f.height, image::ExtendedColorType::Rgb8)
+            .map_err(std::io::Error::other)?;
+        Ok((mp, sp))
+    })();
+    match res {
+        Ok((m, s)) => (m.display().to_string(), s.display().to_string()),
+        Err(e) => {
+            tracing::error!(camera = %f.camera, frame = f.seq, dir = %d.display(), "cannot store map and snapshot: {e}");
+            (String::new(), String::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_are_downscaled_to_their_longer_side() {
+        let (w, h) = (8u32, 4u32);
+        let mut mask = vec![0u8; 32];
+        mask[7] = 255; // top right
+        let (out, nw, nh) = downscale_mask(&mask, w, h, 4);
+        assert_eq!((nw, nh), (4, 2));
+        assert_eq!(out[3], 255);
+        assert_eq!(out.iter().filter(|&&v| v == 255).count(), 1);
+        assert_eq!(downscale_mask(&mask, w, h, 0).1, 8, "0 keeps the size");
+    }
+
+    #[test]
+    fn the_budget_refills_at_its_rate() {
+        let mut b = Budget::new(2.0);
+        assert!(b.take() && b.take());
+        assert!(!b.take(), "two tokens a second, both spent");
+    }
+}
