@@ -1,5 +1,6 @@
 //! Image files: listing a folder and decoding with limits and clear errors.
 
+use crate::CaptureError;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 
@@ -9,17 +10,13 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tif
 /// Largest image side accepted from files (a guard against decompression bombs).
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
 
-#[derive(Debug, thiserror::Error)]
-#[error("image {path}: {msg}")]
-pub struct ImageError {
-    pub path: PathBuf,
-    pub msg: String,
-}
+/// Image errors are [`CaptureError::Image`] (the crate's one error enum).
+pub use crate::CaptureError as ImageError;
 
 /// Image files directly inside `dir`, sorted by name.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
     let rd = std::fs::read_dir(dir)
-        .map_err(|e| ImageError { path: dir.to_path_buf(), msg: format!("cannot list folder: {e}") })?;
+        .map_err(|e| CaptureError::Image { path: dir.to_path_buf(), msg: format!("cannot list folder: {e}") })?;
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -35,7 +32,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
 
 /// Decodes an image file to RGB8, with a clear error naming the file.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let err = |msg: String| ImageError { path: path.to_path_buf(), msg };
+    let err = |msg: String| CaptureError::Image { path: path.to_path_buf(), msg };
     let mut reader = image::ImageReader::open(path)
         .map_err(|e| err(format!("cannot open: {e}")))?
         .with_guessed_format()

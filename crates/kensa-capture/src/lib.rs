@@ -25,6 +25,9 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
+    /// An image file (folder cameras, references, data sets) that cannot be listed or read.
+    #[error("image {path}: {msg}")]
+    Image { path: std::path::PathBuf, msg: String },
     #[error("camera {camera}: GStreamer is not usable: {msg}")]
     Init { camera: String, msg: String },
     #[error("camera {camera}: cannot build pipeline `{pipeline}`: {msg}")]

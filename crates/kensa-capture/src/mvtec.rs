@@ -16,7 +16,7 @@ pub struct TestImage {
 }
 
 fn err(path: &Path, msg: impl Into<String>) -> ImageError {
-    ImageError { path: path.to_path_buf(), msg: msg.into() }
+    ImageError::Image { path: path.to_path_buf(), msg: msg.into() }
 }
 
 /// The classes under `root`: `root` itself when it is a class (has `train/good`), else its

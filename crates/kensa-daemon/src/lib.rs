@@ -61,8 +61,6 @@ pub enum DaemonError {
     #[error(transparent)]
     Publish(#[from] kensa_publish::PublishError),
     #[error(transparent)]
-    Outbox(#[from] kensa_publish::outbox::OutboxError),
-    #[error(transparent)]
     Telemetry(#[from] kensa_telemetry::TelemetryError),
     #[error("the model thread has stopped")]
     ModelStopped,
@@ -363,7 +361,7 @@ fn join_cameras(cameras: Vec<kensa_capture::Camera>, health: &Health) -> usize {
         let id = c.id.clone();
         match c.join() {
             kensa_capture::Outcome::Ended { frames } => {
-                health.set_camera(&id, CameraState::Ended, format!("after {frames} frames"))
+                health.set_camera(&id, CameraState::Ended, format!("after {frames} frames"));
             }
             kensa_capture::Outcome::Failed { frames, reason } => {
                 failed += 1;

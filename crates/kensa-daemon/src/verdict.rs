@@ -159,7 +159,7 @@ impl VerdictStage {
             return None;
         }
         let count = |r: LmResult| {
-            metrics::counter!(m::LM_JUDGEMENTS, "product" => product.to_string(), "result" => r.as_str()).increment(1)
+            metrics::counter!(m::LM_JUDGEMENTS, "product" => product.to_string(), "result" => r.as_str()).increment(1);
         };
         if !budget.take() {
             count(LmResult::OverBudget);

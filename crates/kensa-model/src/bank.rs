@@ -176,7 +176,7 @@ impl Bank {
             return Err(err(format!("format `{}` is not supported (expected {BANK_FORMAT})", meta.format)));
         }
         if !meta.aggregation.is_empty() {
-            crate::engine::check_aggregation(&meta.aggregation, meta.channels.len()).map_err(err)?;
+            crate::engine::check_aggregation(&meta.aggregation, meta.channels.len()).map_err(|e| err(e.to_string()))?;
         }
         if let Some(c) = meta.crop {
             if c[2] == 0 || c[3] == 0 {

@@ -29,11 +29,11 @@ pub fn default_aggregation(layers: usize) -> Vec<u32> {
 }
 
 /// Checks an aggregation list: one odd size (1-15) per backbone layer.
-pub fn check_aggregation(aggregation: &[u32], layers: usize) -> std::result::Result<(), String> {
+pub fn check_aggregation(aggregation: &[u32], layers: usize) -> Result<()> {
     if aggregation.len() != layers || aggregation.iter().any(|&k| k == 0 || k % 2 == 0 || k > 15) {
-        return Err(format!(
+        return Err(crate::ModelError::Recipe(format!(
             "aggregation {aggregation:?}: give one odd size (1-15) per backbone layer ({layers} layers)"
-        ));
+        )));
     }
     Ok(())
 }
@@ -64,7 +64,7 @@ impl Engine {
 
     /// Sets the per-layer aggregation used for enrollment (one odd size per layer).
     pub fn with_aggregation(mut self, aggregation: Vec<u32>) -> Result<Self> {
-        check_aggregation(&aggregation, self.backbone.meta.strides.len()).map_err(crate::ModelError::Recipe)?;
+        check_aggregation(&aggregation, self.backbone.meta.strides.len())?;
         self.aggregation = aggregation;
         Ok(self)
     }

@@ -33,6 +33,9 @@ pub enum PublishError {
     Consumer(String),
     #[error("cannot write {path}: {source}")]
     Write { path: std::path::PathBuf, source: std::io::Error },
+    /// The durable outbox could not be read or written.
+    #[error("outbox {path}: {source}")]
+    Outbox { path: std::path::PathBuf, source: std::io::Error },
     #[error(
         "Kafka brokers {brokers} unreachable after {waited_s} s: {last}. Check kafka.brokers and that the broker is up"
     )]

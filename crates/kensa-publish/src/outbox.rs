@@ -12,6 +12,7 @@
 //! Budget: `max_bytes` of segments. Past 80 % of it, normal results are refused; past 100 %,
 //! defects too. Every refusal is counted by the caller.
 
+use crate::PublishError;
 use prost::Message;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -45,12 +46,6 @@ pub struct EntryId {
     pub index: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OutboxError {
-    #[error("outbox {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-}
-
 /// Why an append was refused: the `reason` label of `kensa_outbox_dropped_total`.
 pub use kensa_core::metrics::OutboxRefusal as Refused;
 
@@ -70,13 +65,13 @@ pub struct Outbox {
     usage: u64,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
-    move |source| OutboxError::Io { path: path.to_path_buf(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
+    move |source| PublishError::Outbox { path: path.to_path_buf(), source }
 }
 
 impl Outbox {
     /// Opens (or creates) the spool and returns the records not yet acknowledged, oldest first.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Vec<(EntryId, SpoolRecord)>), OutboxError> {
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Vec<(EntryId, SpoolRecord)>), PublishError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
             .map_err(io(dir))?
@@ -135,7 +130,7 @@ impl Outbox {
         now.max(last + 1)
     }
 
-    fn roll(&mut self) -> Result<(), OutboxError> {
+    fn roll(&mut self) -> Result<(), PublishError> {
         if let Some((n, _, _)) = self.current.take() {
             self.maybe_delete(n);
         }
@@ -151,7 +146,7 @@ impl Outbox {
 
     /// Appends records durably (one fsync for the whole call). Each gets an id, or is refused
     /// under the budget policy.
-    pub fn append(&mut self, records: &[SpoolRecord]) -> Result<Vec<Result<EntryId, Refused>>, OutboxError> {
+    pub fn append(&mut self, records: &[SpoolRecord]) -> Result<Vec<Result<EntryId, Refused>>, PublishError> {
         let mut out = Vec::with_capacity(records.len());
         let mut wrote = false;
         for rec in records {
@@ -192,7 +187,7 @@ impl Outbox {
         Ok(out)
     }
 
-    fn sync(&mut self) -> Result<(), OutboxError> {
+    fn sync(&mut self) -> Result<(), PublishError> {
         if let Some((n, f, _)) = &self.current {
             f.sync_data().map_err(io(&self.segments[n].path))?;
         }
@@ -252,7 +247,7 @@ fn read_acks(path: &Path) -> std::collections::HashSet<u32> {
 }
 
 /// Reads a segment's records; a torn or corrupt tail (a crash mid-write) ends the segment.
-fn read_segment(path: &Path) -> Result<Vec<SpoolRecord>, OutboxError> {
+fn read_segment(path: &Path) -> Result<Vec<SpoolRecord>, PublishError> {
     let f = File::open(path).map_err(io(path))?;
     let mut r = BufReader::new(f);
     let mut out = Vec::new();
@@ -261,7 +256,7 @@ fn read_segment(path: &Path) -> Result<Vec<SpoolRecord>, OutboxError> {
         match r.read_exact(&mut head) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(OutboxError::Io { path: path.to_path_buf(), source: e }),
+            Err(e) => return Err(PublishError::Outbox { path: path.to_path_buf(), source: e }),
         }
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);

@@ -70,7 +70,7 @@ fn build_recorder() -> Result<PrometheusHandle, TelemetryError> {
             metrics::describe_gauge!(*name, unit, *desc);
         }
     }
-    metrics::gauge!("kensa_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(m::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
 
