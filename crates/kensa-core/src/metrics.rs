@@ -25,6 +25,8 @@ pub const OUTBOX_PENDING: &str = "kensa_outbox_events";
 pub const OUTBOX_APPENDED: &str = "kensa_outbox_appended_total";
 pub const OUTBOX_DROPPED: &str = "kensa_outbox_dropped_total";
 pub const EVENTS_REJECTED: &str = "kensa_events_rejected_total";
+pub const OUTBOX_DISCARDED: &str = "kensa_outbox_discarded_total";
+pub const OUTBOX_WRITE_ERRORS: &str = "kensa_outbox_write_errors_total";
 pub const MODEL_INFO: &str = "kensa_model_info";
 pub const BANK_INFO: &str = "kensa_bank_info";
 pub const BANK_RELOADS: &str = "kensa_bank_reloads_total";
@@ -111,6 +113,22 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why spooled bytes were discarded when the outbox was opened (`reason` of
+    /// [`OUTBOX_DISCARDED`]).
+    OutboxDiscard {
+        /// A whole record whose checksum or encoding is wrong (a flipped bit on disk): that
+        /// record alone is lost.
+        Corrupt => "corrupt",
+        /// An unreadable stretch of a segment skipped to the next whole record (a damaged
+        /// length field), counted once per stretch.
+        Garbled => "garbled",
+        /// The incomplete last record of a segment (a crash mid-append), truncated away; it
+        /// was never reported spooled.
+        TornTail => "torn_tail",
+    }
+}
+
+label_enum! {
     /// Outcome of a bank reload (`result` of [`BANK_RELOADS`]).
     ReloadResult {
         Ok => "ok",
@@ -187,6 +205,16 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (OUTBOX_PENDING, "Events spooled and not yet acknowledged by Kafka.", "count"),
     (OUTBOX_APPENDED, "Events written durably to the outbox.", "count"),
     (OUTBOX_DROPPED, "Events dropped because the outbox was over budget, by reason.", "count"),
+    (
+        OUTBOX_DISCARDED,
+        "Spooled records found damaged when the outbox was opened, by reason (only those records are lost).",
+        "count",
+    ),
+    (
+        OUTBOX_WRITE_ERRORS,
+        "Failed outbox appends (disk full, I/O errors); the batch is retried, never sent unspooled.",
+        "count",
+    ),
     (EVENTS_REJECTED, "Events Kafka refused for good (kept in the outbox's rejected/ folder), by reason.", "count"),
     (BATCH_SIZE, "Frames per scored batch.", "count"),
     (IMAGE_SCORE, "Image-level anomaly score, per product.", "score"),

@@ -173,7 +173,7 @@ pub async fn run(
     tracing::info!(max_size, "batching");
     let with_judge: HashSet<String> =
         if cfg.judges.mode == JudgeMode::Calibrated { HashSet::new() } else { judges.keys().cloned().collect() };
-    let batcher = tokio::spawn(batcher(
+    let mut batcher = tokio::spawn(batcher(
         frame_rx,
         model.clone(),
         lineup,
@@ -193,9 +193,20 @@ pub async fn run(
     let mut cams_done = cams_done;
     let mut camera_failures = None;
     let mut delivered = None;
+    let mut batched = None;
     loop {
         tokio::select! {
             () = &mut shutdown => { tracing::info!("shutting down"); break; }
+            r = &mut batcher, if batched.is_none() => {
+                let r = r.unwrap_or_else(|e| Err(DaemonError::Stage { stage: "batcher", msg: e.to_string() }));
+                let failed = r.is_err();
+                batched = Some(r);
+                if failed {
+                    // Nothing can be scored any more: not ready, and stop (a supervisor restarts us).
+                    health.set_ready(false);
+                    break;
+                }
+            }
             r = &mut cams_done, if camera_failures.is_none() => {
                 let failed = r.unwrap_or(0);
                 camera_failures = Some(failed);
@@ -218,7 +229,10 @@ pub async fn run(
             Some(f) => f,
             None => cams_done.await.unwrap_or(0),
         };
-        let batched = batcher.await;
+        let batched = match batched {
+            Some(r) => r,
+            None => batcher.await.unwrap_or_else(|e| Err(DaemonError::Stage { stage: "batcher", msg: e.to_string() })),
+        };
         let _ = verdicts.await;
         let summary = match delivered {
             Some(s) => s,
@@ -235,10 +249,7 @@ pub async fn run(
     while background.join_next().await.is_some() {}
     let _ = http.await;
     let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
-    if let Ok(Err(e)) = batched {
-        health.set_ready(false);
-        return Err(e);
-    }
+    batched?;
     let summary = Summary {
         camera_failures: failed + start_failures,
         events_dropped: delivered.dropped,

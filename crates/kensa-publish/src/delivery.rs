@@ -101,26 +101,51 @@ pub async fn run(
                     return true;
                 }
                 let reason = format!("event is {size} bytes, over kafka.max_message_bytes = {}", s.max_message_bytes);
-                let kept = outbox.lock().expect("outbox lock").keep_rejected(rec, &reason);
-                metrics::counter!(EVENTS_REJECTED, "reason" => PublishFailure::TooLarge.as_str()).increment(1);
-                tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq, kept = %kept.display(),
-                    "{reason}; not sent (lower publish.mask_max_side or raise the limit)");
-                false
+                match outbox.lock().expect("outbox lock").keep_rejected(rec, &reason) {
+                    Ok(kept) => {
+                        metrics::counter!(EVENTS_REJECTED, "reason" => PublishFailure::TooLarge.as_str()).increment(1);
+                        tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq, kept = %kept.display(),
+                            "{reason}; not sent (lower publish.mask_max_side or raise the limit)");
+                        false
+                    }
+                    Err(e) => {
+                        // Not kept aside: it stays in the outbox (and is tried again at every start).
+                        tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq,
+                            "{reason}, and it cannot be kept in rejected/ ({e}); it stays spooled");
+                        true
+                    }
+                }
             })
             .unzip();
         if batch.is_empty() {
             continue;
         }
-        let appended = tokio::task::block_in_place(|| {
-            let mut ob = outbox.lock().expect("outbox lock");
-            let r = ob.append(&recs);
-            gauges(&ob);
-            r
-        });
-        // Each record with its outbox id (None: not spooled because the disk failed);
-        // records refused by the budget are dropped here, counted.
-        let accepted: Vec<(Scored, SpoolRecord, Option<EntryId>)> = match appended {
-            Ok(results) => batch
+        // Spooled before it is sent, always: a failed append (disk full) is retried with backoff,
+        // holding the pipeline back, until the disk takes it.
+        let mut wait = Duration::from_millis(200);
+        let results = loop {
+            let appended = tokio::task::block_in_place(|| {
+                let mut ob = outbox.lock().expect("outbox lock");
+                let r = ob.append(&recs);
+                gauges(&ob);
+                r
+            });
+            match appended {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::error!(
+                        events = recs.len(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        "{e}; the events wait in memory and are not sent until they are spooled"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        // Each record with its outbox id; records refused by the budget are dropped here, counted.
+        let accepted: Vec<(Scored, SpoolRecord, Option<EntryId>)> = {
+            batch
                 .into_iter()
                 .zip(recs)
                 .zip(results)
@@ -137,11 +162,7 @@ pub async fn run(
                         None
                     }
                 })
-                .collect(),
-            Err(e) => {
-                tracing::error!("{e}; sending this batch without spooling it");
-                batch.into_iter().zip(recs).map(|(x, rec)| (x, rec, None)).collect()
-            }
+                .collect()
         };
         for (x, rec, id) in accepted {
             let permit = inflight.clone().acquire_owned().await.expect("semaphore open");
@@ -197,8 +218,12 @@ async fn deliver(
             }
             Err(e) if e.fatal => {
                 metrics::counter!(EVENTS_REJECTED, "reason" => e.reason.as_str()).increment(1);
-                let kept = id.map(|id| outbox.lock().expect("outbox lock").reject(id, &rec, &e.to_string()));
-                tracing::error!(event = %rec.event_id, kept = ?kept, "{e}");
+                match id.map(|id| outbox.lock().expect("outbox lock").reject(id, &rec, &e.to_string())) {
+                    Some(Ok(kept)) => tracing::error!(event = %rec.event_id, kept = %kept.display(), "{e}"),
+                    Some(Err(keep)) => tracing::error!(event = %rec.event_id,
+                        "{e}; it cannot be kept in rejected/ ({keep}), so it stays spooled and is tried again at the next start"),
+                    None => tracing::error!(event = %rec.event_id, "{e}"),
+                }
                 return;
             }
             Err(e) => {

@@ -366,6 +366,7 @@ pub fn spool_record(
         header_names: headers.iter().map(|(k, _)| k.to_string()).collect(),
         header_values: headers.into_iter().map(|(_, v)| v.into_bytes()).collect(),
         anomalous: ev.anomalous,
+        slot: 0,
     }
 }
 

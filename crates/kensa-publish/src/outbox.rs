@@ -6,6 +6,17 @@
 //! Layout: `DIR/NNNNNNNNNNNN.seg` segment files of records `[len u32 LE][crc32 u32 LE][body]`,
 //! and beside each a `.acks` file of acknowledged record indices (u32 LE; not fsynced: losing
 //! one only causes a duplicate). A segment is deleted once all its records are acknowledged.
+//! `DIR/.lock` is held (flock) while a process has the outbox open: a second Kensa on the same
+//! folder is a start-up error. The folder is fsynced after segments are created or removed.
+//!
+//! Recovery, as trusted disk buffers do it: a record whose checksum fails is skipped and
+//! counted (`kensa_outbox_discarded_total{reason="corrupt"}`) and the records after it are
+//! kept; a damaged length field is skipped to the next whole record (`garbled`); an incomplete
+//! last record (a crash mid-append, never reported spooled) is truncated away (`torn_tail`).
+//! Each record carries its index in its segment, so acknowledgements stay right after a skip.
+//! An append is one write and one fsync; if either fails the segment is cut back to where it
+//! was and the whole batch is reported not spooled (the caller retries it), so nothing is ever
+//! reported spooled that is not on disk.
 //! Records rejected by Kafka for good (too large, not authorised) are moved to
 //! `DIR/rejected/<event id>.bin` and logged, never dropped silently.
 //!
@@ -13,10 +24,11 @@
 //! defects too. Every refusal is counted by the caller.
 
 use crate::PublishError;
+use kensa_core::metrics::{self as m, Label, OutboxDiscard};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// One spooled Kafka record (a prost message, so the spool format can grow compatibly).
@@ -37,6 +49,10 @@ pub struct SpoolRecord {
     pub header_values: Vec<Vec<u8>>,
     #[prost(bool, tag = "7")]
     pub anomalous: bool,
+    /// 1 + the record's index in its segment (0: written before the field existed; its
+    /// position is its index then).
+    #[prost(uint32, tag = "8")]
+    pub slot: u32,
 }
 
 /// Where a record lives: (segment, index in segment).
@@ -63,6 +79,8 @@ pub struct Outbox {
     segments: BTreeMap<u64, Segment>,
     current: Option<(u64, File, u32)>,
     usage: u64,
+    /// Held (flock) for as long as this process has the outbox open.
+    _lock: File,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -73,6 +91,17 @@ impl Outbox {
     /// Opens (or creates) the spool and returns the records not yet acknowledged, oldest first.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Vec<(EntryId, SpoolRecord)>), PublishError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join(".lock");
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(PublishError::Outbox {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "in use by another Kensa process ({e}): each daemon needs its own outbox.dir"
+                )),
+            });
+        }
         let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
             .map_err(io(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -87,6 +116,7 @@ impl Outbox {
             segments: BTreeMap::new(),
             current: None,
             usage: 0,
+            _lock: lock,
         };
         let mut pending = Vec::new();
         for (n, path) in names {
@@ -94,10 +124,11 @@ impl Outbox {
             let acked = read_acks(&acks_path);
             let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
             let records = read_segment(&path)?;
+            let bytes = std::fs::metadata(&path).map_or(bytes, |m| m.len());
             let mut outstanding = 0;
-            for (i, rec) in records.into_iter().enumerate() {
-                if !acked.contains(&(i as u32)) {
-                    pending.push((EntryId { segment: n, index: i as u32 }, rec));
+            for (i, rec) in records {
+                if !acked.contains(&i) {
+                    pending.push((EntryId { segment: n, index: i }, rec));
                     outstanding += 1;
                 }
             }
@@ -139,59 +170,66 @@ impl Outbox {
         let f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io(&path))?;
         let acks_path = path.with_extension("acks");
         let acks = OpenOptions::new().create(true).append(true).open(&acks_path).map_err(io(&acks_path))?;
+        sync_dir(&self.dir)?;
         self.segments.insert(n, Segment { path, acks: Some(acks), bytes: 0, outstanding: 0 });
         self.current = Some((n, f, 0));
         Ok(())
     }
 
-    /// Appends records durably (one fsync for the whole call). Each gets an id, or is refused
-    /// under the budget policy.
+    /// Appends records durably: one write and one fsync for the whole call. Each gets an id,
+    /// or is refused under the budget policy. On an I/O error (disk full) nothing of the call
+    /// is spooled: the segment is cut back and the error returned, so the caller can retry.
     pub fn append(&mut self, records: &[SpoolRecord]) -> Result<Vec<Result<EntryId, Refused>>, PublishError> {
         let mut out = Vec::with_capacity(records.len());
-        let mut wrote = false;
-        for rec in records {
-            let body = rec.encode_to_vec();
-            let size = body.len() as u64 + 8;
+        let mut accepted: Vec<usize> = Vec::new();
+        let mut added = 0u64;
+        for (k, rec) in records.iter().enumerate() {
+            // Frame (8) + the slot field (at most 6).
+            let size = rec.encoded_len() as u64 + 8 + 6;
             let limit = if rec.anomalous { self.max_bytes } else { self.max_bytes / 10 * 8 };
-            if self.usage + size > limit {
+            if self.usage + added + size > limit {
                 out.push(Err(if rec.anomalous { Refused::FullDefect } else { Refused::FullNormal }));
                 continue;
             }
-            let need_roll = match &self.current {
-                None => true,
-                Some((n, _, _)) => self.segments[n].bytes + size > self.segment_max,
-            };
-            if need_roll {
-                if wrote {
-                    self.sync()?;
-                }
-                self.roll()?;
-            }
-            let (n, f, next) = self.current.as_mut().expect("a current segment");
-            let seg = self.segments.get_mut(n).expect("segment state");
-            let mut buf = Vec::with_capacity(body.len() + 8);
-            buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            added += size;
+            accepted.push(k);
+            out.push(Ok(EntryId { segment: 0, index: 0 }));
+        }
+        if accepted.is_empty() {
+            return Ok(out);
+        }
+        let need_roll = match &self.current {
+            None => true,
+            Some((n, _, _)) => self.segments[n].bytes > 0 && self.segments[n].bytes + added > self.segment_max,
+        };
+        if need_roll {
+            self.roll()?;
+        }
+        let (n, f, next) = self.current.as_mut().expect("a current segment");
+        let seg = self.segments.get_mut(n).expect("segment state");
+        let mut buf = Vec::with_capacity(usize::try_from(added).unwrap_or(0));
+        let mut index = *next;
+        for &k in &accepted {
+            let mut rec = records[k].clone();
+            rec.slot = index + 1;
+            let body = rec.encode_to_vec();
+            buf.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
             buf.extend_from_slice(&body);
-            f.write_all(&buf).map_err(io(&seg.path))?;
-            seg.bytes += size;
-            seg.outstanding += 1;
-            self.usage += size;
-            out.push(Ok(EntryId { segment: *n, index: *next }));
-            *next += 1;
-            wrote = true;
+            out[k] = Ok(EntryId { segment: *n, index });
+            index += 1;
         }
-        if wrote {
-            self.sync()?;
+        if let Err(e) = f.write_all(&buf).and_then(|()| f.sync_data()) {
+            // Cut back to the last whole, synced batch: nothing of this one counts as spooled.
+            let _ = f.set_len(seg.bytes);
+            metrics::counter!(m::OUTBOX_WRITE_ERRORS).increment(1);
+            return Err(PublishError::Outbox { path: seg.path.clone(), source: e });
         }
+        seg.outstanding += index - *next;
+        *next = index;
+        seg.bytes += buf.len() as u64;
+        self.usage += buf.len() as u64;
         Ok(out)
-    }
-
-    fn sync(&mut self) -> Result<(), PublishError> {
-        if let Some((n, f, _)) = &self.current {
-            f.sync_data().map_err(io(&self.segments[n].path))?;
-        }
-        Ok(())
     }
 
     /// Marks a record acknowledged; a segment whose records are all acknowledged is deleted.
@@ -206,23 +244,29 @@ impl Outbox {
     }
 
     /// Moves a record Kafka refused for good to `rejected/`, and acknowledges it.
-    pub fn reject(&mut self, id: EntryId, rec: &SpoolRecord, reason: &str) -> PathBuf {
-        let path = self.keep_rejected(rec, reason);
+    /// The record stays spooled (and is sent again at the next start) if it cannot be kept.
+    pub fn reject(&mut self, id: EntryId, rec: &SpoolRecord, reason: &str) -> Result<PathBuf, PublishError> {
+        let path = self.keep_rejected(rec, reason)?;
         self.ack(id);
-        path
+        Ok(path)
     }
 
     /// Keeps a record that will never be sent in `rejected/<event id>.bin`, with its reason
     /// beside it, so nothing disappears silently.
-    pub fn keep_rejected(&self, rec: &SpoolRecord, reason: &str) -> PathBuf {
+    /// An error when they cannot be written: the caller must not forget the record then.
+    pub fn keep_rejected(&self, rec: &SpoolRecord, reason: &str) -> Result<PathBuf, PublishError> {
         let dir = self.dir.join("rejected");
         let safe: String =
             rec.event_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         let path = dir.join(format!("{safe}.bin"));
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(&path, rec.encode_to_vec());
-        let _ = std::fs::write(path.with_extension("reason.txt"), reason);
-        path
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&path, rec.encode_to_vec())?;
+            std::fs::write(path.with_extension("reason.txt"), reason)?;
+            File::open(&dir)?.sync_all()
+        };
+        write().map_err(io(&path))?;
+        Ok(path)
     }
 
     fn maybe_delete(&mut self, n: u64) {
@@ -232,6 +276,7 @@ impl Outbox {
             if let Some(seg) = self.segments.remove(&n) {
                 let _ = std::fs::remove_file(&seg.path);
                 let _ = std::fs::remove_file(seg.path.with_extension("acks"));
+                let _ = sync_dir(&self.dir);
                 self.usage = self.usage.saturating_sub(seg.bytes);
             }
         }
@@ -246,36 +291,74 @@ fn read_acks(path: &Path) -> std::collections::HashSet<u32> {
     v.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-/// Reads a segment's records; a torn or corrupt tail (a crash mid-write) ends the segment.
-fn read_segment(path: &Path) -> Result<Vec<SpoolRecord>, PublishError> {
-    let f = File::open(path).map_err(io(path))?;
-    let mut r = BufReader::new(f);
-    let mut out = Vec::new();
-    loop {
-        let mut head = [0u8; 8];
-        match r.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(PublishError::Outbox { path: path.to_path_buf(), source: e }),
+fn sync_dir(dir: &Path) -> Result<(), PublishError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Largest record accepted when reading a segment back.
+const MAX_RECORD: usize = 256 << 20;
+
+/// The record at `pos` if one starts there (plausible length, checksum, encoding), with its end.
+fn record_at(data: &[u8], pos: usize) -> Option<(SpoolRecord, usize)> {
+    let head = data.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let body = data.get(pos + 8..pos + 8 + len)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    SpoolRecord::decode(body).ok().map(|r| (r, pos + 8 + len))
+}
+
+/// The next position at or after `from` where a whole record starts, if any.
+fn resync(data: &[u8], from: usize) -> Option<usize> {
+    (from..data.len().saturating_sub(7)).find(|&p| record_at(data, p).is_some())
+}
+
+/// Reads a segment's records with their indices, skipping (and counting) damaged ones, and
+/// truncating an incomplete last record.
+fn read_segment(path: &Path) -> Result<Vec<(u32, SpoolRecord)>, PublishError> {
+    let data = std::fs::read(path).map_err(io(path))?;
+    let discard = |reason: OutboxDiscard, at: usize| {
+        metrics::counter!(m::OUTBOX_DISCARDED, "reason" => reason.as_str()).increment(1);
+        tracing::error!(path = %path.display(), offset = at, reason = reason.as_str(),
+            "damaged outbox record skipped; the records after it are kept");
+    };
+    let mut out: Vec<(u32, SpoolRecord)> = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        if let Some((rec, end)) = record_at(&data, pos) {
+            let index = if rec.slot > 0 { rec.slot - 1 } else { u32::try_from(out.len()).unwrap_or(u32::MAX) };
+            out.push((index, rec));
+            pos = end;
+            continue;
         }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if len > 256 << 20 {
-            tracing::warn!(path = %path.display(), "outbox segment has an impossible record length; ignoring the rest");
-            break;
+        // A record of the stated length whose checksum or encoding fails, followed by a good
+        // record or the end of the segment: that record alone is damaged.
+        let stated = data
+            .get(pos..pos + 4)
+            .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)
+            .filter(|&l| l <= MAX_RECORD)
+            .map(|l| pos + 8 + l);
+        if let Some(end) = stated.filter(|&e| e == data.len() || (e < data.len() && record_at(&data, e).is_some())) {
+            discard(OutboxDiscard::Corrupt, pos);
+            pos = end;
+            continue;
         }
-        let mut body = vec![0u8; len];
-        if r.read_exact(&mut body).is_err() || crc32fast::hash(&body) != crc {
-            tracing::warn!(path = %path.display(), records = out.len(), "outbox segment ends in a torn record (crash mid-write); ignoring it");
-            break;
+        if let Some(next) = resync(&data, pos + 1) {
+            discard(OutboxDiscard::Garbled, pos);
+            pos = next;
+            continue;
         }
-        match SpoolRecord::decode(&body[..]) {
-            Ok(rec) => out.push(rec),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "undecodable outbox record: {e}; ignoring the rest");
-                break;
-            }
-        }
+        // Nothing whole follows: an append cut short by a crash, never reported spooled.
+        metrics::counter!(m::OUTBOX_DISCARDED, "reason" => OutboxDiscard::TornTail.as_str()).increment(1);
+        tracing::warn!(path = %path.display(), records = out.len(), bytes = data.len() - pos,
+            "outbox segment ends in a torn record (crash mid-append); truncated");
+        OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(pos as u64)).map_err(io(path))?;
+        break;
     }
     Ok(out)
 }
@@ -337,13 +420,103 @@ mod tests {
         let seg = std::fs::read_dir(&d)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| p.extension().unwrap() == "seg")
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
             .unwrap();
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&seg, bytes).unwrap();
-        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
         assert_eq!(pending.iter().map(|(_, r)| r.event_id.as_str()).collect::<Vec<_>>(), ["a"]);
+        drop(ob);
+        let whole = record_at(&std::fs::read(&seg).unwrap(), 0).unwrap().1;
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), whole as u64, "the torn tail is truncated away");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn segment_of(d: &Path) -> PathBuf {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
+            .unwrap()
+    }
+
+    /// Offsets of the records of a segment.
+    fn offsets(bytes: &[u8]) -> Vec<usize> {
+        let mut v = vec![0];
+        while let Some((_, end)) = record_at(bytes, *v.last().unwrap()) {
+            v.push(end);
+        }
+        v.pop();
+        v
+    }
+
+    fn names(pending: &[(EntryId, SpoolRecord)]) -> Vec<&str> {
+        pending.iter().map(|(_, r)| r.event_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_middle_loses_only_its_record() {
+        let d = tmp("flip");
+        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let recs: Vec<SpoolRecord> = (0..5).map(|i| rec(&format!("e{i}"), false, 40)).collect();
+        let ids: Vec<EntryId> = ob.append(&recs).unwrap().into_iter().map(Result::unwrap).collect();
+        ob.ack(ids[4]);
+        drop(ob);
+        let seg = segment_of(&d);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = offsets(&bytes);
+        bytes[at[2] + 20] ^= 0x40; // inside e2's body
+        std::fs::write(&seg, &bytes).unwrap();
+        let (mut ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        assert_eq!(names(&pending), ["e0", "e1", "e3"], "e2 alone is lost; e4 stays acknowledged");
+        for (id, _) in &pending {
+            ob.ack(*id);
+        }
+        drop(ob);
+        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        assert!(pending.is_empty(), "acknowledgements after a skipped record hit the right records");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_length_is_skipped_to_the_next_whole_record() {
+        let d = tmp("len");
+        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let recs: Vec<SpoolRecord> = (0..4).map(|i| rec(&format!("e{i}"), true, 30)).collect();
+        ob.append(&recs).unwrap();
+        drop(ob);
+        let seg = segment_of(&d);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = offsets(&bytes);
+        bytes[at[1] + 2] = 0xff; // e1's length: now far past the end
+        std::fs::write(&seg, &bytes).unwrap();
+        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        assert_eq!(names(&pending), ["e0", "e2", "e3"]);
+        assert_eq!(pending[1].0.index, 2, "indices survive the skip");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_outbox() {
+        let d = tmp("lock");
+        let (ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let e = Outbox::open(&d, 1 << 30).err().expect("the folder is locked");
+        assert!(e.to_string().contains("in use by another Kensa process"), "{e}");
+        drop(ob);
+        assert!(Outbox::open(&d, 1 << 30).is_ok(), "free again once closed");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_kept_aside_stays_spooled() {
+        let d = tmp("unkeepable");
+        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        std::fs::write(d.join("rejected"), b"a file where the folder should be").unwrap();
+        let r = rec("cam/1/9", true, 10);
+        let id = ob.append(std::slice::from_ref(&r)).unwrap()[0].unwrap();
+        assert!(ob.reject(id, &r, "too large").is_err());
+        assert_eq!(ob.pending(), 1, "not acknowledged: nothing is forgotten");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -378,7 +551,7 @@ mod tests {
         let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
         let r = rec("cam/1/5", true, 10);
         let id = ob.append(std::slice::from_ref(&r)).unwrap()[0].unwrap();
-        let p = ob.reject(id, &r, "MessageSizeTooLarge");
+        let p = ob.reject(id, &r, "MessageSizeTooLarge").unwrap();
         assert!(p.is_file());
         assert_eq!(std::fs::read_to_string(p.with_extension("reason.txt")).unwrap(), "MessageSizeTooLarge");
         assert_eq!(ob.pending(), 0);
