@@ -35,6 +35,8 @@ pub struct KensaConfig {
     pub outbox: OutboxConfig,
     #[serde(default)]
     pub judges: JudgesConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
     /// Products by name: each has a memory bank made by `kensa enroll`.
     #[serde(default)]
     pub products: BTreeMap<String, ProductConfig>,
@@ -60,6 +62,15 @@ pub struct ModelConfig {
     pub precision: Precision,
     /// How often bank files are checked for changes (hot reload); 0 turns polling off.
     pub bank_poll_s: u64,
+}
+
+/// What the control topic may do (`kafka.control_topic`): its messages come from outside.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The only folder control commands may name banks in (regular files, at most the bank
+    /// size limit). Unset: commands may change a camera's product, never load a bank.
+    pub banks_dir: Option<PathBuf>,
 }
 
 /// Where the model runs (`model.device`, `--device`).
@@ -548,6 +559,9 @@ impl KensaConfig {
             }
         }
         fix(&mut self.outbox.dir);
+        if let Some(d) = self.control.banks_dir.as_mut() {
+            fix(d);
+        }
         if let Some(d) = self.publish.store_dir.as_mut() {
             fix(d);
         }
@@ -628,8 +642,8 @@ impl KensaConfig {
         let mut seen = std::collections::HashSet::new();
         for (i, c) in self.cameras.iter().enumerate() {
             let at = format!("cameras[{i}] ({})", c.id);
-            if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
-                p.push(format!("{at}.id: `{}` must be non-empty [A-Za-z0-9._-]", c.id));
+            if !safe_name(&c.id) {
+                p.push(format!("{at}.id: `{}` must be 1-64 of [A-Za-z0-9._-], not `.` or `..`", c.id));
             }
             if !seen.insert(c.id.clone()) {
                 p.push(format!("{at}.id: duplicate camera id `{}`", c.id));
@@ -663,6 +677,15 @@ impl KensaConfig {
         }
         p
     }
+}
+
+/// A name that is safe as one path component and a label value: camera ids and product names
+/// (they name folders under `publish.store_dir` and files written by `kensa tail --masks`).
+pub fn safe_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
 }
 
 fn valid_topic(t: &str) -> bool {

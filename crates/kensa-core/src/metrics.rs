@@ -145,6 +145,9 @@ label_enum! {
         Unknown => "unknown",
         /// A control message that is not a valid command.
         Parse => "parse",
+        /// A command naming a product outside the config or a bank outside
+        /// `control.banks_dir` (or not a regular file), or whose bank took too long to load.
+        Refused => "refused",
     }
 }
 

@@ -184,7 +184,7 @@ pub async fn run(
     drop(model);
     let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
     let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges);
-    let verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
+    let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
     let mut delivery = tokio::spawn(delivery::run(publisher, outbox, pending, events_rx, settings));
 
@@ -194,9 +194,22 @@ pub async fn run(
     let mut camera_failures = None;
     let mut delivered = None;
     let mut batched = None;
+    let mut judged = None;
     loop {
         tokio::select! {
             () = &mut shutdown => { tracing::info!("shutting down"); break; }
+            r = &mut verdicts, if judged.is_none() => {
+                // The verdict stage ends before the shutdown when its input ended (every camera
+                // done), or when it panicked: then nothing is judged any more.
+                let failed = r.is_err();
+                judged = Some(r);
+                if failed {
+                    tracing::error!("the verdict stage stopped; inspection cannot go on");
+                    health.set_ready(false);
+                    batched.get_or_insert(Err(DaemonError::Stage { stage: "verdict", msg: "the verdict stage stopped".into() }));
+                    break;
+                }
+            }
             r = &mut batcher, if batched.is_none() => {
                 let r = r.unwrap_or_else(|e| Err(DaemonError::Stage { stage: "batcher", msg: e.to_string() }));
                 let failed = r.is_err();
@@ -233,7 +246,9 @@ pub async fn run(
             Some(r) => r,
             None => batcher.await.unwrap_or_else(|e| Err(DaemonError::Stage { stage: "batcher", msg: e.to_string() })),
         };
-        let _ = verdicts.await;
+        if judged.is_none() {
+            let _ = verdicts.await;
+        }
         let summary = match delivered {
             Some(s) => s,
             None => delivery.await.unwrap_or_default(),

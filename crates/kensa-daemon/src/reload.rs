@@ -26,6 +26,8 @@ pub struct Reloader {
     pub lineup: Lineup,
     /// Product → the bank file in use.
     pub banks: Arc<Mutex<HashMap<String, PathBuf>>>,
+    /// The only folder control commands may load banks from (`control.banks_dir`).
+    pub banks_dir: Option<PathBuf>,
 }
 
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
@@ -36,7 +38,8 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
 impl Reloader {
     pub fn new(cfg: &KensaConfig, loader: Loader, model: ModelHandle, lineup: Lineup) -> Self {
         let banks = cfg.products.iter().map(|(k, v)| (k.clone(), v.bank.clone())).collect();
-        Self { loader, model, lineup, banks: Arc::new(Mutex::new(banks)) }
+        let banks_dir = cfg.control.banks_dir.as_ref().map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()));
+        Self { loader, model, lineup, banks: Arc::new(Mutex::new(banks)), banks_dir }
     }
 
     fn bank_paths(&self) -> HashMap<String, PathBuf> {
@@ -151,11 +154,50 @@ pub struct Command {
     pub bank: Option<PathBuf>,
 }
 
+/// Longest a control command's bank may take to load before the command is given up (the
+/// next command and the shutdown never wait on one slow file).
+const CONTROL_LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a control command is refused before anything is loaded, if it is: messages on the
+/// control topic come from outside, so they may only name products of the config and banks
+/// that are regular files inside `control.banks_dir`.
+pub fn refusal(cmd: &Command, products: &HashMap<String, PathBuf>, banks_dir: Option<&Path>) -> Option<String> {
+    if !products.contains_key(&cmd.product) {
+        return Some("the product is not in the config".into());
+    }
+    let bank = cmd.bank.as_ref()?;
+    let Some(dir) = banks_dir else {
+        return Some("control.banks_dir is not set, so control commands may not load banks".into());
+    };
+    let Ok(real) = dir.join(bank).canonicalize() else {
+        return Some(format!("bank {} does not exist", bank.display()));
+    };
+    if !real.starts_with(dir) {
+        return Some(format!("bank {} is outside control.banks_dir {}", bank.display(), dir.display()));
+    }
+    if !std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+        return Some(format!("bank {} is not a regular file", bank.display()));
+    }
+    None
+}
+
 /// Applies one control-topic command.
 pub async fn apply(cmd: Command, r: &Reloader) {
+    if let Some(why) = refusal(&cmd, &r.bank_paths(), r.banks_dir.as_deref()) {
+        metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Refused.as_str()).increment(1);
+        tracing::error!(product = %cmd.product, "control command refused: {why}");
+        return;
+    }
     if let Some(bank) = &cmd.bank {
-        if !r.swap(&cmd.product, bank, "control").await {
-            return;
+        let path = r.banks_dir.as_deref().map_or_else(|| bank.clone(), |d| d.join(bank));
+        match tokio::time::timeout(CONTROL_LOAD_TIMEOUT, r.swap(&cmd.product, &path, "control")).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Refused.as_str()).increment(1);
+                tracing::error!(product = %cmd.product, bank = %path.display(), "control command given up: the bank took over {}s to load", CONTROL_LOAD_TIMEOUT.as_secs());
+                return;
+            }
         }
     }
     if let Some(camera) = cmd.camera {
@@ -248,8 +290,36 @@ fn control_reader(kafka: &kensa_core::config::KafkaConfig, topic: &str, out: &mp
 
 #[cfg(test)]
 mod tests {
-    use super::Command;
+    use super::{refusal, Command};
     use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    #[test]
+    fn commands_may_only_name_config_products_and_banks_inside_banks_dir() {
+        let root = std::env::temp_dir().join(format!("kensa-refusal-{}", std::process::id()));
+        let dir = root.join("banks");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("ok.kbank"), b"x").unwrap();
+        std::fs::write(root.join("outside.kbank"), b"x").unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let products: HashMap<String, PathBuf> = HashMap::from([("disc".into(), PathBuf::from("disc.kbank"))]);
+        let cmd = |product: &str, bank: Option<&str>| Command {
+            camera: None,
+            product: product.into(),
+            bank: bank.map(PathBuf::from),
+        };
+        let refused = |c: Command, d: Option<&std::path::Path>| refusal(&c, &products, d);
+        assert_eq!(refused(cmd("disc", Some("ok.kbank")), Some(&dir)), None);
+        assert_eq!(refused(cmd("disc", None), None), None, "a changeover needs no bank folder");
+        assert!(refused(cmd("made-up", None), Some(&dir)).unwrap().contains("not in the config"));
+        assert!(refused(cmd("disc", Some("ok.kbank")), None).unwrap().contains("banks_dir is not set"));
+        assert!(refused(cmd("disc", Some("../outside.kbank")), Some(&dir)).unwrap().contains("outside"));
+        assert!(refused(cmd("disc", Some("/dev/zero")), Some(&dir)).unwrap().contains("outside"));
+        assert!(refused(cmd("disc", Some("sub")), Some(&dir)).unwrap().contains("not a regular file"));
+        assert!(refused(cmd("disc", Some("missing.kbank")), Some(&dir)).unwrap().contains("does not exist"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn commands_parse() {

@@ -3,8 +3,9 @@
 //! A bank is a safetensors file: one `[N_i, C_i]` float32 tensor of L2-normalised patch features
 //! per backbone layer (`layer0`, `layer1`, ...) and, in the header's metadata under `kensa`, a
 //! JSON [`BankMeta`]: format version, product, backbone identity, input size, number of
-//! references, the verdict calibration, and a SHA-256 of the tensor bytes. Loading checks all of
-//! it, so a truncated, tampered or mismatched bank is a clear error naming the file.
+//! references, the verdict calibration, and a SHA-256 of the tensor bytes and the metadata
+//! (format 2). Loading checks all of it and range-checks every field, so a truncated, tampered,
+//! impossible or mismatched bank is a clear error naming the file.
 
 use crate::backbone::BackboneMeta;
 use crate::{ModelError, Result};
@@ -16,7 +17,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-pub const BANK_FORMAT: &str = "kensa-bank/1";
+/// Banks written now: the content hash covers the tensors *and* the metadata.
+pub const BANK_FORMAT: &str = "kensa-bank/2";
+/// Banks from before format 2: the hash covers the tensors only (still read, with a warning).
+pub const BANK_FORMAT_V1: &str = "kensa-bank/1";
 /// Refuse banks larger than this (bytes) unless the caller raises it.
 pub const MAX_BANK_BYTES: u64 = 2 << 30;
 
@@ -61,6 +65,42 @@ fn full_coreset() -> f64 {
 }
 
 impl BankMeta {
+    /// The first field whose value no bank made by `kensa enroll` can have, if any.
+    pub fn problem(&self) -> Option<String> {
+        let c = &self.calibration;
+        let finite = [c.image_threshold, c.pixel_threshold, c.logistic_scale, c.min_area_frac];
+        if !(32..=4096).contains(&self.input_size) {
+            return Some(format!("input_size {} is outside 32..=4096", self.input_size));
+        }
+        if self.strides.is_empty() || self.strides.len() != self.channels.len() {
+            return Some(format!("{} strides for {} layers", self.strides.len(), self.channels.len()));
+        }
+        if self.strides.iter().any(|&s| s == 0 || s > self.input_size)
+            || self.channels.iter().any(|&c| c == 0 || c > 65_536)
+        {
+            return Some(format!("strides {:?} / channels {:?}", self.strides, self.channels));
+        }
+        if self.references == 0 || self.references > 1_000_000 {
+            return Some(format!("{} references", self.references));
+        }
+        if !(self.coreset > 0.0 && self.coreset <= 1.0) {
+            return Some(format!("coreset {} is outside (0, 1]", self.coreset));
+        }
+        if finite.iter().any(|v| !v.is_finite()) || c.image_threshold <= 0.0 || c.pixel_threshold <= 0.0 {
+            return Some(format!(
+                "calibration thresholds {} / {} must be finite and positive",
+                c.image_threshold, c.pixel_threshold
+            ));
+        }
+        if c.logistic_scale <= 0.0 || !(0.0..=1.0).contains(&c.min_area_frac) {
+            return Some(format!(
+                "calibration logistic scale {} (> 0) or minimum area {} (0..=1)",
+                c.logistic_scale, c.min_area_frac
+            ));
+        }
+        None
+    }
+
     /// Short version string for logs, events and metrics.
     pub fn version(&self) -> String {
         self.content_sha256.chars().take(12).collect()
@@ -85,7 +125,8 @@ pub struct Bank {
 
 impl Bank {
     pub fn new(mut meta: BankMeta, layers: Vec<Tensor>) -> Self {
-        meta.content_sha256 = content_hash(&layers);
+        meta.format = BANK_FORMAT.into();
+        meta.content_sha256 = content_hash(&layers, &meta);
         Self { meta, layers }
     }
 
@@ -114,7 +155,11 @@ impl Bank {
             .iter()
             .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes match")))
             .collect();
-        let meta_json = serde_json::to_string(&self.meta).map_err(|e| err(e.to_string()))?;
+        // Sealed as written: the hash covers the tensors and the metadata as they are now.
+        let mut meta = self.meta.clone();
+        meta.format = BANK_FORMAT.into();
+        meta.content_sha256 = content_hash(&self.layers, &meta);
+        let meta_json = serde_json::to_string(&meta).map_err(|e| err(e.to_string()))?;
         let info = HashMap::from([("kensa".to_string(), meta_json)]);
         let data = safetensors::serialize(views, Some(info)).map_err(|e| err(format!("cannot serialise: {e}")))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -157,12 +202,7 @@ impl Bank {
     /// Loads a bank and checks its own integrity (format, sizes, content hash) only.
     pub fn load_unchecked(path: &Path, device: Device) -> Result<Self> {
         let err = |msg: String| ModelError::Bank { path: path.to_path_buf(), msg };
-        let len =
-            std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e} (make one with `kensa enroll`)")))?.len();
-        if len > MAX_BANK_BYTES {
-            return Err(err(format!("{len} bytes is over the {MAX_BANK_BYTES}-byte bank limit")));
-        }
-        let data = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let data = read_bounded(path, MAX_BANK_BYTES).map_err(err)?;
         let st = SafeTensors::deserialize(&data)
             .map_err(|e| err(format!("not a Kensa bank (bad or truncated safetensors: {e})")))?;
         let (_, header) = SafeTensors::read_metadata(&data).map_err(|e| err(e.to_string()))?;
@@ -172,8 +212,11 @@ impl Bank {
             .and_then(|m| m.get("kensa"))
             .ok_or_else(|| err("not a Kensa bank (no `kensa` metadata)".into()))?;
         let meta: BankMeta = serde_json::from_str(meta_json).map_err(|e| err(format!("bad bank metadata: {e}")))?;
-        if meta.format != BANK_FORMAT {
+        if meta.format != BANK_FORMAT && meta.format != BANK_FORMAT_V1 {
             return Err(err(format!("format `{}` is not supported (expected {BANK_FORMAT})", meta.format)));
+        }
+        if let Some(problem) = meta.problem() {
+            return Err(err(format!("impossible metadata: {problem}; re-enroll the product")));
         }
         if !meta.aggregation.is_empty() {
             crate::engine::check_aggregation(&meta.aggregation, meta.channels.len()).map_err(|e| err(e.to_string()))?;
@@ -193,7 +236,12 @@ impl Bank {
             let t = Tensor::f_from_data_size(view.data(), &[shape[0] as i64, shape[1] as i64], Kind::Float)?;
             layers.push(t);
         }
-        let hash = content_hash(&layers);
+        let hash = if meta.format == BANK_FORMAT_V1 {
+            tracing::warn!(path = %path.display(), "bank format 1: its metadata is not covered by its hash; re-enroll to protect it");
+            tensor_hash(&layers)
+        } else {
+            content_hash(&layers, &meta)
+        };
         if hash != meta.content_sha256 {
             return Err(err(format!(
                 "content hash mismatch (file says {}, data is {}): the bank is corrupt or was modified",
@@ -205,8 +253,42 @@ impl Bank {
     }
 }
 
-fn content_hash(layers: &[Tensor]) -> String {
+/// Reads a bank file: a regular file (not a FIFO or a device), at most `limit` bytes, the limit
+/// applied to what is read (not only to what the file system says).
+fn read_bounded(path: &Path, limit: u64) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e} (make one with `kensa enroll`)"))?;
+    let md = f.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !md.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut data = Vec::with_capacity(usize::try_from(md.len().min(limit)).unwrap_or(0));
+    f.take(limit + 1).read_to_end(&mut data).map_err(|e| format!("cannot read: {e}"))?;
+    if data.len() as u64 > limit {
+        return Err(format!("over the {limit}-byte bank limit"));
+    }
+    Ok(data)
+}
+
+/// Format 2: SHA-256 of the tensor bytes followed by the metadata's JSON (with the hash field
+/// empty).
+fn content_hash(layers: &[Tensor], meta: &BankMeta) -> String {
     let mut h = Sha256::new();
+    feed_tensors(&mut h, layers);
+    let mut m = meta.clone();
+    m.content_sha256 = String::new();
+    h.update(serde_json::to_vec(&m).expect("bank metadata serialises"));
+    hex::encode(h.finalize())
+}
+
+/// Format 1: the tensor bytes only.
+fn tensor_hash(layers: &[Tensor]) -> String {
+    let mut h = Sha256::new();
+    feed_tensors(&mut h, layers);
+    hex::encode(h.finalize())
+}
+
+fn feed_tensors(h: &mut Sha256, layers: &[Tensor]) {
     for t in layers {
         let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let v: Vec<f32> = Vec::try_from(t.flatten(0, -1)).expect("float tensor");
@@ -214,5 +296,4 @@ fn content_hash(layers: &[Tensor]) -> String {
             h.update(x.to_le_bytes());
         }
     }
-    hex::encode(h.finalize())
 }

@@ -59,3 +59,51 @@ proptest! {
         }
     }
 }
+
+/// A valid bank's bytes with its metadata JSON edited by `edit` and written back as it is (the
+/// hash field untouched), as someone editing the file by hand would.
+fn with_metadata(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    use safetensors::SafeTensors;
+    let bytes = valid_bank();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["kensa"]).unwrap();
+    edit(&mut meta);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v)).collect();
+    let info = std::collections::HashMap::from([("kensa".to_string(), meta.to_string())]);
+    safetensors::serialize(views, Some(info)).unwrap()
+}
+
+fn load_bytes(name: &str, b: &[u8]) -> Result<Bank, kensa_model::ModelError> {
+    let p = std::env::temp_dir().join(format!("kensa-meta-{name}-{}.kbank", std::process::id()));
+    std::fs::write(&p, b).unwrap();
+    let r = Bank::load_unchecked(&p, tch::Device::Cpu);
+    let _ = std::fs::remove_file(&p);
+    r
+}
+
+#[test]
+fn edited_metadata_is_refused() {
+    assert!(load_bytes("untouched", &with_metadata(|_| {})).is_ok(), "a faithful rewrite still loads");
+    let e = load_bytes("threshold", &with_metadata(|m| m["calibration"]["image_threshold"] = 9.0.into()))
+        .err()
+        .expect("an edited calibration is refused");
+    assert!(e.to_string().contains("content hash mismatch"), "{e}");
+}
+
+#[test]
+fn impossible_metadata_is_refused_before_use() {
+    for (what, edit) in [
+        (
+            "input_size",
+            Box::new(|m: &mut serde_json::Value| m["input_size"] = 0.into()) as Box<dyn Fn(&mut serde_json::Value)>,
+        ),
+        ("strides", Box::new(|m: &mut serde_json::Value| m["strides"] = serde_json::json!([8]))),
+        ("coreset", Box::new(|m: &mut serde_json::Value| m["coreset"] = 0.0.into())),
+        ("calibration", Box::new(|m: &mut serde_json::Value| m["calibration"]["logistic_scale"] = (-1.0).into())),
+    ] {
+        let e = load_bytes(what, &with_metadata(edit)).err().unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(e.to_string().contains("impossible metadata"), "{what}: {e}");
+    }
+}

@@ -96,8 +96,17 @@ pub fn run(a: &TailArgs) -> Result<u64, PublishError> {
             continue;
         }
         if let Some(d) = &a.masks {
-            let p = d.join(format!("{}_{}.png", ev.camera_id, ev.frame_seq));
-            std::fs::write(&p, &ev.mask_png).map_err(|source| PublishError::Write { path: p.clone(), source })?;
+            // The camera id comes from whoever produced to the topic: it names a file only when
+            // it is a safe name (no `/`, no `..`), so a mask can never land outside DIR.
+            if kensa_core::config::safe_name(&ev.camera_id) {
+                let p = d.join(format!("{}_{}.png", ev.camera_id, ev.frame_seq));
+                std::fs::write(&p, &ev.mask_png).map_err(|source| PublishError::Write { path: p.clone(), source })?;
+            } else {
+                eprintln!(
+                    "warning: event {:?} has camera id {:?}, not a safe file name; its mask is not written",
+                    ev.event_id, ev.camera_id
+                );
+            }
         }
         {
             use std::io::Write;

@@ -110,7 +110,7 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
         config_path: Some(a.config.clone()),
     };
     let max_runtime = a.max_runtime_s.map(Duration::from_secs);
-    let summary = rt.block_on(async move {
+    let result = rt.block_on(async move {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             signal().await;
@@ -134,7 +134,10 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
             }
         };
         kensa_daemon::run(cfg, opts, shutdown).await
-    })?;
+    });
+    // A blocking task still reading a slow file must not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let summary = result?;
     if summary.deadline_passed {
         // Stages may still hold libtorch, librdkafka or GStreamer threads: exit without their
         // destructors; the outbox is already durable on disk.
