@@ -15,7 +15,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
-use kensa_core::config::{CameraConfig, FullPolicy, SourceConfig};
+use kensa_core::config::{redact_credentials, CameraConfig, FullPolicy, SourceConfig};
 use kensa_core::metrics::{self as m, CameraState, DropReason, Label};
 use kensa_core::Frame;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,6 +62,11 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
+/// The pipeline description for logs and `kensa check`: credentials in URLs redacted.
+pub fn describe_redacted(cam: &CameraConfig) -> String {
+    redact_credentials(&describe(cam))
+}
+
 /// The full pipeline description for a camera.
 pub fn describe(cam: &CameraConfig) -> String {
     let drop = cam.effective_policy() == FullPolicy::Drop;
@@ -97,8 +102,8 @@ pub fn check(cam: &CameraConfig) -> Result<(), CaptureError> {
     let desc = describe(cam);
     let p = gst::parse::launch(&desc).map_err(|e| CaptureError::Build {
         camera: cam.id.clone(),
-        pipeline: desc.clone(),
-        msg: e.to_string(),
+        pipeline: redact_credentials(&desc),
+        msg: redact_credentials(&e.to_string()),
     })?;
     let _ = p.set_state(gst::State::Null);
     Ok(())
@@ -168,7 +173,16 @@ fn set_state(id: &str, state: CameraState, detail: &str, on_state: &StateFn) {
         });
     }
     metrics::gauge!(m::CAMERA_UP, "camera" => id.to_string()).set(if state == CameraState::Up { 1.0 } else { 0.0 });
-    on_state(id, state, detail);
+    on_state(id, state, &redact_credentials(detail));
+}
+
+/// How long a session must deliver frames before its end resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// ±20 % of `d`, so cameras that dropped together do not reconnect in lock-step.
+fn jitter(d: Duration) -> Duration {
+    let n = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
+    d.mul_f64(0.8 + f64::from(n % 401) / 1000.0)
 }
 
 /// One running pipeline of a camera.
@@ -195,7 +209,11 @@ fn open(
     stop: &Arc<AtomicBool>,
 ) -> Result<Session, CaptureError> {
     let desc = describe(cam);
-    let build_err = |msg: String| CaptureError::Build { camera: cam.id.clone(), pipeline: desc.clone(), msg };
+    let build_err = |msg: String| CaptureError::Build {
+        camera: cam.id.clone(),
+        pipeline: redact_credentials(&desc),
+        msg: redact_credentials(&msg),
+    };
     let pipeline = gst::parse::launch(&desc)
         .map_err(|e| build_err(e.to_string()))?
         .downcast::<gst::Pipeline>()
@@ -293,7 +311,7 @@ fn open(
             stop.store(true, Ordering::SeqCst);
             let _ = f.join();
         }
-        return Err(CaptureError::Start { camera: cam.id.clone(), msg: reason });
+        return Err(CaptureError::Start { camera: cam.id.clone(), msg: redact_credentials(&reason) });
     }
     Ok(Session { pipeline, feeder })
 }
@@ -350,7 +368,7 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>, on_state: StateFn) -> 
             }
             supervise(&cam2, first, &tx, &seq, &stop2, &on_state)
         })
-        .map_err(|e| CaptureError::Start { camera: cam.id.clone(), msg: e.to_string() })?;
+        .map_err(|e| CaptureError::Start { camera: cam.id.clone(), msg: redact_credentials(&e.to_string()) })?;
     Ok(Camera { id: cam.id.clone(), stop, thread: Some(thread) })
 }
 
@@ -371,6 +389,7 @@ fn supervise(
     loop {
         if let Some(s) = session.take() {
             let before = seq.load(Ordering::SeqCst);
+            let started = Instant::now();
             let outcome = watch(id, &s.pipeline, stop, seq);
             s.close();
             if stop.load(Ordering::SeqCst) {
@@ -381,13 +400,16 @@ fn supervise(
                 Outcome::Failed { reason, .. } => reason,
                 Outcome::Ended { .. } => "unexpected end of stream".into(),
             };
-            // A session that delivered frames resets the backoff.
-            failures = if seq.load(Ordering::SeqCst) > before { 1 } else { failures + 1 };
+            // A session that delivered frames for a while resets the backoff; one that delivers a
+            // frame and drops (a flapping camera) does not, or it would reconnect at full speed
+            // for ever.
+            let healthy = seq.load(Ordering::SeqCst) > before && started.elapsed() >= STABLE_SESSION;
+            failures = if healthy { 1 } else { failures + 1 };
         }
         if tx.is_closed() {
             return Outcome::Ended { frames: seq.load(Ordering::SeqCst) };
         }
-        let delay = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap);
+        let delay = jitter(initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap));
         let state = if failures >= cam.reconnect_fail_after { CameraState::Failed } else { CameraState::Reconnecting };
         set_state(id, state, &last_reason, on_state);
         metrics::counter!(m::CAMERA_RECONNECTS, "camera" => id.to_string()).increment(1);
@@ -453,7 +475,7 @@ fn watch(id: &str, pipeline: &gst::Pipeline, stop: &AtomicBool, seq: &AtomicU64)
                 let detail = err.debug().map(|d| d.to_string()).unwrap_or_default();
                 tracing::error!(camera = id, element = %element, detail = %detail, "camera failed: {}", err.error());
                 metrics::counter!(m::CAMERA_ERRORS, "camera" => id.to_string()).increment(1);
-                return Outcome::Failed { frames: seq.load(Ordering::SeqCst), reason };
+                return Outcome::Failed { frames: seq.load(Ordering::SeqCst), reason: redact_credentials(&reason) };
             }
             gst::MessageView::Warning(w) => {
                 let element = w.src().map(|s| s.path_string().to_string()).unwrap_or_default();

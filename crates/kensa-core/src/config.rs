@@ -679,6 +679,27 @@ impl KensaConfig {
     }
 }
 
+/// `text` with the credentials of every URL in it (`scheme://user:password@host`) replaced by
+/// `***`, for logs, errors, `kensa check` and `/healthz`.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail.find(|c: char| c == '/' || c == '"' || c == '\'' || c.is_whitespace()).unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A name that is safe as one path component and a label value: camera ids and product names
 /// (they name folders under `publish.store_dir` and files written by `kensa tail --masks`).
 pub fn safe_name(s: &str) -> bool {
@@ -730,6 +751,16 @@ source = { kind = "synthetic", seed = 3, count = 10 }
         let text = GOOD.replace("count = 10", "count = 10, colour = 1");
         let err = KensaConfig::from_toml_str(&text).unwrap_err().to_string();
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn url_credentials_are_redacted() {
+        assert_eq!(
+            redact_credentials("rtspsrc location=\"rtsp://op:s3cr@t@10.0.0.5:554/line\" latency=50"),
+            "rtspsrc location=\"rtsp://***@10.0.0.5:554/line\" latency=50"
+        );
+        assert_eq!(redact_credentials("rtsp://cam/line and http://x"), "rtsp://cam/line and http://x");
+        assert!(!safe_name("..") && !safe_name("a/b") && !safe_name("") && safe_name("line-1.cam_2"));
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub fn check(config: &Path) -> Result<ExitCode> {
     let mut bad = 0;
     for cam in &cfg.cameras {
         match kensa_capture::check(cam) {
-            Ok(()) => eprintln!("camera {}: pipeline ok: {}", cam.id, kensa_capture::describe(cam)),
+            Ok(()) => eprintln!("camera {}: pipeline ok: {}", cam.id, kensa_capture::describe_redacted(cam)),
             Err(e) => {
                 bad += 1;
                 eprintln!("error: {e}");
