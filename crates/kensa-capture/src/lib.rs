@@ -7,6 +7,13 @@
 //! synthetic line: nothing lost) or `drop` (live cameras: the frame is dropped and counted with
 //! reason `queue_full`). A pipeline error stops that camera only; it is logged with the element
 //! that failed and counted, and the other cameras go on.
+//!
+//! # Layout
+//! - this module: pipeline templates ([`template`], [`describe`]), [`start`] (one thread per
+//!   camera: the appsink callback, supervision and reconnects), [`check`], and [`CaptureError`],
+//!   the crate's one error enum.
+//! - [`images`]: image files: listing a folder, decoding with limits.
+//! - [`mvtec`]: data sets in MVTec AD layout (for `kensa eval` and `kensa train-judge --eval`).
 
 pub mod images;
 pub mod mvtec;

@@ -4,6 +4,15 @@
 //! each camera's events stay in order; anomalous frames also go to the defects topic. Sends wait
 //! for the broker's acknowledgement (`acks=all`); a full local queue is backpressure (the send
 //! waits), not an error.
+//!
+//! # Layout
+//! - this module: the protobuf types ([`proto`]), the Kafka client config, the [`Publisher`],
+//!   spool records and their CloudEvents headers, JSON for `kensa tail`, and [`PublishError`],
+//!   the crate's one error enum.
+//! - [`event`]: a judged frame → an `InspectionEvent`.
+//! - [`outbox`]: the durable on-disk spool and its recovery.
+//! - [`delivery`]: the stage that spools events and sends them until acknowledged.
+//! - [`tail`]: `kensa tail`, a small consumer.
 
 use kensa_core::config::KafkaConfig;
 use kensa_core::grid::Cell;

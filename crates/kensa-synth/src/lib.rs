@@ -5,6 +5,10 @@
 //! injected defect (scratch, hole, missing piece or contamination) with its exact pixel mask.
 //! Frame `i` of a line with a given seed is always the same image, so a test can regenerate
 //! the ground truth of any frame a camera delivered.
+//!
+//! # Layout
+//! One module: [`Line`] (frame `i` of a seeded line, with its defect mask), [`DefectKind`], and
+//! writing a line as an MVTec-layout data set.
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand::{Rng, SeedableRng};

@@ -10,6 +10,11 @@
 //! [`judge`] then turns an anomaly map into AnomalyGPT's answer: anomalous or not, the 3×3 cells
 //! of each region (connected components of the map at the calibrated level), a confidence and a
 //! pixel mask.
+//!
+//! # Layout
+//! One module: [`Calibration`] (fitted at enrollment, stored in the bank), [`judge`] (map →
+//! [`Verdict`] and mask), the [`Judge`] trait both judges implement, [`mask_png`], and
+//! [`VerdictError`], the crate's one error enum.
 
 use kensa_core::grid::{answer, Cell};
 use kensa_core::AnomalyMap;
