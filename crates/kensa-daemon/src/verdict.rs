@@ -261,7 +261,8 @@ mod tests {
     fn masks_are_downscaled_to_their_longer_side() {
         let (w, h) = (8u32, 4u32);
         let mut mask = vec![0u8; 32];
-        mask[7] = 255; // top right
+        mask[7] = 255; // the top right 1×2 block: one output pixel
+        mask[15] = 255;
         let (out, nw, nh) = downscale_mask(&mask, w, h, 4);
         assert_eq!((nw, nh), (4, 2));
         assert_eq!(out[3], 255);

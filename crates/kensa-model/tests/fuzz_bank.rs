@@ -30,7 +30,10 @@ fn valid_bank() -> Vec<u8> {
         tch::Tensor::rand([5, 6], (tch::Kind::Float, tch::Device::Cpu)),
     ];
     let bank = Bank::new(meta, layers);
-    let p = std::env::temp_dir().join(format!("kensa-fuzz-valid-{}.kbank", std::process::id()));
+    // A file of its own per call: the tests of this binary run in parallel.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let p = std::env::temp_dir().join(format!("kensa-fuzz-valid-{}-{n}.kbank", std::process::id()));
     bank.save(&p).unwrap();
     let b = std::fs::read(&p).unwrap();
     let _ = std::fs::remove_file(&p);
