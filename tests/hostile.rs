@@ -48,7 +48,11 @@ fn an_edited_bank_is_refused_at_reload_and_the_old_one_keeps_scoring() {
     assert!(rejected, "the edited bank is rejected\n{}", d.log_text());
     assert!(d.log_text().contains("content hash mismatch"), "{}", d.log_text());
     let before = scored(&d);
-    assert!(wait_for(Duration::from_secs(20), || scored(&d) >= before + 5.0), "the old bank keeps scoring\n{}", d.log_text());
+    assert!(
+        wait_for(Duration::from_secs(20), || scored(&d) >= before + 5.0),
+        "the old bank keeps scoring\n{}",
+        d.log_text()
+    );
     assert_eq!(metric(&d.scrape(), "kensa_bank_reloads_total", &[("result", "ok")]), None, "nothing was swapped in");
 }
 
@@ -63,10 +67,15 @@ fn control_commands_cannot_name_made_up_products_or_special_files() {
     cfg.control.banks_dir = Some(banks.clone());
     cfg.cameras.push(synthetic_camera("cam", 3, 0, 5.0, 0.2));
     let d = Daemon::start(&write_config(dir.path(), &cfg), &[], &metrics);
-    assert!(wait_for(Duration::from_secs(60), || d.log_text().contains("reading control commands")), "{}", d.log_text());
+    assert!(
+        wait_for(Duration::from_secs(60), || d.log_text().contains("reading control commands")),
+        "{}",
+        d.log_text()
+    );
     let pid = d.child.id();
     // Memory at steady state (the model warmed up), before the commands.
-    assert!(wait_for(Duration::from_secs(60), || metric(&d.scrape(), "kensa_frames_scored_total", &[]).unwrap_or(0.0) >= 10.0));
+    assert!(wait_for(Duration::from_secs(60), || metric(&d.scrape(), "kensa_frames_scored_total", &[]).unwrap_or(0.0)
+        >= 10.0));
     let rss_before = proc_status_kib(pid, "VmRSS");
     for i in 0..50 {
         produce(&brokers(), &control, "x", format!(r#"{{"camera": "cam", "product": "made-up-{i}"}}"#).as_bytes());
@@ -85,7 +94,9 @@ fn control_commands_cannot_name_made_up_products_or_special_files() {
     assert!(d.log_text().contains("outside control.banks_dir"), "{}", d.log_text());
     // The daemon still inspects.
     let n = metric(&m, "kensa_frames_scored_total", &[]).unwrap_or(0.0);
-    assert!(wait_for(Duration::from_secs(20), || metric(&d.scrape(), "kensa_frames_scored_total", &[]).unwrap_or(0.0) > n));
+    assert!(
+        wait_for(Duration::from_secs(20), || metric(&d.scrape(), "kensa_frames_scored_total", &[]).unwrap_or(0.0) > n)
+    );
 }
 
 #[test]

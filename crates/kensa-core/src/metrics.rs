@@ -33,6 +33,7 @@ pub const BANK_RELOADS: &str = "kensa_bank_reloads_total";
 pub const CONTROL_ERRORS: &str = "kensa_control_errors_total";
 pub const LM_JUDGEMENTS: &str = "kensa_lm_judgements_total";
 pub const BUILD_INFO: &str = "kensa_build_info";
+pub const PRODUCER_REBUILDS: &str = "kensa_producer_rebuilds_total";
 
 /// A label value: one enum per label, rendered in snake case.
 pub trait Label: Copy {
@@ -240,6 +241,11 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
     (CAMERA_STATE, "1 for the camera's current state: up, reconnecting, failed, ended.", "bool"),
     (CAMERA_RECONNECTS, "Reconnection attempts of live cameras.", "count"),
     (BUILD_INFO, "Kensa's version.", "info"),
+    (
+        PRODUCER_REBUILDS,
+        "Kafka producers replaced after a librdkafka fatal error (e.g. a fenced idempotent producer).",
+        "count",
+    ),
     (LM_JUDGEMENTS, "Language-model judge runs by product and result (ran, over_budget, error).", "count"),
 ];
 

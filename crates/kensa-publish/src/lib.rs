@@ -136,7 +136,11 @@ pub fn redacted(cfg: &ClientConfig) -> String {
 
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    /// The producer in use and its generation; replaced when librdkafka reports a fatal error
+    /// (a fenced idempotent producer), which no retry on the same producer can get past.
+    producer: std::sync::Arc<std::sync::RwLock<(u64, FutureProducer)>>,
+    /// What a replacement producer is built from.
+    config: ClientConfig,
     pub topic: String,
     pub defects_topic: String,
     timeout: Duration,
@@ -201,7 +205,8 @@ impl Publisher {
             }
         }
         Ok(Self {
-            producer,
+            producer: std::sync::Arc::new(std::sync::RwLock::new((0, producer))),
+            config: cc,
             topic: cfg.topic.clone(),
             defects_topic: cfg.defects_topic.clone(),
             timeout: Duration::from_millis(cfg.message_timeout_ms),
@@ -214,9 +219,11 @@ impl Publisher {
         for (k, v) in rec.header_names.iter().zip(&rec.header_values) {
             headers = headers.insert(Header { key: k, value: Some(v) });
         }
+        let (generation, producer) = self.current();
         let sends = rec.topics.iter().map(|topic| {
             let r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers.clone());
-            async move { (topic, self.producer.send(r, Timeout::After(self.timeout)).await) }
+            let producer = &producer;
+            async move { (topic, producer.send(r, Timeout::After(self.timeout)).await) }
         });
         let mut first_err = None;
         for (topic, res) in futures_join_all(sends).await {
@@ -228,6 +235,7 @@ impl Publisher {
                     metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.clone(), "reason" => reason.as_str())
                         .increment(1);
                     first_err.get_or_insert(SendError {
+                        producer_state: needs_new_producer(code),
                         fatal: is_fatal(code),
                         reason,
                         topic: topic.clone(),
@@ -236,18 +244,53 @@ impl Publisher {
                 }
             }
         }
+        // A producer that librdkafka declared unusable (fenced, fatal idempotence error) is
+        // replaced; the send is then retried on the new one like any retriable error.
+        if let Some(err) = first_err.as_mut() {
+            let why = match producer.client().fatal_error() {
+                Some((code, reason)) => Some(format!("{code:?}: {reason}")),
+                None if err.producer_state => Some(err.msg.clone()),
+                None => None,
+            };
+            if let Some(why) = why {
+                self.rebuild(generation, &why);
+                err.fatal = false;
+            }
+        }
         // A topic that already acknowledged gets the record again on retry; consumers dedupe.
         first_err.map_or(Ok(()), Err)
     }
 
+    fn current(&self) -> (u64, FutureProducer) {
+        let g = self.producer.read().expect("producer lock");
+        (g.0, g.1.clone())
+    }
+
+    /// Replaces the producer of `generation` (once: concurrent callers see the new one).
+    fn rebuild(&self, generation: u64, why: &str) {
+        let mut g = self.producer.write().expect("producer lock");
+        if g.0 != generation {
+            return;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(p) => {
+                *g = (generation + 1, p);
+                metrics::counter!(m::PRODUCER_REBUILDS).increment(1);
+                tracing::error!("librdkafka fatal error ({why}): the producer was rebuilt; unacknowledged events are sent again from the outbox");
+            }
+            Err(e) => tracing::error!("librdkafka fatal error ({why}), and a new producer cannot be made: {e}"),
+        }
+    }
+
     /// Whether the brokers answer a metadata request (blocking; call off the async runtime).
     pub fn reachable(&self, timeout: Duration) -> bool {
-        self.producer.client().fetch_metadata(Some(&self.topic), timeout).is_ok()
+        self.current().1.client().fetch_metadata(Some(&self.topic), timeout).is_ok()
     }
 
     /// Waits for everything queued to be delivered (blocking; call off the async runtime).
     pub fn flush(&self, timeout: Duration) -> Result<(), PublishError> {
-        self.producer
+        self.current()
+            .1
             .flush(Timeout::After(timeout))
             .map_err(|e| PublishError::Delivery { topic: self.topic.clone(), msg: format!("flush: {e}") })
     }
@@ -257,6 +300,9 @@ impl Publisher {
 #[derive(Debug, Clone)]
 pub struct SendError {
     pub fatal: bool,
+    /// The broker no longer accepts this producer's id or epoch (fenced): retrying needs a new
+    /// producer.
+    pub producer_state: bool,
     pub reason: PublishFailure,
     pub topic: String,
     pub msg: String,
@@ -292,6 +338,23 @@ pub fn failure_of(code: Option<RDKafkaErrorCode>) -> PublishFailure {
         }
         _ => PublishFailure::Other,
     }
+}
+
+/// Errors after which the idempotent producer's id or epoch is no longer accepted (after a
+/// broker pause tansu answers `ProducerFenced`): only a new producer gets past them.
+pub fn needs_new_producer(code: Option<RDKafkaErrorCode>) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        Some(
+            C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::OutOfOrderSequenceNumber
+                | C::UnknownProducerId
+                | C::InvalidProducerIdMapping
+                | C::Fatal
+        )
+    )
 }
 
 /// Errors that retrying cannot fix.
