@@ -137,3 +137,66 @@ fn a_broker_that_stops_answering_for_five_message_timeouts_loses_nothing() {
     assert_eq!(captured, (0..n).collect(), "no frame dropped, every scored frame delivered (deduplicated)\n{m}");
     assert!(!m.contains("frames dropped"), "{m}");
 }
+
+/// A small tmpfs mounted for this test, unmounted when dropped. None (the test says why and
+/// skips) where mounting is not allowed.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_outbox_holds_events_back_and_loses_none() {
+    let (dir, bank, topic, metrics) = rig("fulldisk");
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "4m") else {
+        eprintln!("SKIP a_full_disk_under_the_outbox: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Fill the disk: no append can succeed.
+    let filler = disk.0.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "count=1000"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.outbox.dir = disk.0.join("outbox");
+    c.cameras.push(synthetic_camera("cam", 9, 20, 0.0, 0.3));
+    let mut d = Daemon::start(&write_config(dir.path(), &c), &[], &metrics);
+    let failing = wait_for(Duration::from_secs(90), || {
+        metric(&d.scrape(), "kensa_outbox_write_errors_total", &[]).unwrap_or(0.0) >= 2.0
+    });
+    assert!(failing, "appends fail on the full disk\n{}\n{}", d.scrape(), d.log_text());
+    let m = d.scrape();
+    assert_eq!(
+        metric(&m, "kensa_events_published_total", &[("topic", &topic)]),
+        Some(0.0),
+        "nothing is sent unspooled"
+    );
+    assert!(d.log_text().contains("not sent until they are spooled"), "{}", d.log_text());
+    // Space returns: every event arrives, none dropped.
+    std::fs::remove_file(&filler).unwrap();
+    let got = consume_until(&brokers(), &topic, Duration::from_secs(120), |r| {
+        r.iter().map(|x| x.event.frame_seq).collect::<BTreeSet<_>>().len() >= 20
+    })
+    .unwrap();
+    let seqs: BTreeSet<u64> = got.iter().map(|x| x.event.frame_seq).collect();
+    assert_eq!(seqs, (0..20).collect(), "{}", d.log_text());
+    assert_eq!(metric(&d.scrape(), "kensa_frames_dropped_total", &[]).unwrap_or(0.0), 0.0);
+    assert_eq!(d.terminate(Duration::from_secs(60)), Some(0), "{}", d.log_text());
+}
