@@ -200,3 +200,46 @@ fn a_full_disk_under_the_outbox_holds_events_back_and_loses_none() {
     assert_eq!(metric(&d.scrape(), "kensa_frames_dropped_total", &[]).unwrap_or(0.0), 0.0);
     assert_eq!(d.terminate(Duration::from_secs(60)), Some(0), "{}", d.log_text());
 }
+
+#[test]
+fn a_missing_defects_topic_holds_back_defects_only_and_never_resends_results() {
+    let (dir, bank, topic, metrics) = rig("nodefects");
+    create_topic(&brokers(), &topic);
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.kafka.create_topics = false;
+    c.kafka.message_timeout_ms = 1500;
+    c.cameras.push(synthetic_camera("cam", 4, 10, 0.0, 0.6));
+    let mut d = Daemon::start(&write_config(dir.path(), &c), &[], &metrics);
+    let results = consume_until(&brokers(), &topic, Duration::from_secs(120), |r| r.len() >= 10).unwrap();
+    let anomalous = results.iter().filter(|r| r.event.anomalous).count();
+    assert!(anomalous > 0, "the line makes defects");
+    // Several retry rounds of the defects later, the results topic still has each event once.
+    let waiting = wait_for(Duration::from_secs(60), || {
+        metric(&d.scrape(), "kensa_publish_errors_total", &[("topic", &format!("{topic}.defects"))]).unwrap_or(0.0)
+            >= 2.0 * anomalous as f64
+    });
+    assert!(waiting, "{}\n{}", d.scrape(), d.log_text());
+    let again = consume_until(&brokers(), &topic, Duration::from_secs(5), |_| false).unwrap();
+    assert_eq!(again.len(), 10, "results are never re-sent while the defects wait");
+    assert_eq!(metric(&d.scrape(), "kensa_outbox_events", &[]), Some(anomalous as f64), "the defects backlog waits");
+    // The defects topic appears: the backlog drains.
+    create_topic(&brokers(), &format!("{topic}.defects"));
+    let defects =
+        consume_until(&brokers(), &format!("{topic}.defects"), Duration::from_secs(120), |r| r.len() >= anomalous)
+            .unwrap();
+    let ids: BTreeSet<String> = defects.iter().map(|r| r.event.event_id.clone()).collect();
+    assert_eq!(ids.len(), anomalous);
+    assert_eq!(d.terminate(Duration::from_secs(60)), Some(0), "{}", d.log_text());
+}
+
+/// Creates a topic of three partitions on a broker.
+fn create_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
+    let r = rt.block_on(admin.create_topics([&new], &AdminOptions::new())).unwrap();
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+}

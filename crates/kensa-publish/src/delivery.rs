@@ -198,10 +198,13 @@ async fn deliver(
 ) {
     let mut backoff = Duration::from_millis(200);
     let mut attempt = 0u32;
+    // Acknowledgement is per destination: a topic that has the record is not sent it again
+    // (a missing defects topic never re-sends results).
+    let mut topics = rec.topics.clone();
     loop {
         attempt += 1;
         let res = tokio::select! {
-            r = p.send(&rec) => r,
+            r = p.send(&rec, &mut topics) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         match res {

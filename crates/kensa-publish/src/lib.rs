@@ -213,22 +213,28 @@ impl Publisher {
         })
     }
 
-    /// Sends one spooled record to each of its topics and waits for the acknowledgements.
-    pub async fn send(&self, rec: &outbox::SpoolRecord) -> Result<(), SendError> {
+    /// Sends one spooled record to each of `topics` (those of its topics not yet acknowledged)
+    /// and waits for the acknowledgements; each topic that acknowledges is removed from
+    /// `topics`, so a retry never re-sends to a topic that already has the record.
+    pub async fn send(&self, rec: &outbox::SpoolRecord, topics: &mut Vec<String>) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(rec.header_names.len());
         for (k, v) in rec.header_names.iter().zip(&rec.header_values) {
             headers = headers.insert(Header { key: k, value: Some(v) });
         }
         let (generation, producer) = self.current();
-        let sends = rec.topics.iter().map(|topic| {
+        let sends = topics.iter().map(|topic| {
             let r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers.clone());
             let producer = &producer;
-            async move { (topic, producer.send(r, Timeout::After(self.timeout)).await) }
+            async move { (topic.clone(), producer.send(r, Timeout::After(self.timeout)).await) }
         });
+        let results = futures_join_all(sends).await;
         let mut first_err = None;
-        for (topic, res) in futures_join_all(sends).await {
+        for (topic, res) in results {
             match res {
-                Ok(_) => metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.clone()).increment(1),
+                Ok(_) => {
+                    metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.clone()).increment(1);
+                    topics.retain(|t| *t != topic);
+                }
                 Err((e, _)) => {
                     let code = e.rdkafka_error_code();
                     let reason = failure_of(code);
@@ -257,7 +263,6 @@ impl Publisher {
                 err.fatal = false;
             }
         }
-        // A topic that already acknowledged gets the record again on retry; consumers dedupe.
         first_err.map_or(Ok(()), Err)
     }
 
