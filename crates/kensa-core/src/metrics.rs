@@ -25,6 +25,7 @@ pub const OUTBOX_PENDING: &str = "kensa_outbox_events";
 pub const OUTBOX_APPENDED: &str = "kensa_outbox_appended_total";
 pub const OUTBOX_DROPPED: &str = "kensa_outbox_dropped_total";
 pub const EVENTS_REJECTED: &str = "kensa_events_rejected_total";
+pub const OUTBOX_OLDEST: &str = "kensa_outbox_oldest_event_seconds";
 pub const OUTBOX_DISCARDED: &str = "kensa_outbox_discarded_total";
 pub const OUTBOX_WRITE_ERRORS: &str = "kensa_outbox_write_errors_total";
 pub const MODEL_INFO: &str = "kensa_model_info";

@@ -72,8 +72,7 @@ fn with_metadata(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let mut meta: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["kensa"]).unwrap();
     edit(&mut meta);
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        st.tensors().into_iter().map(|(n, v)| (n, v)).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().collect();
     let info = std::collections::HashMap::from([("kensa".to_string(), meta.to_string())]);
     safetensors::serialize(views, Some(info)).unwrap()
 }

@@ -55,6 +55,7 @@ const MAX_INFLIGHT: u32 = 512;
 fn gauges(ob: &Outbox) {
     metrics::gauge!(OUTBOX_BYTES).set(ob.usage() as f64);
     metrics::gauge!(OUTBOX_PENDING).set(ob.pending() as f64);
+    metrics::gauge!(m::OUTBOX_OLDEST).set(ob.oldest_pending_age_s());
 }
 
 /// Runs delivery until `scored` closes and everything is acknowledged or `drain` has passed.

@@ -154,6 +154,17 @@ impl Outbox {
         self.segments.values().map(|s| s.outstanding as u64).sum()
     }
 
+    /// Age in seconds of the oldest segment holding an unacknowledged record (segments are
+    /// named by their creation time in microseconds): how long the backlog has been waiting,
+    /// to within one segment. 0 when nothing waits.
+    pub fn oldest_pending_age_s(&self) -> f64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        self.segments
+            .iter()
+            .find(|(_, s)| s.outstanding > 0)
+            .map_or(0.0, |(&n, _)| now.saturating_sub(u128::from(n)) as f64 / 1e6)
+    }
+
     fn next_segment_id(&self) -> u64 {
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);

@@ -64,7 +64,10 @@ fn build_recorder() -> Result<PrometheusHandle, TelemetryError> {
         };
         if name.ends_with("_total") {
             metrics::describe_counter!(*name, unit, *desc);
-        } else if name.ends_with("_seconds") || *name == m::BATCH_SIZE || *name == m::IMAGE_SCORE {
+        } else if (name.ends_with("_seconds") && *name != m::OUTBOX_OLDEST)
+            || *name == m::BATCH_SIZE
+            || *name == m::IMAGE_SCORE
+        {
             metrics::describe_histogram!(*name, unit, *desc);
         } else {
             metrics::describe_gauge!(*name, unit, *desc);
