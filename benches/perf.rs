@@ -14,6 +14,7 @@
 //! KENSA_BACKBONE_BF16 (adds a bf16 row to the baseline table when the file exists).
 //! Images: ../shared/data/mvtec-bottle when present, synthetic discs otherwise.
 
+use kensa_core::config::{FullPolicy, SourceConfig};
 use kensa_model::backbone::{images_to_batch, Backbone};
 use kensa_model::bank::Bank;
 use kensa_model::engine::{to_map, Engine};
@@ -77,7 +78,7 @@ fn data() -> Data {
             eprintln!("perf: ../shared is absent; using synthetic discs (kensa synth)");
             let t = TempDir::new("perf-data");
             let out = t.path().join("disc");
-            kensa_ok(&["synth", "--out", out.to_str().unwrap(), "--count", "60", "--train", "16", "--seed", "5"]);
+            synth(&out, &["--count", "60", "--train", "16", "--seed", "5"]);
             (out, Some(t))
         }
     };
@@ -233,7 +234,7 @@ fn enroll_one(d: &Data, dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&refs).unwrap();
     std::os::unix::fs::symlink(&d.train[0], refs.join(d.train[0].file_name().unwrap())).unwrap();
     let bank = dir.join("bank.kbank");
-    kensa_ok(&["enroll", "--product", "bench", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    enroll("bench", &refs, &bank, &[]);
     bank
 }
 
@@ -382,23 +383,23 @@ fn sum_metric(text: &str, name: &str) -> f64 {
 
 /// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
 /// otherwise all in step (a common hardware trigger).
-fn run_phase(cams: usize, fps: f64, policy: &str, batch: usize, spread: bool, bank: &Path, secs: f64) -> Phase {
+fn run_phase(cams: usize, fps: f64, policy: FullPolicy, batch: usize, spread: bool, bank: &Path, secs: f64) -> Phase {
     let (broker, dir, _, topic, metrics_addr) = own_broker_rig("perf");
-    let cameras: String = (0..cams)
-        .map(|i| {
-            format!(
-                "[[cameras]]\nid = \"cam{i}\"\nproduct = \"disc\"\npolicy = \"{policy}\"\nsource = {{ kind = \"synthetic\", seed = {i}, fps = {fps}, defect_rate = 0.1, phase = {} }}\n",
-                if spread { i as f64 / cams as f64 } else { 0.0 }
-            )
-        })
-        .collect();
-    let cfg = config(dir.path(), bank, &topic, &broker.addr(), &metrics_addr, &cameras);
-    let threads = env_str("KENSA_PERF_MODEL_THREADS", "0");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_size = 4", &format!("max_size = {batch}")).replace(
-        "device = \"cpu\"",
-        &format!("device = \"{}\"\nthreads = {threads}", env_str("KENSA_PERF_DEVICE", "cpu")),
-    );
-    std::fs::write(&cfg, text).unwrap();
+    let mut c = base_config(bank, &topic, &broker.addr(), &metrics_addr);
+    c.model.device = env_str("KENSA_PERF_DEVICE", "cpu").parse().unwrap_or_else(|e| panic!("KENSA_PERF_DEVICE: {e}"));
+    c.model.threads =
+        env_str("KENSA_PERF_MODEL_THREADS", "0").parse().unwrap_or_else(|e| panic!("KENSA_PERF_MODEL_THREADS: {e}"));
+    c.batch.max_size = batch;
+    for i in 0..cams {
+        let phase = if spread { i as f64 / cams as f64 } else { 0.0 };
+        let mut cam = camera(
+            &format!("cam{i}"),
+            SourceConfig::Synthetic { seed: i as u64, count: 0, fps, defect_rate: 0.1, phase },
+        );
+        cam.policy = Some(policy);
+        c.cameras.push(cam);
+    }
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     // Warm up: wait for frames to flow, then 3 s more.
     wait_for(Duration::from_secs(60), || metric(&d.scrape(), "kensa_events_published_total", &[]).unwrap_or(0.0) > 0.0);
@@ -455,7 +456,7 @@ fn model_step(frames: &Path, bank: &Path, device: Device) -> (f64, f64) {
 fn score_fps(bank: &Path) -> f64 {
     let tmp = TempDir::new("perf-score");
     let data = tmp.path().join("line");
-    kensa_ok(&["synth", "--out", data.to_str().unwrap(), "--count", "200", "--train", "0", "--seed", "3"]);
+    synth(&data, &["--count", "200", "--train", "0", "--seed", "3"]);
     let o = kensa(&[
         "score",
         "--bank",
@@ -508,7 +509,7 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
     let mut cap16 = 0.0;
     let mut busy16 = 0.0;
     for &n in &counts {
-        let cap = run_phase(n, 0.0, "block", 8, false, bank, secs);
+        let cap = run_phase(n, 0.0, FullPolicy::Block, 8, false, bank, secs);
         let row = |name: &str, p: &Phase| {
             println!(
                 "{n:>5} {name:<9} {:>7.1} {:>7} {:>7.1} {:>7.1} {:>12.1} {:>6.2} {:>9.0}% {:>8.0} {:>13.2} {:>14.2}",
@@ -530,7 +531,7 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
             busy16 = cap.model_busy;
         }
         let per_cam = (cap.fps * 0.5 / n as f64 * 10.0).round() / 10.0;
-        let moderate = run_phase(n, per_cam.max(0.1), "drop", moderate_batch, true, bank, secs);
+        let moderate = run_phase(n, per_cam.max(0.1), FullPolicy::Drop, moderate_batch, true, bank, secs);
         row("moderate", &moderate);
         println!(
             "{:>15} p99 / batch-1 model step ({model_b1_ms:.1} ms, alone) = {:.2}",
@@ -538,7 +539,7 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
             moderate.p99_ms / model_b1_ms
         );
         if n > 1 {
-            let triggered = run_phase(n, per_cam.max(0.1), "drop", moderate_batch, false, bank, secs);
+            let triggered = run_phase(n, per_cam.max(0.1), FullPolicy::Drop, moderate_batch, false, bank, secs);
             row("triggered", &triggered);
         }
     }
@@ -576,19 +577,8 @@ fn main() {
     }
     if sections.contains("pipeline") {
         let tmp = TempDir::new("perf-bank");
-        let line = tmp.path().join("refs");
-        kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", "16", "--seed", "99"]);
-        let bank = tmp.path().join("disc.kbank");
-        kensa_ok(&[
-            "enroll",
-            "--product",
-            "disc",
-            "--images",
-            line.join("train/good").to_str().unwrap(),
-            "--out",
-            bank.to_str().unwrap(),
-        ]);
-        let (model_b1_ms, model_b8) = model_step(&line.join("train/good"), &bank, device);
+        let bank = synthetic_bank_of(tmp.path(), "disc", 16);
+        let (model_b1_ms, model_b8) = model_step(&tmp.path().join("refs/train/good"), &bank, device);
         pipeline(model_b1_ms, model_b8, &bank);
     }
 }

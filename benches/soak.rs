@@ -9,6 +9,7 @@
 //! Environment: KENSA_SOAK_SECONDS (1800), KENSA_SOAK_CAMERAS (8), KENSA_SOAK_FPS (3 per camera),
 //! KENSA_SOAK_INTERVAL (60 s between samples), KENSA_SOAK_REFS (references in the bank, 4).
 
+use kensa_core::config::FullPolicy;
 use kensa_tests::*;
 use std::time::{Duration, Instant};
 
@@ -42,14 +43,13 @@ fn main() {
     let refs = env("KENSA_SOAK_REFS", 4.0) as usize;
     let (broker, dir, bank, topic, metrics_addr) = own_broker_rig("soak");
     let bank = if refs == 4 { bank } else { synthetic_bank_of(&dir.path().join(format!("bank{refs}")), "disc", refs) };
-    let cams: String = (0..cameras)
-        .map(|i| {
-            format!(
-                "[[cameras]]\nid = \"cam{i}\"\nproduct = \"disc\"\npolicy = \"drop\"\nsource = {{ kind = \"synthetic\", seed = {i}, fps = {fps}, defect_rate = 0.1 }}\n"
-            )
-        })
-        .collect();
-    let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics_addr, &cams);
+    let mut c = base_config(&bank, &topic, &broker.addr(), &metrics_addr);
+    for i in 0..cameras {
+        let mut cam = synthetic_camera(&format!("cam{i}"), i as u64, 0, fps, 0.1);
+        cam.policy = Some(FullPolicy::Drop);
+        c.cameras.push(cam);
+    }
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics_addr);
     let pid = d.child.id();
     println!(

@@ -1,29 +1,22 @@
 //! `kensa_daemon::run` in-process: a synthetic camera, the real broker, and a shutdown future
 //! injected by the test, fired while a batch is still being formed.
 
-use kensa_core::config::{CameraConfig, Device, KensaConfig, ProductConfig, SourceConfig};
+use kensa_core::config::KensaConfig;
 use kensa_daemon::RunOptions;
 use kensa_tests::*;
 use std::time::{Duration, Instant};
 
-/// A config for one synthetic camera of product `disc`, built as a value.
-fn config(dir: &std::path::Path, bank: std::path::PathBuf, topic: &str, fps: f64) -> KensaConfig {
-    let mut cfg = KensaConfig::default();
-    cfg.model.device = Device::Cpu;
+/// A config for one endless synthetic camera of product `disc`, built as a value.
+fn config(dir: &std::path::Path, bank: &std::path::Path, topic: &str, fps: f64) -> KensaConfig {
+    let mut cfg = base_config(bank, topic, &brokers(), &local_addr());
     cfg.model.bank_poll_s = 0;
     // A batch waits up to 60 s for 8 frames: at 4 fps, a shutdown always finds one half-formed.
     cfg.batch.max_size = 8;
     cfg.batch.max_wait_ms = 60_000;
-    cfg.kafka.brokers = brokers();
-    cfg.kafka.topic = topic.to_string();
-    cfg.kafka.defects_topic = format!("{topic}.defects");
-    cfg.telemetry.listen = format!("127.0.0.1:{}", free_port());
+    // Start-up gives up on the brokers after the default 30 s, not the tests' usual 10 s.
+    cfg.kafka.connect_timeout_s = 30;
     cfg.outbox.dir = dir.join("outbox");
-    cfg.products.insert("disc".into(), ProductConfig { bank, judge: None });
-    let mut cam = CameraConfig::for_tests("cam-in");
-    cam.product = "disc".into();
-    cam.source = SourceConfig::Synthetic { seed: 3, count: 0, fps, defect_rate: 0.3, phase: 0.0 };
-    cfg.cameras.push(cam);
+    cfg.cameras.push(synthetic_camera("cam-in", 3, 0, fps, 0.3));
     cfg
 }
 
@@ -31,8 +24,8 @@ fn config(dir: &std::path::Path, bank: std::path::PathBuf, topic: &str, fps: f64
 fn runs_in_process_and_drains_a_half_formed_batch_on_shutdown() {
     let dir = TempDir::new("inproc");
     let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("inproc-{}", unique());
-    let cfg = config(dir.path(), bank, &topic, 4.0);
+    let topic = unique_topic("inproc");
+    let cfg = config(dir.path(), &bank, &topic, 4.0);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let broker_addr = brokers();

@@ -1,28 +1,28 @@
 //! The Kafka event contract and no-loss delivery, against real tansu brokers.
 
+use kensa_core::config::{CameraConfig, StoreWhich};
 use kensa_tests::*;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-fn synthetic(id: &str, count: u64, fps: f64, extra: &str) -> String {
-    format!(
-        "[[cameras]]\nid = \"{id}\"\nproduct = \"disc\"\n{extra}\nsource = {{ kind = \"synthetic\", seed = 5, count = {count}, fps = {fps}, defect_rate = 0.4 }}\n"
-    )
+/// The delivery tests' synthetic camera: seed 5, 40 % defects.
+fn synthetic(id: &str, count: u64, fps: f64) -> CameraConfig {
+    synthetic_camera(id, 5, count, fps, 0.4)
 }
 
 #[test]
 fn every_field_of_the_contract() {
-    let dir = TempDir::new("contract");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("contract-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let store = dir.path().join("store");
-    let extra = format!(
-        "[publish]\nmask_max_side = 64\nstore_dir = \"{}\"\nstore = \"all\"\nschema_registry_id = 7\n",
-        store.display()
-    );
-    let cams = synthetic("cam-a", 8, 0.0, "line = \"L2\"\nstation = \"S7\"");
-    let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, &extra, &cams);
+    let (dir, bank, topic, metrics) = rig("contract");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.publish.mask_max_side = 64;
+    c.publish.store_dir = Some(dir.path().join("store"));
+    c.publish.store = StoreWhich::All;
+    c.publish.schema_registry_id = Some(7);
+    let mut cam = synthetic("cam-a", 8, 0.0);
+    cam.line = "L2".into();
+    cam.station = "S7".into();
+    c.cameras.push(cam);
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let got = consume_until(&brokers(), &topic, Duration::from_secs(120), |r| r.len() >= 8).unwrap();
     assert_eq!(got.len(), 8, "log:\n{}", d.log_text());
@@ -84,7 +84,9 @@ fn every_field_of_the_contract() {
 fn broker_outage_mid_run_loses_nothing() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("outage");
     let n = 40;
-    let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &synthetic("cam", n, 8.0, ""));
+    let mut c = base_config(&bank, &topic, &broker.addr(), &metrics);
+    c.cameras.push(synthetic("cam", n, 8.0));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     // Let some events through, then pull the broker for a few seconds.
     consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 5).unwrap();
@@ -106,7 +108,9 @@ fn broker_outage_mid_run_loses_nothing() {
 #[test]
 fn kill_9_then_restart_resends_what_was_spooled() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("crash");
-    let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &synthetic("cam", 0, 8.0, ""));
+    let mut c = base_config(&bank, &topic, &broker.addr(), &metrics);
+    c.cameras.push(synthetic("cam", 0, 8.0));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let first = consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
     let run1 = first[0].event.event_id.split('/').nth(1).unwrap().to_string();
@@ -150,32 +154,17 @@ fn kill_9_then_restart_resends_what_was_spooled() {
 
 #[test]
 fn oversized_events_and_an_unknown_topic_are_clear_errors_without_loss_or_crash() {
-    let dir = TempDir::new("oversize");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("size-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (dir, bank, topic, metrics) = rig("oversize");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.kafka.max_message_bytes = 1400;
+    c.kafka.properties.insert("message.max.bytes".into(), "1500".into());
     // Small frames fit in the limit; 1024x1024 frames with their mask and regions do not.
-    let cams = r#"
-[[cameras]]
-id = "small"
-product = "disc"
-width = 32
-height = 32
-source = { kind = "synthetic", seed = 5, count = 4, defect_rate = 0.4 }
-
-[[cameras]]
-id = "big"
-product = "disc"
-width = 1024
-height = 1024
-source = { kind = "synthetic", seed = 5, count = 3, defect_rate = 0.4 }
-"#;
-    let extra = "[kafka.properties]\n\"message.max.bytes\" = \"1500\"\n";
-    let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, extra, cams);
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("connect_timeout_s = 10", "connect_timeout_s = 10\nmax_message_bytes = 1400");
-    std::fs::write(&cfg, text).unwrap();
+    for (id, side, count) in [("small", 32, 4), ("big", 1024, 3)] {
+        let mut cam = synthetic(id, count, 0.0);
+        (cam.width, cam.height) = (side, side);
+        c.cameras.push(cam);
+    }
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let got = consume(&brokers(), &topic, 4, Duration::from_secs(120)).unwrap();
     assert_eq!(got.iter().filter(|(k, _)| k == "small").count(), 4, "log:\n{}", d.log_text());
@@ -198,13 +187,13 @@ source = { kind = "synthetic", seed = 5, count = 3, defect_rate = 0.4 }
 
     // Unknown topic, not created: errors are counted, events stay spooled, Kensa keeps running.
     let dir2 = TempDir::new("unknown-topic");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let topic = format!("never-created-{}", unique());
-    let cfg = config_with(dir2.path(), &bank, &topic, &brokers(), &metrics, "", &synthetic("c", 3, 0.0, ""));
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("connect_timeout_s = 10", "connect_timeout_s = 10\ncreate_topics = false\nmessage_timeout_ms = 3000");
-    std::fs::write(&cfg, text).unwrap();
+    let metrics = local_addr();
+    let topic = unique_topic("never-created");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.kafka.create_topics = false;
+    c.kafka.message_timeout_ms = 3000;
+    c.cameras.push(synthetic("c", 3, 0.0));
+    let cfg = write_config(dir2.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let t0 = std::time::Instant::now();
     let errors = loop {
@@ -238,19 +227,11 @@ fn python_consumer_example_round_trip() {
         eprintln!("SKIP python_consumer_example_round_trip: {} lacks confluent-kafka/protobuf (scripts/setup.sh installs them)", py.display());
         return;
     }
-    let dir = TempDir::new("pyconsumer");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("py-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cfg = config_with(
-        dir.path(),
-        &bank,
-        &topic,
-        &brokers(),
-        &metrics,
-        "[publish]\nschema_registry_id = 3\n",
-        &synthetic("cam", 6, 0.0, ""),
-    );
+    let (dir, bank, topic, metrics) = rig("pyconsumer");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.publish.schema_registry_id = Some(3);
+    c.cameras.push(synthetic("cam", 6, 0.0));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &["--exit-when-done"], &metrics);
     assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "log:\n{}", d.log_text());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/consumers/python/consume.py");

@@ -7,23 +7,15 @@ use std::time::Duration;
 
 #[test]
 fn synthetic_camera_to_kafka_end_to_end() {
-    let dir = TempDir::new("e2e");
-    let bank = synthetic_bank(dir.path(), "disc");
+    let (dir, bank, topic, metrics) = rig("e2e");
     let (n, seed, rate) = (24u64, 5u64, 0.35);
     let line = kensa_synth::Line::new(seed, rate, 256, 256);
     let defective: BTreeSet<u64> = (0..n).filter(|&i| line.defect_of(i).is_some()).collect();
     assert!(defective.len() >= 4 && defective.len() < n as usize, "seed gives a useful mix: {defective:?}");
 
-    let topic = format!("e2e-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cams = format!(
-        r#"[[cameras]]
-id = "line-1"
-product = "disc"
-source = {{ kind = "synthetic", seed = {seed}, count = {n}, defect_rate = {rate} }}
-"#
-    );
-    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.cameras.push(synthetic_camera("line-1", seed, n, 0.0, rate));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
 
     let events = consume(&brokers(), &topic, n as usize, Duration::from_secs(180)).unwrap();
@@ -94,8 +86,7 @@ source = {{ kind = "synthetic", seed = {seed}, count = {n}, defect_rate = {rate}
 
 #[test]
 fn folder_and_video_cameras_deliver_every_frame_and_a_bad_camera_stops_alone() {
-    let dir = TempDir::new("sources");
-    let bank = synthetic_bank(dir.path(), "disc");
+    let (dir, bank, topic, metrics) = rig("sources");
     // An image folder: 6 good images and one corrupt file.
     let folder = dir.path().join("folder");
     std::fs::create_dir_all(&folder).unwrap();
@@ -114,32 +105,13 @@ fn folder_and_video_cameras_deliver_every_frame_and_a_bad_camera_stops_alone() {
         .expect("gst-launch-1.0 (gstreamer1.0-tools) is installed by scripts/setup.sh");
     assert!(st.success());
 
-    let topic = format!("src-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cams = format!(
-        r#"
-[[cameras]]
-id = "folder"
-product = "disc"
-source = {{ kind = "image_folder", path = "{folder}" }}
-
-[[cameras]]
-id = "video"
-product = "disc"
-width = 160
-height = 120
-source = {{ kind = "video_file", path = "{video}" }}
-
-[[cameras]]
-id = "broken"
-product = "disc"
-source = {{ kind = "video_file", path = "{missing}" }}
-"#,
-        folder = folder.display(),
-        video = video.display(),
-        missing = dir.path().join("no-such-file.avi").display()
-    );
-    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.cameras.push(folder_camera("folder", &folder));
+    let mut cam = video_camera("video", &video);
+    (cam.width, cam.height) = (160, 120);
+    c.cameras.push(cam);
+    c.cameras.push(video_camera("broken", &dir.path().join("no-such-file.avi")));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let events = consume(&brokers(), &topic, 21, Duration::from_secs(180)).unwrap();
     let count = |cam: &str| events.iter().filter(|(k, _)| k == cam).count();
@@ -172,12 +144,12 @@ source = {{ kind = "video_file", path = "{missing}" }}
 fn unreachable_broker_is_a_clear_error_not_a_hang() {
     let dir = TempDir::new("nobroker");
     let bank = synthetic_bank(dir.path(), "disc");
-    let dead = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", count = 3 }\n";
-    let cfg = config(dir.path(), &bank, "t", &dead, &metrics, cams);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("connect_timeout_s = 10", "connect_timeout_s = 3");
-    std::fs::write(&cfg, text).unwrap();
+    let dead = local_addr();
+    let metrics = local_addr();
+    let mut c = base_config(&bank, "t", &dead, &metrics);
+    c.kafka.connect_timeout_s = 3;
+    c.cameras.push(synthetic_camera("c", 0, 3, 0.0, 0.2));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let code = d.wait(Duration::from_secs(60));
     let log = d.log_text();
@@ -189,17 +161,19 @@ fn unreachable_broker_is_a_clear_error_not_a_hang() {
 #[test]
 fn bad_config_and_missing_bank_are_named() {
     let dir = TempDir::new("badcfg");
-    let metrics = format!("127.0.0.1:{}", free_port());
     let missing = dir.path().join("nowhere/disc.kbank");
-    let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", count = 3 }\n";
-    let cfg = config(dir.path(), &missing, "t", "127.0.0.1:1", &metrics, cams);
+    let mut c = base_config(&missing, "t", "127.0.0.1:1", &local_addr());
+    c.cameras.push(synthetic_camera("c", 0, 3, 0.0, 0.2));
+    let cfg = write_config(dir.path(), &c);
     let out = kensa(&["run", "--config", cfg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("products.disc.bank") && err.contains(missing.to_str().unwrap()), "{err}");
 
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("[batch]", "[batch]\nmax_sise = 3");
-    std::fs::write(&cfg, text).unwrap();
+    // A misspelt key, written by hand into the config's [batch] table.
+    let mut table = toml::Table::try_from(&c).unwrap();
+    table["batch"].as_table_mut().unwrap().insert("max_sise".into(), 3.into());
+    std::fs::write(&cfg, toml::to_string(&table).unwrap()).unwrap();
     let out = kensa(&["run", "--config", cfg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -4,41 +4,17 @@
 use kensa_tests::*;
 
 fn eval_json(data: &std::path::Path, shots: &str, runs: &str, dir: &std::path::Path) -> serde_json::Value {
-    let json = dir.join("eval.json");
-    let out = kensa_ok(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--shots",
-        shots,
-        "--runs",
-        runs,
-        "--json",
-        json.to_str().unwrap(),
-        "--by-type",
-    ]);
+    let (out, j) = kensa_eval(data, &dir.join("eval.json"), &["--shots", shots, "--runs", runs, "--by-type"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("img_AUROC") && table.contains("PRO") && table.contains("defect type"), "{table}");
-    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    j
 }
 
 #[test]
 fn eval_on_a_synthetic_line() {
     let dir = TempDir::new("eval-synth");
     let data = dir.path().join("disc");
-    kensa_ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--count",
-        "24",
-        "--train",
-        "8",
-        "--defect-rate",
-        "0.5",
-        "--seed",
-        "8",
-    ]);
+    synth(&data, &["--count", "24", "--train", "8", "--defect-rate", "0.5", "--seed", "8"]);
     let j = eval_json(&data, "1,2", "3", dir.path());
     assert_eq!(j["runs"].as_array().unwrap().len(), 6, "2 shot counts x 3 runs");
     let runs = j["runs"].as_array().unwrap();
@@ -89,32 +65,10 @@ fn eval_mvtec_bottle_one_shot_reaches_the_target() {
 fn report_and_overlays() {
     let dir = TempDir::new("eval-report");
     let data = dir.path().join("disc");
-    kensa_ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--count",
-        "16",
-        "--train",
-        "4",
-        "--defect-rate",
-        "0.5",
-        "--seed",
-        "3",
-    ]);
+    synth(&data, &["--count", "16", "--train", "4", "--defect-rate", "0.5", "--seed", "3"]);
     let rep = dir.path().join("report");
-    let json = dir.path().join("eval.json");
-    kensa_ok(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--shots",
-        "1,2",
-        "--report",
-        rep.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (_, runs) =
+        kensa_eval(&data, &dir.path().join("eval.json"), &["--shots", "1,2", "--report", rep.to_str().unwrap()]);
     let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
     assert!(html.contains("<table") && html.contains("disc"), "no table");
     assert_eq!(html.matches("<svg").count(), 2, "one ROC curve per shot count");
@@ -123,7 +77,6 @@ fn report_and_overlays() {
 
     // Each panel's caption compares the image's score with the calibrated image decision of
     // its section's (first) run, and says "worst" exactly where that decision was wrong.
-    let runs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let decisions: Vec<String> = runs["runs"]
         .as_array()
         .unwrap()
@@ -148,15 +101,7 @@ fn report_and_overlays() {
 
     // Overlays: a defective image's overlay is reddest inside its ground-truth mask.
     let bank = dir.path().join("disc.kbank");
-    kensa_ok(&[
-        "enroll",
-        "--product",
-        "disc",
-        "--images",
-        data.join("train/good").to_str().unwrap(),
-        "--out",
-        bank.to_str().unwrap(),
-    ]);
+    enroll("disc", &data.join("train/good"), &bank, &[]);
     let kind = std::fs::read_dir(data.join("test"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -51,14 +51,13 @@ fn rtsp_camera_reconnects_when_its_server_restarts() {
     }
     let port = free_port();
     let server = RtspServer::start(port).expect("RTSP server starts");
-    let dir = TempDir::new("rtsp");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("rtsp-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cams = format!(
-        "[[cameras]]\nid = \"ipcam\"\nproduct = \"disc\"\nwidth = 160\nheight = 120\nreconnect_initial_ms = 300\nreconnect_max_s = 2\nsource = {{ kind = \"rtsp\", url = \"rtsp://127.0.0.1:{port}/line\", latency_ms = 50 }}\n"
-    );
-    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let (dir, bank, topic, metrics) = rig("rtsp");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    let mut cam = rtsp_camera("ipcam", &format!("rtsp://127.0.0.1:{port}/line"), 50);
+    (cam.width, cam.height) = (160, 120);
+    (cam.reconnect_initial_ms, cam.reconnect_max_s) = (300, 2);
+    c.cameras.push(cam);
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let first = consume_until(&brokers(), &topic, Duration::from_secs(90), |r| r.len() >= 10).unwrap();
     assert!(first.len() >= 10, "log:\n{}", d.log_text());
@@ -98,15 +97,15 @@ fn rtsp_camera_reconnects_when_its_server_restarts() {
 
 #[test]
 fn a_live_camera_that_never_answers_is_reported_failed_and_retried_slowly() {
-    let dir = TempDir::new("deadcam");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("dead-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let (dir, bank, topic, metrics) = rig("deadcam");
     let dead = free_port();
-    let cams = format!(
-        "[[cameras]]\nid = \"ghost\"\nproduct = \"disc\"\nreconnect_initial_ms = 100\nreconnect_max_s = 1\nreconnect_fail_after = 3\nsource = {{ kind = \"rtsp\", url = \"rtsp://127.0.0.1:{dead}/none\" }}\n\n[[cameras]]\nid = \"ok\"\nproduct = \"disc\"\nsource = {{ kind = \"synthetic\", count = 5 }}\n"
-    );
-    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    // 200 ms: the loader's default latency.
+    let mut ghost = rtsp_camera("ghost", &format!("rtsp://127.0.0.1:{dead}/none"), 200);
+    (ghost.reconnect_initial_ms, ghost.reconnect_max_s, ghost.reconnect_fail_after) = (100, 1, 3);
+    c.cameras.push(ghost);
+    c.cameras.push(synthetic_camera("ok", 0, 5, 0.0, 0.2));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     // The other camera is unaffected.
     let got = consume(&brokers(), &topic, 5, Duration::from_secs(90)).unwrap();
@@ -130,8 +129,9 @@ fn a_live_camera_that_never_answers_is_reported_failed_and_retried_slowly() {
 #[test]
 fn second_sigterm_forces_exit_and_keeps_the_outbox() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("sig");
-    let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
-    let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, cams);
+    let mut c = base_config(&bank, &topic, &broker.addr(), &metrics);
+    c.cameras.push(synthetic_camera("c", 0, 0, 10.0, 0.2));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &["--shutdown-deadline-s", "60"], &metrics);
     consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
     broker.down(); // now the drain would wait for acknowledgements
@@ -205,12 +205,10 @@ fn gige_template_streams_from_aravis_fake_camera() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let dir = TempDir::new("gige");
-    let bank = synthetic_bank(dir.path(), "disc");
-    let topic = format!("gige-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cams = "[[cameras]]\nid = \"gige\"\nproduct = \"disc\"\nsource = { kind = \"gige\", camera = \"127.0.0.1\" }\n";
-    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, cams);
+    let (dir, bank, topic, metrics) = rig("gige");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.cameras.push(gige_camera("gige", "127.0.0.1"));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let got = consume(&brokers(), &topic, 10, Duration::from_secs(90)).unwrap();
     let _ = fake.kill();
@@ -226,10 +224,11 @@ fn gige_template_streams_from_aravis_fake_camera() {
 #[test]
 fn shutdown_deadline_forces_exit() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("deadline");
-    let cams = "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", fps = 10 }\n";
     // The drain would wait a minute for the broker; the deadline is 3 s.
-    let cfg =
-        config_with(dir.path(), &bank, &topic, &broker.addr(), &metrics, "[publish]\ndrain_timeout_s = 60\n", cams);
+    let mut c = base_config(&bank, &topic, &broker.addr(), &metrics);
+    c.publish.drain_timeout_s = 60;
+    c.cameras.push(synthetic_camera("c", 0, 0, 10.0, 0.2));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &["--shutdown-deadline-s", "3"], &metrics);
     consume_until(&broker.addr(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
     broker.down();

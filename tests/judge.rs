@@ -1,5 +1,6 @@
 //! `kensa train-judge` with the real stories260K LM (../shared/models) on synthetic discs.
 
+use kensa_core::config::JudgeMode;
 use kensa_tests::*;
 
 #[test]
@@ -31,8 +32,7 @@ fn train_judge_learns_synthetic_anomalies() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(out.is_file());
-    let side: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{}.json", out.display())).unwrap()).unwrap();
+    let side = read_json(std::path::Path::new(&format!("{}.json", out.display())));
     let acc = side["held_out_accuracy"].as_f64().unwrap();
     eprintln!("held-out synthetic verdict accuracy {acc:.3}");
     // Half the held-out examples are normal: a judge that did not learn sits near 0.5.
@@ -66,34 +66,11 @@ fn eval_reports_both_judges() {
     let lm = shared.join("models/stories260K/stories260K.bin");
     let dir = TempDir::new("judge-eval");
     let data = dir.path().join("disc");
-    kensa_ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--count",
-        "16",
-        "--train",
-        "2",
-        "--defect-rate",
-        "0.5",
-        "--seed",
-        "6",
-    ]);
-    let json = dir.path().join("e.json");
-    let o = kensa_ok(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--lm",
-        lm.to_str().unwrap(),
-        "--judge-examples",
-        "120",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    synth(&data, &["--count", "16", "--train", "2", "--defect-rate", "0.5", "--seed", "6"]);
+    let (o, j) =
+        kensa_eval(&data, &dir.path().join("e.json"), &["--lm", lm.to_str().unwrap(), "--judge-examples", "120"]);
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("calibrated") && table.contains("language-model") && table.contains("location"), "{table}");
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let judges = j["runs"][0]["judges"].as_array().unwrap();
     assert_eq!(judges.len(), 2);
     for jd in judges {
@@ -135,13 +112,18 @@ fn daemon_runs_both_judges() {
         "--epochs",
         "2",
     ]);
-    for (mode, decider) in [("both", "calibrated"), ("language_model", "language-model")] {
-        let topic = format!("judges-{mode}-{}", unique());
-        let metrics = format!("127.0.0.1:{}", free_port());
+    for (mode, judge_mode, decider) in
+        [("both", JudgeMode::Both, "calibrated"), ("language_model", JudgeMode::LanguageModel, "language-model")]
+    {
+        let topic = unique_topic(&format!("judges-{mode}"));
+        let metrics = local_addr();
         let n = 10;
-        let cams = format!("[[cameras]]\nid = \"c1\"\nproduct = \"disc\"\nsource = {{ kind = \"synthetic\", seed = 5, count = {n}, defect_rate = 0.5 }}\n");
-        let extra = format!("judge = \"{}\"\n\n[judges]\nmode = \"{mode}\"\nbudget_per_s = 1000\n", judge.display());
-        let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, &extra, &cams);
+        let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+        c.products.get_mut("disc").unwrap().judge = Some(judge.clone());
+        c.judges.mode = judge_mode;
+        c.judges.budget_per_s = 1000.0;
+        c.cameras.push(synthetic_camera("c1", 5, n as u64, 0.0, 0.5));
+        let cfg = write_config(dir.path(), &c);
         let mut d = Daemon::start(&cfg, &[], &metrics);
         let events = consume(&brokers(), &topic, n, Duration::from_secs(120)).unwrap();
         assert_eq!(events.len(), n, "log:\n{}", d.log_text());
@@ -159,16 +141,11 @@ fn daemon_runs_both_judges() {
         d.terminate(Duration::from_secs(30));
     }
     // A missing judge file is named by `kensa check`.
-    let extra = "judge = \"/nonexistent/disc.judge.safetensors\"\n\n[judges]\nmode = \"both\"\n";
-    let cfg = config_with(
-        dir.path(),
-        &bank,
-        "t",
-        &brokers(),
-        "127.0.0.1:1",
-        extra,
-        "[[cameras]]\nid = \"c\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\" }\n",
-    );
+    let mut c = base_config(&bank, "t", &brokers(), "127.0.0.1:1");
+    c.products.get_mut("disc").unwrap().judge = Some("/nonexistent/disc.judge.safetensors".into());
+    c.judges.mode = JudgeMode::Both;
+    c.cameras.push(synthetic_camera("c", 0, 0, 0.0, 0.2));
+    let cfg = write_config(dir.path(), &c);
     let o = kensa(&["check", "--config", cfg.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(

@@ -1,6 +1,7 @@
 //! Operations: hot reload and changeover while frames flow, health endpoints, and the deploy
 //! files (dashboard and alert rules query metrics that really exist; manifests parse).
 
+use kensa_core::config::{CameraConfig, ProductConfig};
 use kensa_tests::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,40 +14,25 @@ fn root() -> PathBuf {
 /// A second bank, from other references, so its version differs.
 fn other_bank(dir: &Path, name: &str, seed: &str) -> PathBuf {
     let refs = dir.join(format!("refs-{name}"));
-    kensa_ok(&["synth", "--out", refs.to_str().unwrap(), "--count", "0", "--train", "3", "--seed", seed]);
+    synth(&refs, &["--count", "0", "--train", "3", "--seed", seed]);
     let bank = dir.join(format!("{name}.kbank"));
-    kensa_ok(&[
-        "enroll",
-        "--product",
-        name,
-        "--images",
-        refs.join("train/good").to_str().unwrap(),
-        "--out",
-        bank.to_str().unwrap(),
-    ]);
+    enroll(name, &refs.join("train/good"), &bank, &[]);
     bank
 }
 
-fn endless(id: &str) -> String {
-    format!("[[cameras]]\nid = \"{id}\"\nproduct = \"disc\"\nsource = {{ kind = \"synthetic\", seed = 3, fps = 10, defect_rate = 0.2 }}\n")
+/// A synthetic camera that runs until stopped, at 10 fps.
+fn endless(id: &str) -> CameraConfig {
+    synthetic_camera(id, 3, 0, 10.0, 0.2)
 }
 
 #[test]
 fn bank_swap_while_frames_flow_loses_no_frame_and_a_bad_bank_is_rejected() {
-    let dir = TempDir::new("reload");
-    let bank = synthetic_bank(dir.path(), "disc");
+    let (dir, bank, topic, metrics) = rig("reload");
     let next = other_bank(dir.path(), "next", "7");
-    let topic = format!("reload-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cfg =
-        config_with(dir.path(), &bank, &topic, &brokers(), &metrics, "[model]\nbank_poll_s = 1\n", &endless("cam"))
-            .to_path_buf();
-    // config_with already wrote a [model] table: merge the key into it.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("[model]\nbank_poll_s = 1\n", "")
-        .replace("device = \"cpu\"", "device = \"cpu\"\nbank_poll_s = 1");
-    std::fs::write(&cfg, text).unwrap();
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.model.bank_poll_s = 1;
+    c.cameras.push(endless("cam"));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let before = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.len() >= 5).unwrap();
     let v1 = before[0].event.bank_version.clone();
@@ -87,22 +73,19 @@ fn bank_swap_while_frames_flow_loses_no_frame_and_a_bad_bank_is_rejected() {
 
 #[test]
 fn changeover_by_sighup_and_by_control_topic() {
-    let dir = TempDir::new("changeover");
-    let bank = synthetic_bank(dir.path(), "disc");
+    let (dir, bank, topic, metrics) = rig("changeover");
     let other = other_bank(dir.path(), "gear", "11");
-    let topic = format!("change-{}", unique());
     let control = format!("{topic}.control");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let extra = format!("[products.gear]\nbank = \"{}\"\n", other.display());
-    let cfg = config_with(dir.path(), &bank, &topic, &brokers(), &metrics, &extra, &endless("cam"));
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("connect_timeout_s = 10", &format!("connect_timeout_s = 10\ncontrol_topic = \"{control}\""));
-    std::fs::write(&cfg, &text).unwrap();
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.products.insert("gear".into(), ProductConfig { bank: other, judge: None });
+    c.kafka.control_topic = Some(control.clone());
+    c.cameras.push(endless("cam"));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.len() >= 3).unwrap();
     // SIGHUP after editing the config: the camera now inspects "gear".
-    std::fs::write(&cfg, text.replace("product = \"disc\"\nsource", "product = \"gear\"\nsource")).unwrap();
+    c.cameras[0].product = "gear".into();
+    write_config(dir.path(), &c);
     signal(d.child.id(), "HUP");
     let got = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| {
         r.iter().filter(|x| x.event.product == "gear").count() >= 3
@@ -131,7 +114,9 @@ fn changeover_by_sighup_and_by_control_topic() {
 #[test]
 fn liveness_readiness_follow_the_broker() {
     let (mut broker, dir, bank, topic, metrics) = own_broker_rig("ready");
-    let cfg = config(dir.path(), &bank, &topic, &broker.addr(), &metrics, &endless("cam"));
+    let mut c = base_config(&bank, &topic, &broker.addr(), &metrics);
+    c.cameras.push(endless("cam"));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     assert!(
         wait_for(Duration::from_secs(60), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 200)),
@@ -194,19 +179,14 @@ fn dashboard_and_alerts_query_metrics_that_exist() {
     assert!(wanted.len() >= 12, "{wanted:?}");
     // A real Kensa, with a defect-producing camera, one that fails, and an image folder with a
     // corrupt file, so that every labelled series exists.
-    let dir = TempDir::new("dash");
-    let bank = synthetic_bank(dir.path(), "disc");
+    let (dir, bank, topic, metrics) = rig("dash");
     let folder = dir.path().join("folder");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("bad.png"), b"nope").unwrap();
-    let topic = format!("dash-{}", unique());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let cams = format!(
-        "{}\n[[cameras]]\nid = \"folder\"\nproduct = \"disc\"\nsource = {{ kind = \"image_folder\", path = \"{}\" }}\n",
-        "[[cameras]]\nid = \"cam\"\nproduct = \"disc\"\nsource = { kind = \"synthetic\", seed = 3, count = 12, defect_rate = 0.5 }\n",
-        folder.display()
-    );
-    let cfg = config(dir.path(), &bank, &topic, &brokers(), &metrics, &cams);
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.cameras.push(synthetic_camera("cam", 3, 12, 0.0, 0.5));
+    c.cameras.push(folder_camera("folder", &folder));
+    let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     consume(&brokers(), &topic, 12, Duration::from_secs(120)).unwrap();
     std::thread::sleep(Duration::from_secs(2));

@@ -3,29 +3,11 @@
 use kensa_tests::*;
 use std::path::Path;
 
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
-}
-
 #[test]
 fn score_writes_exact_json_and_a_map_at_image_resolution() {
     let dir = TempDir::new("score");
     let data = dir.path().join("line");
-    kensa_ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--count",
-        "16",
-        "--train",
-        "3",
-        "--defect-rate",
-        "0.5",
-        "--seed",
-        "21",
-        "--size",
-        "192",
-    ]);
+    synth(&data, &["--count", "16", "--train", "3", "--defect-rate", "0.5", "--seed", "21", "--size", "192"]);
     // MVTec layout with masks for every defective image.
     let good = std::fs::read_dir(data.join("test/good")).unwrap().count();
     let mut defect_imgs = Vec::new();
@@ -48,15 +30,7 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
     assert!(!defect_imgs.is_empty() && good > 0);
 
     let bank = dir.path().join("line.kbank");
-    kensa_ok(&[
-        "enroll",
-        "--product",
-        "line",
-        "--images",
-        data.join("train/good").to_str().unwrap(),
-        "--out",
-        bank.to_str().unwrap(),
-    ]);
+    enroll("line", &data.join("train/good"), &bank, &[]);
     let out = dir.path().join("out");
     let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap()];
     let test_dirs: Vec<String> =
@@ -109,7 +83,7 @@ fn real_bottle_images_one_shot() {
     let first = std::fs::read_dir(data.join("train/good")).unwrap().map(|e| e.unwrap().path()).min().unwrap();
     std::fs::copy(&first, refs.join(first.file_name().unwrap())).unwrap();
     let bank = dir.path().join("bottle.kbank");
-    kensa_ok(&["enroll", "--product", "bottle", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()]);
+    enroll("bottle", &refs, &bank, &[]);
     // The calibration is fitted, not defaulted: a Platt-scaled logistic, and a pixel level and
     // minimum region area fitted to the synthetic defects' masks (NSA patches among them).
     let cal = kensa_model::bank::Bank::load_unchecked(&bank, tch::Device::Cpu).unwrap().meta.calibration;
@@ -175,29 +149,9 @@ fn bf16_backbone_agrees_with_fp32() {
     }
     let dir = TempDir::new("bf16");
     let data = dir.path().join("line");
-    kensa_ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--count",
-        "24",
-        "--train",
-        "2",
-        "--defect-rate",
-        "0.5",
-        "--seed",
-        "8",
-    ]);
+    synth(&data, &["--count", "24", "--train", "2", "--defect-rate", "0.5", "--seed", "8"]);
     let bank = dir.path().join("disc.kbank");
-    kensa_ok(&[
-        "enroll",
-        "--product",
-        "disc",
-        "--images",
-        data.join("train/good").to_str().unwrap(),
-        "--out",
-        bank.to_str().unwrap(),
-    ]);
+    enroll("disc", &data.join("train/good"), &bank, &[]);
     let mut images = Vec::new();
     for d in std::fs::read_dir(data.join("test")).unwrap() {
         images.push(d.unwrap().path());
@@ -252,35 +206,12 @@ fn bf16_backbone_agrees_with_fp32() {
 fn coreset_bank_is_smaller_and_still_works() {
     let dir = TempDir::new("coreset");
     let data = dir.path().join("line");
-    kensa_ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--count",
-        "20",
-        "--train",
-        "4",
-        "--defect-rate",
-        "0.5",
-        "--seed",
-        "4",
-    ]);
+    synth(&data, &["--count", "20", "--train", "4", "--defect-rate", "0.5", "--seed", "4"]);
     let full = dir.path().join("full.kbank");
     let small = dir.path().join("small.kbank");
     let refs = data.join("train/good");
-    let e1 =
-        kensa_ok(&["enroll", "--product", "disc", "--images", refs.to_str().unwrap(), "--out", full.to_str().unwrap()]);
-    let e2 = kensa_ok(&[
-        "enroll",
-        "--product",
-        "disc",
-        "--images",
-        refs.to_str().unwrap(),
-        "--out",
-        small.to_str().unwrap(),
-        "--coreset",
-        "0.25",
-    ]);
+    let e1 = enroll("disc", &refs, &full, &[]);
+    let e2 = enroll("disc", &refs, &small, &["--coreset", "0.25"]);
     let patches = |o: &std::process::Output| -> f64 {
         let s = String::from_utf8_lossy(&o.stderr);
         s.split(" patches").next().and_then(|x| x.rsplit(' ').next()).and_then(|x| x.parse().ok()).unwrap()
@@ -288,19 +219,7 @@ fn coreset_bank_is_smaller_and_still_works() {
     let ratio = patches(&e2) / patches(&e1);
     assert!((0.24..=0.27).contains(&ratio), "kept {ratio} of the patches");
     assert!(std::fs::metadata(&small).unwrap().len() * 3 < std::fs::metadata(&full).unwrap().len());
-    let json = dir.path().join("eval.json");
-    kensa_ok(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--shots",
-        "4",
-        "--coreset",
-        "0.25",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, j) = kensa_eval(&data, &dir.path().join("eval.json"), &["--shots", "4", "--coreset", "0.25"]);
     let auroc = j["runs"][0]["image_auroc"].as_f64().unwrap();
     assert!(auroc > 0.9, "image AUROC {auroc} with a 25 % coreset");
     let bad = kensa(&[
@@ -337,10 +256,7 @@ fn bank_recipe_is_recorded_and_followed() {
 
     let enroll = |name: &str, extra: &[&str]| {
         let bank = dir.path().join(format!("{name}.kbank"));
-        let mut args =
-            vec!["enroll", "--product", "part", "--images", refs.to_str().unwrap(), "--out", bank.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        kensa_ok(&args);
+        enroll("part", &refs, &bank, extra);
         bank
     };
     let plain = enroll("plain", &["--input-size", "256", "--aggregation", "3,3", "--no-self-match"]);

@@ -1,7 +1,9 @@
-//! Helpers for Kensa's integration tests: the built binary, the test broker, a running daemon,
-//! a Kafka consumer, and a plain HTTP scrape of `/metrics`.
+//! Helpers for Kensa's integration tests: the built binary, the test broker, daemon configs
+//! built as [`KensaConfig`] values, a running daemon, a Kafka consumer, and a plain HTTP scrape
+//! of `/metrics`.
 
 use anyhow::{bail, Context, Result};
+use kensa_core::config::{CameraConfig, Device, KensaConfig, ProductConfig, SourceConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::io::{Read, Write};
@@ -78,31 +80,61 @@ pub fn kensa_ok(args: &[&str]) -> Output {
     out
 }
 
+/// `kensa synth --out OUT ARGS`: a synthetic data set in the MVTec layout.
+pub fn synth(out: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["synth", "--out", out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    kensa_ok(&all)
+}
+
+/// `kensa enroll --product PRODUCT --images IMAGES --out BANK ARGS`.
+pub fn enroll(product: &str, images: &Path, bank: &Path, args: &[&str]) -> Output {
+    let mut all =
+        vec!["enroll", "--product", product, "--images", images.to_str().unwrap(), "--out", bank.to_str().unwrap()];
+    all.extend_from_slice(args);
+    kensa_ok(&all)
+}
+
+/// `kensa eval --data DATA ARGS --json JSON`: its output and the JSON it wrote.
+pub fn kensa_eval(data: &Path, json: &Path, args: &[&str]) -> (Output, serde_json::Value) {
+    let mut all = vec!["eval", "--data", data.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend(["--json", json.to_str().unwrap()]);
+    let out = kensa_ok(&all);
+    (out, read_json(json))
+}
+
+/// A JSON file, parsed.
+pub fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
 /// Writes synthetic references and enrolls them; returns the bank path.
 pub fn synthetic_bank(dir: &Path, product: &str) -> PathBuf {
     synthetic_bank_of(dir, product, 4)
 }
 
-/// A bank enrolled from `refs` synthetic reference images.
+/// A bank enrolled from `refs` synthetic reference images (in `dir/refs/train/good`).
 pub fn synthetic_bank_of(dir: &Path, product: &str, refs: usize) -> PathBuf {
     let line = dir.join("refs");
-    let n = refs.to_string();
-    kensa_ok(&["synth", "--out", line.to_str().unwrap(), "--count", "0", "--train", &n, "--seed", "99"]);
+    synth(&line, &["--count", "0", "--train", &refs.to_string(), "--seed", "99"]);
     let bank = dir.join(format!("{product}.kbank"));
-    kensa_ok(&[
-        "enroll",
-        "--product",
-        product,
-        "--images",
-        line.join("train/good").to_str().unwrap(),
-        "--out",
-        bank.to_str().unwrap(),
-    ]);
+    enroll(product, &line.join("train/good"), &bank, &[]);
     bank
 }
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A free local address (for a metrics listener).
+pub fn local_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// A topic name of its own: `PREFIX-<unique>`.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", unique())
 }
 
 /// A running `kensa run`, killed when dropped. Its stderr goes to a file.
@@ -397,52 +429,6 @@ impl Drop for Broker {
     }
 }
 
-/// Writes a daemon config for tests: product `disc` with `bank`, the given topic (defects on
-/// `<topic>.defects`), brokers, metrics address, `extra` TOML sections and camera tables.
-pub fn config(dir: &Path, bank: &Path, topic: &str, brokers: &str, metrics: &str, cameras: &str) -> PathBuf {
-    config_with(dir, bank, topic, brokers, metrics, "", cameras)
-}
-
-pub fn config_with(
-    dir: &Path,
-    bank: &Path,
-    topic: &str,
-    brokers: &str,
-    metrics: &str,
-    extra: &str,
-    cameras: &str,
-) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-device = "cpu"
-
-[batch]
-max_size = 4
-
-[kafka]
-brokers = "{brokers}"
-topic = "{topic}"
-defects_topic = "{topic}.defects"
-connect_timeout_s = 10
-
-[telemetry]
-listen = "{metrics}"
-
-[products.disc]
-bank = "{bank}"
-
-{extra}
-
-{cameras}
-"#,
-        bank = bank.display()
-    );
-    let p = dir.join("kensa.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 /// Produces one record and waits for its acknowledgement.
 pub fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -469,17 +455,82 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// For the shared test broker (`brokers()`): a temp folder with an enrolled synthetic bank of
+/// product `disc`, a topic of its own and a free metrics address: `(dir, bank, topic, metrics)`.
+pub fn rig(name: &str) -> (TempDir, PathBuf, String, String) {
+    let dir = TempDir::new(name);
+    let bank = synthetic_bank(dir.path(), "disc");
+    (dir, bank, unique_topic(name), local_addr())
+}
+
 /// A test's own tansu broker (sqlite, restartable) with Kensa's topics created, a temp folder
 /// with an enrolled synthetic bank, and a free metrics address:
 /// `(broker, dir, bank, topic, metrics)`.
 pub fn own_broker_rig(name: &str) -> (Broker, TempDir, PathBuf, String, String) {
     let broker = Broker::start();
-    let topic = format!("{name}-{}", unique());
+    let topic = unique_topic(name);
     broker.create_kensa_topics(&topic);
     let dir = TempDir::new(name);
     let bank = synthetic_bank(dir.path(), "disc");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    (broker, dir, bank, topic, metrics)
+    (broker, dir, bank, topic, local_addr())
+}
+
+/// The daemon config the tests start from: the model on the CPU, batches of up to 4, product
+/// `disc` with `bank`, events on `topic` (defects on `<topic>.defects`) at `brokers` (start-up
+/// gives up after 10 s), metrics on `metrics`; no camera yet. Everything else is the default.
+pub fn base_config(bank: &Path, topic: &str, brokers: &str, metrics: &str) -> KensaConfig {
+    let mut cfg = KensaConfig::default();
+    cfg.model.device = Device::Cpu;
+    cfg.batch.max_size = 4;
+    cfg.kafka.brokers = brokers.to_string();
+    cfg.kafka.topic = topic.to_string();
+    cfg.kafka.defects_topic = format!("{topic}.defects");
+    cfg.kafka.connect_timeout_s = 10;
+    cfg.telemetry.listen = metrics.to_string();
+    cfg.products.insert("disc".into(), ProductConfig { bank: bank.to_path_buf(), judge: None });
+    cfg
+}
+
+/// A camera of product `disc` with `source`, every other field at its default.
+pub fn camera(id: &str, source: SourceConfig) -> CameraConfig {
+    CameraConfig { product: "disc".into(), source, ..CameraConfig::for_tests(id) }
+}
+
+/// A synthetic camera of product `disc` (`count` 0: endless; `fps` 0: as fast as it is taken).
+pub fn synthetic_camera(id: &str, seed: u64, count: u64, fps: f64, defect_rate: f64) -> CameraConfig {
+    camera(id, SourceConfig::Synthetic { seed, count, fps, defect_rate, phase: 0.0 })
+}
+
+/// A camera of product `disc` reading every image in `path`, as fast as it is taken.
+pub fn folder_camera(id: &str, path: &Path) -> CameraConfig {
+    camera(id, SourceConfig::ImageFolder { path: path.to_path_buf(), fps: 0.0 })
+}
+
+/// A camera of product `disc` reading a video file.
+pub fn video_camera(id: &str, path: &Path) -> CameraConfig {
+    camera(id, SourceConfig::VideoFile { path: path.to_path_buf() })
+}
+
+/// An RTSP camera of product `disc`.
+pub fn rtsp_camera(id: &str, url: &str, latency_ms: u32) -> CameraConfig {
+    camera(id, SourceConfig::Rtsp { url: url.to_string(), latency_ms })
+}
+
+/// A GigE Vision camera of product `disc`.
+pub fn gige_camera(id: &str, camera_name: &str) -> CameraConfig {
+    camera(id, SourceConfig::Gige { camera: camera_name.to_string() })
+}
+
+/// Writes `cfg` as TOML to `dir/kensa.toml` and returns the path. The text is parsed back
+/// first, so a value that does not survive the trip fails here, with the text.
+pub fn write_config(dir: &Path, cfg: &KensaConfig) -> PathBuf {
+    let text = toml::to_string(cfg).expect("config serializes to TOML");
+    if let Err(e) = KensaConfig::from_toml_str(&text) {
+        panic!("the written config does not parse back: {e}\n{text}");
+    }
+    let p = dir.join("kensa.toml");
+    std::fs::write(&p, text).unwrap();
+    p
 }
 
 /// (upper bound, cumulative count) of a Prometheus histogram's buckets in a scrape, summed over
