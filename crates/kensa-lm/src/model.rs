@@ -366,6 +366,8 @@ impl Llama {
         self.forward_inner(embeds, &mut cache)
     }
 
+    // `x = x + ...` on purpose: `+=` on a tch tensor is an in-place add (see below).
+    #[allow(clippy::assign_op_pattern)]
     fn forward_inner(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         let t = embeds.size()[0];
@@ -402,10 +404,12 @@ impl Llama {
             let scores = qh.to_kind(Kind::Float).matmul(&kq.to_kind(Kind::Float).transpose(1, 2)) * scale;
             let att = scores.masked_fill(&mask.unsqueeze(0), f64::NEG_INFINITY).softmax(-1, Kind::Float);
             let out = att.to_kind(self.kind).matmul(&vq).transpose(0, 1).reshape([t, c.dim]);
-            x += out.matmul(&l.wo.tr());
+            // Not `+=`: on a tch tensor that is an in-place add, which breaks the autograd graph
+            // the judge's training backpropagates through.
+            x = x + out.matmul(&l.wo.tr());
             let xb = self.rms(&x, &l.ffn_norm);
             let hb = xb.matmul(&l.w1.tr()).silu() * xb.matmul(&l.w3.tr());
-            x += hb.matmul(&l.w2.tr());
+            x = x + hb.matmul(&l.w2.tr());
             cache.k[i] = Some(k_all);
             cache.v[i] = Some(v_all);
         }
