@@ -479,14 +479,15 @@ fn watch(id: &str, pipeline: &gst::Pipeline, stop: &AtomicBool, seq: &AtomicU64)
                     Some(d) => format!("{element}: {} ({d})", err.error()),
                     None => format!("{element}: {}", err.error()),
                 };
-                let detail = err.debug().map(|d| d.to_string()).unwrap_or_default();
-                tracing::error!(camera = id, element = %element, detail = %detail, "camera failed: {}", err.error());
+                let detail = redact_credentials(&err.debug().map(|d| d.to_string()).unwrap_or_default());
+                let error = redact_credentials(&err.error().to_string());
+                tracing::error!(camera = id, element = %element, detail = %detail, "camera failed: {error}");
                 metrics::counter!(m::CAMERA_ERRORS, "camera" => id.to_string()).increment(1);
                 return Outcome::Failed { frames: seq.load(Ordering::SeqCst), reason: redact_credentials(&reason) };
             }
             gst::MessageView::Warning(w) => {
                 let element = w.src().map(|s| s.path_string().to_string()).unwrap_or_default();
-                tracing::warn!(camera = id, element = %element, "{}", w.error());
+                tracing::warn!(camera = id, element = %element, "{}", redact_credentials(&w.error().to_string()));
             }
             _ => {}
         }

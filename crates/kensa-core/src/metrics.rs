@@ -111,6 +111,8 @@ label_enum! {
         FullNormal => "outbox_full_normal",
         /// A defect while the spool is at its budget.
         FullDefect => "outbox_full_defect",
+        /// The disk refused the append until the daemon shut down.
+        WriteFailed => "outbox_write_failed",
     }
 }
 

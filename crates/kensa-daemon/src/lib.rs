@@ -186,7 +186,8 @@ pub async fn run(
     let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges);
     let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
-    let mut delivery = tokio::spawn(delivery::run(publisher, outbox, pending, events_rx, settings));
+    let stopping = CancellationToken::new();
+    let mut delivery = tokio::spawn(delivery::run(publisher, outbox, pending, events_rx, settings, stopping.clone()));
 
     // Wait for a reason to stop.
     tokio::pin!(shutdown);
@@ -194,30 +195,31 @@ pub async fn run(
     let mut camera_failures = None;
     let mut delivered = None;
     let mut batched = None;
-    let mut judged = None;
+    let mut judged = false;
+    // A stage that ended by failing (a panic, the model gone): nothing is inspected any more,
+    // so the daemon stops, not ready, and returns it (a supervisor restarts it).
+    let mut failure: Option<DaemonError> = None;
+    let stage_failed =
+        |stage: &'static str, e: &tokio::task::JoinError| DaemonError::Stage { stage, msg: e.to_string() };
     loop {
         tokio::select! {
             () = &mut shutdown => { tracing::info!("shutting down"); break; }
-            r = &mut verdicts, if judged.is_none() => {
-                // The verdict stage ends before the shutdown when its input ended (every camera
-                // done), or when it panicked: then nothing is judged any more.
-                let failed = r.is_err();
-                judged = Some(r);
-                if failed {
-                    tracing::error!("the verdict stage stopped; inspection cannot go on");
-                    health.set_ready(false);
-                    batched.get_or_insert(Err(DaemonError::Stage { stage: "verdict", msg: "the verdict stage stopped".into() }));
+            r = &mut verdicts, if !judged => {
+                // It ends before the shutdown when its input ended (every camera done), or when
+                // it panicked.
+                judged = true;
+                if let Err(e) = r {
+                    failure = Some(stage_failed("verdict", &e));
                     break;
                 }
             }
             r = &mut batcher, if batched.is_none() => {
-                let r = r.unwrap_or_else(|e| Err(DaemonError::Stage { stage: "batcher", msg: e.to_string() }));
-                let failed = r.is_err();
-                batched = Some(r);
-                if failed {
-                    // Nothing can be scored any more: not ready, and stop (a supervisor restarts us).
-                    health.set_ready(false);
-                    break;
+                match r.unwrap_or_else(|e| Err(stage_failed("batcher", &e))) {
+                    Ok(()) => batched = Some(()),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
             r = &mut cams_done, if camera_failures.is_none() => {
@@ -226,14 +228,27 @@ pub async fn run(
                 tracing::info!(failed, "all cameras have ended");
             }
             r = &mut delivery, if delivered.is_none() => {
-                delivered = Some(r.unwrap_or_default());
-                tracing::info!("all frames scored and published");
-                if opts.exit_when_done { break; }
+                match r {
+                    Ok(d) => {
+                        delivered = Some(d);
+                        tracing::info!("all frames scored and published");
+                        if opts.exit_when_done { break; }
+                    }
+                    Err(e) => {
+                        failure = Some(stage_failed("delivery", &e));
+                        break;
+                    }
+                }
             }
         }
     }
+    if let Some(e) = &failure {
+        tracing::error!("{e}; inspection cannot go on: stopping");
+        health.set_ready(false);
+    }
 
     // Orderly shutdown under one deadline: capture, then each stage as its input closes.
+    stopping.cancel();
     for s in &stoppers {
         s.stop();
     }
@@ -243,10 +258,11 @@ pub async fn run(
             None => cams_done.await.unwrap_or(0),
         };
         let batched = match batched {
-            Some(r) => r,
-            None => batcher.await.unwrap_or_else(|e| Err(DaemonError::Stage { stage: "batcher", msg: e.to_string() })),
+            Some(()) => Ok(()),
+            None if failure.is_some() => Ok(()),
+            None => batcher.await.unwrap_or_else(|e| Err(stage_failed("batcher", &e))),
         };
-        if judged.is_none() {
+        if !judged {
             let _ = verdicts.await;
         }
         let summary = match delivered {
@@ -258,12 +274,18 @@ pub async fn run(
     let Ok((failed, batched, delivered)) = tokio::time::timeout(opts.shutdown_deadline, drain).await else {
         tracing::error!("shutdown did not finish within {}s", opts.shutdown_deadline.as_secs());
         token.cancel();
-        return Ok(Summary { deadline_passed: true, camera_failures: start_failures, ..Summary::default() });
+        return match failure {
+            Some(e) => Err(e),
+            None => Ok(Summary { deadline_passed: true, camera_failures: start_failures, ..Summary::default() }),
+        };
     };
     token.cancel();
     while background.join_next().await.is_some() {}
     let _ = http.await;
     let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     batched?;
     let summary = Summary {
         camera_failures: failed + start_failures,

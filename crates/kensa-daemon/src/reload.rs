@@ -3,10 +3,12 @@
 //! Three triggers: a bank file that changes on disk (polled), SIGHUP (the config file is read
 //! again: changed bank paths, new products, cameras assigned to another product), and an optional
 //! Kafka control topic (`kafka.control_topic`) carrying JSON commands:
-//! `{"camera": "line-1", "product": "bottle"}` or `{"product": "bottle", "bank": "/path.kbank"}`.
+//! `{"camera": "line-1", "product": "bottle"}` or `{"product": "bottle", "bank": "bottle-v2.kbank"}`
+//! (a file inside `control.banks_dir`; see [`refusal`] for what the topic may ask).
 //! Banks are loaded and validated off the model thread; a bad one is rejected with a clear error
-//! and the old one keeps running. The model thread applies each change between two batches, so
-//! every frame is scored entirely with one bank: the swap is atomic per camera.
+//! and the old one keeps running. The model thread swaps a bank between two batches and the
+//! batcher reads the [`Lineup`] when it forms a batch, so every frame is scored entirely with
+//! one bank: a change is atomic per camera.
 
 use crate::lineup::Lineup;
 use crate::model::{note_swap, Loader, ModelHandle};
@@ -48,15 +50,27 @@ impl Reloader {
 
     /// Loads a bank and swaps it in; false (logged, counted) when it is rejected.
     async fn swap(&self, product: &str, path: &Path, trigger: &'static str) -> bool {
-        let bank = match self.loader.load(path).await {
-            Ok(b) => b,
+        match self.load(product, path, trigger).await {
+            Some(bank) => self.install(product, bank, path, trigger).await,
+            None => false,
+        }
+    }
+
+    /// Loads and validates a bank; None (logged, counted) when it is rejected.
+    async fn load(&self, product: &str, path: &Path, trigger: &'static str) -> Option<kensa_model::bank::Bank> {
+        match self.loader.load(path).await {
+            Ok(b) => Some(b),
             Err(e) => {
                 metrics::counter!(m::BANK_RELOADS, "product" => product.to_string(), "result" => ReloadResult::Rejected.as_str())
                     .increment(1);
                 tracing::error!(product, trigger, "new bank rejected, the previous one keeps running: {e}");
-                return false;
+                None
             }
-        };
+        }
+    }
+
+    /// Swaps a loaded bank in between two batches.
+    async fn install(&self, product: &str, bank: kensa_model::bank::Bank, path: &Path, trigger: &'static str) -> bool {
         let new = bank.meta.version();
         match self.model.swap_bank(product, bank).await {
             Ok(old) => {
@@ -189,15 +203,19 @@ pub async fn apply(cmd: Command, r: &Reloader) {
         return;
     }
     if let Some(bank) = &cmd.bank {
-        let path = r.banks_dir.as_deref().map_or_else(|| bank.clone(), |d| d.join(bank));
-        match tokio::time::timeout(CONTROL_LOAD_TIMEOUT, r.swap(&cmd.product, &path, "control")).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(_) => {
-                metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Refused.as_str()).increment(1);
-                tracing::error!(product = %cmd.product, bank = %path.display(), "control command given up: the bank took over {}s to load", CONTROL_LOAD_TIMEOUT.as_secs());
-                return;
-            }
+        // The very file `refusal` checked (symlinks resolved), not the name again.
+        let path =
+            r.banks_dir.as_deref().and_then(|d| d.join(bank).canonicalize().ok()).unwrap_or_else(|| bank.clone());
+        // Only the load is bounded: once loaded, the swap always completes.
+        let Ok(loaded) = tokio::time::timeout(CONTROL_LOAD_TIMEOUT, r.load(&cmd.product, &path, "control")).await
+        else {
+            metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Refused.as_str()).increment(1);
+            tracing::error!(product = %cmd.product, bank = %path.display(), "control command given up: the bank took over {}s to load", CONTROL_LOAD_TIMEOUT.as_secs());
+            return;
+        };
+        let Some(bank) = loaded else { return };
+        if !r.install(&cmd.product, bank, &path, "control").await {
+            return;
         }
     }
     if let Some(camera) = cmd.camera {

@@ -3,8 +3,9 @@
 //! A bank is a safetensors file: one `[N_i, C_i]` float32 tensor of L2-normalised patch features
 //! per backbone layer (`layer0`, `layer1`, ...) and, in the header's metadata under `kensa`, a
 //! JSON [`BankMeta`]: format version, product, backbone identity, input size, number of
-//! references, the verdict calibration, and a SHA-256 of the tensor bytes and the metadata
-//! (format 2). Loading checks all of it and range-checks every field, so a truncated, tampered,
+//! references, the verdict calibration, and a SHA-256 of the tensor bytes (the bank's version);
+//! format 2 adds a seal (`kensa_sha256`): a SHA-256 over that hash and the metadata exactly as
+//! stored. Loading checks all of it and range-checks every field, so a truncated, tampered,
 //! impossible or mismatched bank is a clear error naming the file.
 
 use crate::backbone::BackboneMeta;
@@ -17,9 +18,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// Banks written now: the content hash covers the tensors *and* the metadata.
+/// Banks written now: sealed, so the metadata is covered too.
 pub const BANK_FORMAT: &str = "kensa-bank/2";
-/// Banks from before format 2: the hash covers the tensors only (still read, with a warning).
+/// Banks from before format 2: no seal, the tensors alone are hashed (still read, with a warning).
 pub const BANK_FORMAT_V1: &str = "kensa-bank/1";
 /// Refuse banks larger than this (bytes) unless the caller raises it.
 pub const MAX_BANK_BYTES: u64 = 2 << 30;
@@ -126,7 +127,7 @@ pub struct Bank {
 impl Bank {
     pub fn new(mut meta: BankMeta, layers: Vec<Tensor>) -> Self {
         meta.format = BANK_FORMAT.into();
-        meta.content_sha256 = content_hash(&layers, &meta);
+        meta.content_sha256 = tensor_hash(&layers);
         Self { meta, layers }
     }
 
@@ -158,9 +159,10 @@ impl Bank {
         // Sealed as written: the hash covers the tensors and the metadata as they are now.
         let mut meta = self.meta.clone();
         meta.format = BANK_FORMAT.into();
-        meta.content_sha256 = content_hash(&self.layers, &meta);
+        meta.content_sha256 = tensor_hash(&self.layers);
         let meta_json = serde_json::to_string(&meta).map_err(|e| err(e.to_string()))?;
-        let info = HashMap::from([("kensa".to_string(), meta_json)]);
+        let seal = sealed_hash(&meta.content_sha256, &meta_json);
+        let info = HashMap::from([("kensa".to_string(), meta_json), (SEAL_KEY.to_string(), seal)]);
         let data = safetensors::serialize(views, Some(info)).map_err(|e| err(format!("cannot serialise: {e}")))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
@@ -236,12 +238,20 @@ impl Bank {
             let t = Tensor::f_from_data_size(view.data(), &[shape[0] as i64, shape[1] as i64], Kind::Float)?;
             layers.push(t);
         }
-        let hash = if meta.format == BANK_FORMAT_V1 {
+        let hash = tensor_hash(&layers);
+        if meta.format == BANK_FORMAT_V1 {
             tracing::warn!(path = %path.display(), "bank format 1: its metadata is not covered by its hash; re-enroll to protect it");
-            tensor_hash(&layers)
         } else {
-            content_hash(&layers, &meta)
-        };
+            // The seal covers the metadata exactly as stored (the raw JSON), so fields added by
+            // later versions never break it.
+            let stored = header.metadata().as_ref().and_then(|m| m.get(SEAL_KEY));
+            if stored.map(String::as_str) != Some(sealed_hash(&hash, meta_json).as_str()) {
+                return Err(err(
+                    "content hash mismatch: its metadata does not match its seal; the bank is corrupt or was modified"
+                        .into(),
+                ));
+            }
+        }
         if hash != meta.content_sha256 {
             return Err(err(format!(
                 "content hash mismatch (file says {}, data is {}): the bank is corrupt or was modified",
@@ -270,18 +280,18 @@ fn read_bounded(path: &Path, limit: u64) -> std::result::Result<Vec<u8>, String>
     Ok(data)
 }
 
-/// Format 2: SHA-256 of the tensor bytes followed by the metadata's JSON (with the hash field
-/// empty).
-fn content_hash(layers: &[Tensor], meta: &BankMeta) -> String {
+/// Safetensors metadata key of the format-2 seal.
+const SEAL_KEY: &str = "kensa_sha256";
+
+/// Format 2's seal: SHA-256 of the tensor hash and the metadata JSON exactly as stored.
+fn sealed_hash(tensor_hash: &str, meta_json: &str) -> String {
     let mut h = Sha256::new();
-    feed_tensors(&mut h, layers);
-    let mut m = meta.clone();
-    m.content_sha256 = String::new();
-    h.update(serde_json::to_vec(&m).expect("bank metadata serialises"));
+    h.update(tensor_hash.as_bytes());
+    h.update(meta_json.as_bytes());
     hex::encode(h.finalize())
 }
 
-/// Format 1: the tensor bytes only.
+/// SHA-256 of the tensor bytes, in layer order: the bank's version (every format).
 fn tensor_hash(layers: &[Tensor]) -> String {
     let mut h = Sha256::new();
     feed_tensors(&mut h, layers);

@@ -70,10 +70,16 @@ fn with_metadata(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     let bytes = valid_bank();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-    let mut meta: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["kensa"]).unwrap();
+    let md = header.metadata().as_ref().unwrap();
+    let raw = md["kensa"].clone();
+    let original: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let mut meta = original.clone();
     edit(&mut meta);
+    // Unchanged: the very same text (the seal covers the metadata as stored).
+    let text = if meta == original { raw } else { meta.to_string() };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().collect();
-    let info = std::collections::HashMap::from([("kensa".to_string(), meta.to_string())]);
+    let mut info = md.clone();
+    info.insert("kensa".to_string(), text);
     safetensors::serialize(views, Some(info)).unwrap()
 }
 

@@ -4,7 +4,7 @@
 //! `rejected/` folder with the reason. On shutdown, in-flight sends get `drain` to finish; what
 //! remains stays spooled and is sent at the next start.
 
-use crate::outbox::{EntryId, Outbox, SpoolRecord};
+use crate::outbox::{EntryId, Outbox, Refused, SpoolRecord};
 use crate::{spool_record, InspectionEvent, Publisher};
 use kensa_core::metrics::{
     self as m, Label, PublishFailure, EVENTS_REJECTED, OUTBOX_APPENDED, OUTBOX_BYTES, OUTBOX_DROPPED, OUTBOX_PENDING,
@@ -12,6 +12,7 @@ use kensa_core::metrics::{
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// A scored frame on its way to Kafka.
 pub struct Scored {
@@ -58,13 +59,15 @@ fn gauges(ob: &Outbox) {
     metrics::gauge!(m::OUTBOX_OLDEST).set(ob.oldest_pending_age_s());
 }
 
-/// Runs delivery until `scored` closes and everything is acknowledged or `drain` has passed.
+/// Runs delivery until `scored` closes (`stopping` fires when the daemon shuts down: a batch the
+/// disk keeps refusing is then given up, counted) and everything is acknowledged or `drain` has passed.
 pub async fn run(
     publisher: Publisher,
     outbox: Outbox,
     pending: Vec<(EntryId, SpoolRecord)>,
     mut scored: mpsc::Receiver<Scored>,
     s: Settings,
+    stopping: CancellationToken,
 ) -> Summary {
     let outbox = Arc::new(Mutex::new(outbox));
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
@@ -124,7 +127,7 @@ pub async fn run(
         // Spooled before it is sent, always: a failed append (disk full) is retried with backoff,
         // holding the pipeline back, until the disk takes it.
         let mut wait = Duration::from_millis(200);
-        let results = loop {
+        let results: Vec<Result<EntryId, Refused>> = loop {
             let appended = tokio::task::block_in_place(|| {
                 let mut ob = outbox.lock().expect("outbox lock");
                 let r = ob.append(&recs);
@@ -139,7 +142,14 @@ pub async fn run(
                         retry_in_ms = wait.as_millis() as u64,
                         "{e}; the events wait in memory and are not sent until they are spooled"
                     );
-                    tokio::time::sleep(wait).await;
+                    // Shutting down and the disk still refuses: these events are lost, counted.
+                    if stopping.is_cancelled() {
+                        break recs.iter().map(|_| Err(Refused::WriteFailed)).collect();
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stopping.cancelled() => {}
+                    }
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
@@ -159,7 +169,7 @@ pub async fn run(
                         summary.dropped += 1;
                         metrics::counter!(OUTBOX_DROPPED, "reason" => refused.as_str()).increment(1);
                         tracing::warn!(camera = %x.event.camera_id, frame = x.event.frame_seq, reason = refused.as_str(),
-                            "outbox over budget: event dropped");
+                            "event dropped: not spooled");
                         None
                     }
                 })

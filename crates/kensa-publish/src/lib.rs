@@ -143,7 +143,6 @@ pub struct Publisher {
     config: ClientConfig,
     pub topic: String,
     pub defects_topic: String,
-    timeout: Duration,
 }
 
 impl Publisher {
@@ -209,7 +208,6 @@ impl Publisher {
             config: cc,
             topic: cfg.topic.clone(),
             defects_topic: cfg.defects_topic.clone(),
-            timeout: Duration::from_millis(cfg.message_timeout_ms),
         })
     }
 
@@ -222,12 +220,36 @@ impl Publisher {
             headers = headers.insert(Header { key: k, value: Some(v) });
         }
         let (generation, producer) = self.current();
-        let sends = topics.iter().map(|topic| {
-            let r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers.clone());
-            let producer = &producer;
-            async move { (topic.clone(), producer.send(r, Timeout::After(self.timeout)).await) }
-        });
-        let results = futures_join_all(sends).await;
+        // Every topic's copy is handed to librdkafka first, then the acknowledgements are
+        // awaited: the topics are sent to at the same time, not one after the other.
+        let mut queued = Vec::with_capacity(topics.len());
+        for topic in topics.iter() {
+            let mut r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers.clone());
+            let sent = loop {
+                match producer.send_result(r) {
+                    Ok(delivery) => break Ok(delivery),
+                    // librdkafka's own queue is full: backpressure, not an error.
+                    Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                        r = back;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err((e, _)) => break Err(e),
+                }
+            };
+            queued.push((topic.clone(), sent));
+        }
+        let mut results = Vec::with_capacity(queued.len());
+        for (topic, sent) in queued {
+            let res = match sent {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+                },
+                Err(e) => Err(e),
+            };
+            results.push((topic, res));
+        }
         let mut first_err = None;
         for (topic, res) in results {
             match res {
@@ -235,7 +257,7 @@ impl Publisher {
                     metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.clone()).increment(1);
                     topics.retain(|t| *t != topic);
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     let code = e.rdkafka_error_code();
                     let reason = failure_of(code);
                     metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.clone(), "reason" => reason.as_str())
@@ -380,16 +402,6 @@ pub fn is_fatal(code: Option<RDKafkaErrorCode>) -> bool {
                 | C::ValueSerialization
         )
     )
-}
-
-async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut out = Vec::new();
-    // Sends were all handed to librdkafka when created; awaiting them in turn is concurrent.
-    let pinned: Vec<_> = fs.map(Box::pin).collect();
-    for f in pinned {
-        out.push(f.await);
-    }
-    out
 }
 
 /// The CloudEvents type of Kensa's events.

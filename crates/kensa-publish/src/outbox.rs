@@ -3,7 +3,7 @@
 //! a restart, whatever was spooled and not acknowledged is sent again: consumers dedupe on
 //! `event_id`, which is the same on every retry.
 //!
-//! Layout: `DIR/NNNNNNNNNNNN.seg` segment files of records `[len u32 LE][crc32 u32 LE][body]`,
+//! Layout: `DIR/NNNNNNNNNNNNNNNN.seg` (creation time in microseconds) segment files of records `[len u32 LE][crc32 u32 LE][body]`,
 //! and beside each a `.acks` file of acknowledged record indices (u32 LE; not fsynced: losing
 //! one only causes a duplicate). A segment is deleted once all its records are acknowledged.
 //! `DIR/.lock` is held (flock) while a process has the outbox open: a second Kensa on the same
@@ -12,7 +12,8 @@
 //! Recovery, as trusted disk buffers do it: a record whose checksum fails is skipped and
 //! counted (`kensa_outbox_discarded_total{reason="corrupt"}`) and the records after it are
 //! kept; a damaged length field is skipped to the next whole record (`garbled`); an incomplete
-//! last record (a crash mid-append, never reported spooled) is truncated away (`torn_tail`).
+//! last record (a crash mid-append) is truncated away (`torn_tail`; a damaged length field in
+//! the last record looks the same and is counted the same).
 //! Each record carries its index in its segment, so acknowledgements stay right after a skip.
 //! An append is one write and one fsync; if either fails the segment is cut back to where it
 //! was and the whole batch is reported not spooled (the caller retries it), so nothing is ever
@@ -49,8 +50,8 @@ pub struct SpoolRecord {
     pub header_values: Vec<Vec<u8>>,
     #[prost(bool, tag = "7")]
     pub anomalous: bool,
-    /// 1 + the record's index in its segment (0: written before the field existed; its
-    /// position is its index then).
+    /// 1 + the record's index in its segment (0: written before the field existed; its index
+    /// is then one more than the previous record's).
     #[prost(uint32, tag = "8")]
     pub slot: u32,
 }
@@ -79,8 +80,15 @@ pub struct Outbox {
     segments: BTreeMap<u64, Segment>,
     current: Option<(u64, File, u32)>,
     usage: u64,
+    /// Unacknowledged records by id (append order) → when they were appended (µs since the
+    /// epoch; a record from an earlier run: its segment's creation time).
+    waiting: BTreeMap<EntryId, u64>,
     /// Held (flock) for as long as this process has the outbox open.
     _lock: File,
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -116,6 +124,7 @@ impl Outbox {
             segments: BTreeMap::new(),
             current: None,
             usage: 0,
+            waiting: BTreeMap::new(),
             _lock: lock,
         };
         let mut pending = Vec::new();
@@ -128,7 +137,9 @@ impl Outbox {
             let mut outstanding = 0;
             for (i, rec) in records {
                 if !acked.contains(&i) {
-                    pending.push((EntryId { segment: n, index: i }, rec));
+                    let id = EntryId { segment: n, index: i };
+                    ob.waiting.insert(id, n);
+                    pending.push((id, rec));
                     outstanding += 1;
                 }
             }
@@ -154,15 +165,10 @@ impl Outbox {
         self.segments.values().map(|s| s.outstanding as u64).sum()
     }
 
-    /// Age in seconds of the oldest segment holding an unacknowledged record (segments are
-    /// named by their creation time in microseconds): how long the backlog has been waiting,
-    /// to within one segment. 0 when nothing waits.
+    /// Age in seconds of the oldest unacknowledged record: how long the backlog has been
+    /// waiting. 0 when nothing waits.
     pub fn oldest_pending_age_s(&self) -> f64 {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-        self.segments
-            .iter()
-            .find(|(_, s)| s.outstanding > 0)
-            .map_or(0.0, |(&n, _)| now.saturating_sub(u128::from(n)) as f64 / 1e6)
+        self.waiting.values().next().map_or(0.0, |&t| now_micros().saturating_sub(t) as f64 / 1e6)
     }
 
     fn next_segment_id(&self) -> u64 {
@@ -231,12 +237,20 @@ impl Outbox {
             index += 1;
         }
         if let Err(e) = f.write_all(&buf).and_then(|()| f.sync_data()) {
-            // Cut back to the last whole, synced batch: nothing of this one counts as spooled.
-            let _ = f.set_len(seg.bytes);
+            // Cut back to the last whole, synced batch: nothing of this one counts as spooled. If
+            // even that fails, the next append starts a new segment, so it never lands behind
+            // bytes of unknown state (reading back skips them).
+            if f.set_len(seg.bytes).is_err() {
+                self.current = None;
+            }
             metrics::counter!(m::OUTBOX_WRITE_ERRORS).increment(1);
             return Err(PublishError::Outbox { path: seg.path.clone(), source: e });
         }
         seg.outstanding += index - *next;
+        let t = now_micros();
+        for i in *next..index {
+            self.waiting.insert(EntryId { segment: *n, index: i }, t);
+        }
         *next = index;
         seg.bytes += buf.len() as u64;
         self.usage += buf.len() as u64;
@@ -245,6 +259,10 @@ impl Outbox {
 
     /// Marks a record acknowledged; a segment whose records are all acknowledged is deleted.
     pub fn ack(&mut self, id: EntryId) {
+        // Once per record: a second acknowledgement (a duplicate delivery) changes nothing.
+        if self.waiting.remove(&id).is_none() {
+            return;
+        }
         if let Some(seg) = self.segments.get_mut(&id.segment) {
             if let Some(a) = seg.acks.as_mut() {
                 let _ = a.write_all(&id.index.to_le_bytes());
@@ -314,19 +332,22 @@ fn record_at(data: &[u8], pos: usize) -> Option<(SpoolRecord, usize)> {
     let head = data.get(pos..pos + 8)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if len > MAX_RECORD {
+    // A record starts with field 1 (the non-empty event id, tag 0x0a): a cheap test before the
+    // checksum, so scanning a damaged stretch stays fast.
+    if !(2..=MAX_RECORD).contains(&len) || data.get(pos + 8) != Some(&0x0a) {
         return None;
     }
     let body = data.get(pos + 8..pos + 8 + len)?;
     if crc32fast::hash(body) != crc {
         return None;
     }
-    SpoolRecord::decode(body).ok().map(|r| (r, pos + 8 + len))
+    let rec = SpoolRecord::decode(body).ok()?;
+    (!rec.event_id.is_empty() && !rec.topics.is_empty()).then_some((rec, pos + 8 + len))
 }
 
 /// The next position at or after `from` where a whole record starts, if any.
 fn resync(data: &[u8], from: usize) -> Option<usize> {
-    (from..data.len().saturating_sub(7)).find(|&p| record_at(data, p).is_some())
+    (from..data.len().saturating_sub(9)).find(|&p| record_at(data, p).is_some())
 }
 
 /// Reads a segment's records with their indices, skipping (and counting) damaged ones, and
@@ -340,9 +361,12 @@ fn read_segment(path: &Path) -> Result<Vec<(u32, SpoolRecord)>, PublishError> {
     };
     let mut out: Vec<(u32, SpoolRecord)> = Vec::new();
     let mut pos = 0;
+    // Position of the next record, for records written before they carried their slot.
+    let mut position = 0u32;
     while pos < data.len() {
         if let Some((rec, end)) = record_at(&data, pos) {
-            let index = if rec.slot > 0 { rec.slot - 1 } else { u32::try_from(out.len()).unwrap_or(u32::MAX) };
+            let index = if rec.slot > 0 { rec.slot - 1 } else { position };
+            position = index + 1;
             out.push((index, rec));
             pos = end;
             continue;
@@ -356,6 +380,7 @@ fn read_segment(path: &Path) -> Result<Vec<(u32, SpoolRecord)>, PublishError> {
             .map(|l| pos + 8 + l);
         if let Some(end) = stated.filter(|&e| e == data.len() || (e < data.len() && record_at(&data, e).is_some())) {
             discard(OutboxDiscard::Corrupt, pos);
+            position += 1;
             pos = end;
             continue;
         }
@@ -505,6 +530,38 @@ mod tests {
         let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
         assert_eq!(names(&pending), ["e0", "e2", "e3"]);
         assert_eq!(pending[1].0.index, 2, "indices survive the skip");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_duplicate_ack_changes_nothing_and_the_backlog_has_an_age() {
+        let d = tmp("dupack");
+        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        assert_eq!(ob.oldest_pending_age_s(), 0.0);
+        let ids: Vec<EntryId> =
+            ob.append(&[rec("a", false, 10), rec("b", false, 10)]).unwrap().into_iter().map(Result::unwrap).collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(ob.oldest_pending_age_s() >= 0.02);
+        ob.ack(ids[0]);
+        ob.ack(ids[0]);
+        assert_eq!(ob.pending(), 1, "acknowledging twice counts once");
+        ob.ack(ids[1]);
+        assert_eq!((ob.pending(), ob.oldest_pending_age_s()), (0, 0.0));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn zero_filled_bytes_are_not_records() {
+        let d = tmp("zeros");
+        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        ob.append(&[rec("a", false, 10)]).unwrap();
+        drop(ob);
+        let seg = segment_of(&d);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.extend_from_slice(&[0u8; 64]); // a power loss can leave zeros after the last write
+        std::fs::write(&seg, &bytes).unwrap();
+        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        assert_eq!(names(&pending), ["a"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
