@@ -8,8 +8,14 @@ use tokio::time::Instant;
 
 /// Receives items until a batch is ready. Returns `None` once the input is closed and empty.
 pub async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max_size: usize, max_wait: Duration) -> Option<Vec<T>> {
-    let max_size = max_size.max(1);
     let first = rx.recv().await?;
+    Some(fill_batch(first, rx, max_size, max_wait).await)
+}
+
+/// A batch that starts with `first`: whatever is queued, then what arrives within `max_wait`
+/// of now, up to `max_size`; it ends early when the input closes.
+pub async fn fill_batch<T>(first: T, rx: &mut mpsc::Receiver<T>, max_size: usize, max_wait: Duration) -> Vec<T> {
+    let max_size = max_size.max(1);
     let mut batch = Vec::with_capacity(max_size);
     batch.push(first);
     let deadline = Instant::now() + max_wait;
@@ -28,7 +34,7 @@ pub async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max_size: usize, max_wait
             Ok(None) | Err(_) => break,
         }
     }
-    Some(batch)
+    batch
 }
 
 #[cfg(test)]

@@ -143,6 +143,7 @@ pub async fn run(
     ));
     drop(frame_tx);
     health.set_ready(true);
+    let capture_done = CancellationToken::new();
     let cams_done = tokio::task::spawn_blocking({
         let health = health.clone();
         move || join_cameras(cameras, &health)
@@ -180,6 +181,7 @@ pub async fn run(
         with_judge,
         scored_tx,
         (max_size, Duration::from_millis(cfg.batch.max_wait_ms)),
+        capture_done.clone(),
     ));
     drop(model);
     let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
@@ -225,6 +227,7 @@ pub async fn run(
             r = &mut cams_done, if camera_failures.is_none() => {
                 let failed = r.unwrap_or(0);
                 camera_failures = Some(failed);
+                capture_done.cancel();
                 tracing::info!(failed, "all cameras have ended");
             }
             r = &mut delivery, if delivered.is_none() => {
@@ -257,6 +260,7 @@ pub async fn run(
             Some(f) => f,
             None => cams_done.await.unwrap_or(0),
         };
+        capture_done.cancel();
         let batched = match batched {
             Some(()) => Ok(()),
             None if failure.is_some() => Ok(()),
@@ -347,10 +351,18 @@ async fn batcher(
     with_judge: HashSet<String>,
     out: mpsc::Sender<ScoredBatch>,
     (max_size, max_wait): (usize, Duration),
+    capture_done: CancellationToken,
 ) -> Result<(), DaemonError> {
     loop {
         let Ok(slot) = out.reserve().await else { return Ok(()) };
-        let Some(batch) = kensa_core::batch::next_batch(&mut frames, max_size, max_wait).await else { return Ok(()) };
+        // The input ends when every camera's sender is gone, or (should a pipeline's callback
+        // still hold one) once every camera thread has ended and the queue is empty.
+        let first = tokio::select! {
+            f = frames.recv() => f,
+            () = capture_done.cancelled() => frames.try_recv().ok(),
+        };
+        let Some(first) = first else { return Ok(()) };
+        let batch = kensa_core::batch::fill_batch(first, &mut frames, max_size, max_wait).await;
         let formed_at = Instant::now();
         let mut groups: Vec<Group> = Vec::new();
         for f in batch {
