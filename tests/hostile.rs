@@ -149,3 +149,34 @@ fn tail_never_writes_a_mask_outside_its_folder() {
     assert_eq!(written, ["fine_0.png"]);
     assert!(!dir.path().join("escaped_0.png").exists() && !Path::new("/tmp/escaped_0.png").exists());
 }
+
+#[test]
+fn a_control_topic_changeover_survives_a_restart() {
+    let (dir, bank, topic, metrics) = rig("keepchange");
+    let control = format!("{topic}.control");
+    let mut cfg = base_config(&bank, &topic, &brokers(), &metrics);
+    cfg.products.insert("gear".into(), kensa_core::config::ProductConfig { bank: bank.clone(), judge: None });
+    cfg.kafka.control_topic = Some(control.clone());
+    cfg.cameras.push(synthetic_camera("cam", 3, 0, 5.0, 0.2));
+    let path = write_config(dir.path(), &cfg);
+    let mut d = Daemon::start(&path, &[], &metrics);
+    assert!(
+        wait_for(Duration::from_secs(60), || d.log_text().contains("reading control commands")),
+        "{}",
+        d.log_text()
+    );
+    produce(&brokers(), &control, "cam", br#"{"camera": "cam", "product": "gear"}"#);
+    let switched =
+        consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.iter().any(|x| x.event.product == "gear"));
+    assert!(switched.unwrap().iter().any(|x| x.event.product == "gear"), "{}", d.log_text());
+    assert_eq!(d.terminate(Duration::from_secs(40)), Some(0), "{}", d.log_text());
+    let before = consume_until(&brokers(), &topic, Duration::from_secs(5), |_| false).unwrap().len();
+
+    // Restarted with the same config (which still says `disc`): the camera stays on `gear`.
+    let mut d2 = Daemon::start(&path, &[], &metrics);
+    let after = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.len() >= before + 5).unwrap();
+    let new: Vec<&str> = after[before..].iter().map(|x| x.event.product.as_str()).collect();
+    assert!(!new.is_empty() && new.iter().all(|p| *p == "gear"), "{new:?}\n{}", d2.log_text());
+    assert!(d2.log_text().contains("kept across the restart"), "{}", d2.log_text());
+    assert_eq!(d2.terminate(Duration::from_secs(40)), Some(0), "{}", d2.log_text());
+}

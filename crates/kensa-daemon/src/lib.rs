@@ -150,7 +150,8 @@ pub async fn run(
     });
 
     // Reload: bank files, SIGHUP, the control topic.
-    let lineup = Lineup::from_config(&cfg);
+    let products: Vec<&str> = info.banks.keys().map(String::as_str).collect();
+    let lineup = Lineup::from_config(&cfg).keep_changeovers(&cfg.outbox.dir.join("changeovers.json"), &products);
     let reloader = reload::Reloader::new(&cfg, info.loader.clone(), model.clone(), lineup.clone());
     if cfg.model.bank_poll_s > 0 {
         let every = Duration::from_secs(cfg.model.bank_poll_s);

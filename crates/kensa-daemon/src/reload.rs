@@ -151,7 +151,10 @@ pub async fn on_sighup(config: PathBuf, r: Reloader) {
             match r.lineup.product_of(&cam.id) {
                 None => tracing::warn!(camera = %cam.id, "a camera added to the config starts only after a restart"),
                 Some(p) if *p != *cam.product => {
-                    r.assign(&cam.id, &cam.product, "sighup");
+                    if r.assign(&cam.id, &cam.product, "sighup") {
+                        // The config decides again for this camera.
+                        r.lineup.remember(&cam.id, None);
+                    }
                 }
                 Some(_) => {}
             }
@@ -219,7 +222,9 @@ pub async fn apply(cmd: Command, r: &Reloader) {
         }
     }
     if let Some(camera) = cmd.camera {
-        r.assign(&camera, &cmd.product, "control");
+        if r.assign(&camera, &cmd.product, "control") {
+            r.lineup.remember(&camera, Some(&cmd.product));
+        }
     }
 }
 
