@@ -20,18 +20,6 @@ fn edit_threshold(bank: &Path) {
     std::fs::write(bank, b).unwrap();
 }
 
-/// Creates a one-partition topic on the shared broker.
-fn create_topic(brokers: &str, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
-    let r = rt.block_on(admin.create_topics([&new], &AdminOptions::new())).unwrap();
-    assert!(r.iter().all(Result::is_ok), "{r:?}");
-}
-
 #[test]
 fn an_edited_bank_is_refused_at_reload_and_the_old_one_keeps_scoring() {
     let (dir, bank, topic, metrics) = rig("tamper");
@@ -121,7 +109,7 @@ fn tail_never_writes_a_mask_outside_its_folder() {
     let dir = TempDir::new("tailmask");
     let topic = unique_topic("tailmask");
     let masks = dir.path().join("masks");
-    create_topic(&brokers(), &topic);
+    create_topic(&brokers(), &topic, 1);
     let mut ev = InspectionEvent { event_id: "x/1/0".into(), camera_id: "../../escaped".into(), ..Default::default() };
     ev.mask_png = vec![1, 2, 3];
     produce(&brokers(), &topic, "k", &prost::Message::encode_to_vec(&ev));

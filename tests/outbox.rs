@@ -204,7 +204,7 @@ fn a_full_disk_under_the_outbox_holds_events_back_and_loses_none() {
 #[test]
 fn a_missing_defects_topic_holds_back_defects_only_and_never_resends_results() {
     let (dir, bank, topic, metrics) = rig("nodefects");
-    create_topic(&brokers(), &topic);
+    create_topic(&brokers(), &topic, 3);
     let mut c = base_config(&bank, &topic, &brokers(), &metrics);
     c.kafka.create_topics = false;
     c.kafka.message_timeout_ms = 1500;
@@ -223,23 +223,11 @@ fn a_missing_defects_topic_holds_back_defects_only_and_never_resends_results() {
     assert_eq!(again.len(), 10, "results are never re-sent while the defects wait");
     assert_eq!(metric(&d.scrape(), "kensa_outbox_events", &[]), Some(anomalous as f64), "the defects backlog waits");
     // The defects topic appears: the backlog drains.
-    create_topic(&brokers(), &format!("{topic}.defects"));
+    create_topic(&brokers(), &format!("{topic}.defects"), 3);
     let defects =
         consume_until(&brokers(), &format!("{topic}.defects"), Duration::from_secs(120), |r| r.len() >= anomalous)
             .unwrap();
     let ids: BTreeSet<String> = defects.iter().map(|r| r.event.event_id.clone()).collect();
     assert_eq!(ids.len(), anomalous);
     assert_eq!(d.terminate(Duration::from_secs(60)), Some(0), "{}", d.log_text());
-}
-
-/// Creates a topic of three partitions on a broker.
-fn create_topic(brokers: &str, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
-    let r = rt.block_on(admin.create_topics([&new], &AdminOptions::new())).unwrap();
-    assert!(r.iter().all(Result::is_ok), "{r:?}");
 }

@@ -561,3 +561,16 @@ pub fn proc_status_kib(pid: u32, key: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Creates a topic of `partitions` partitions on a broker (the shared test broker does not
+/// create topics on first use for the tests that need one before Kensa runs).
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let r = rt.block_on(admin.create_topics([&new], &AdminOptions::new())).unwrap();
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+}
