@@ -148,7 +148,7 @@ fn kill_9_then_restart_resends_what_was_spooled() {
         run1_seqs.len(),
         d2.log_text()
     );
-    assert!(d2.log_text().contains("resending events left in the outbox"), "{}", d2.log_text());
+    assert!(d2.log_text().contains("sending the events an earlier run left in the outbox"), "{}", d2.log_text());
     assert_eq!(d2.terminate(Duration::from_secs(40)), Some(0), "log:\n{}", d2.log_text());
 }
 

@@ -230,6 +230,78 @@ pub fn is_secret_key(k: &str) -> bool {
     ["password", "secret", "key.pem", "token", "sasl.oauthbearer.config"].iter().any(|s| k.contains(s))
 }
 
+impl KafkaConfig {
+    /// Secrets kept out of the config file, in `brokers` and `[kafka.properties]`:
+    /// - `${NAME}` in a value is replaced by the environment variable NAME (an unset one is a
+    ///   problem, named; `$${` is a literal `${`);
+    /// - a property `KEY_file = "PATH"` sets KEY to the contents of the file at PATH (relative
+    ///   to the config's folder; one trailing newline removed), as Docker and Kubernetes secrets
+    ///   are mounted (`sasl.password_file = "/run/secrets/kafka-password"`).
+    ///
+    /// Returns the problems, each naming the key; the values never appear in them.
+    pub fn resolve_secrets(&mut self, base: &Path, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut problems = Vec::new();
+        match interpolate(&self.brokers, &env) {
+            Ok(v) => self.brokers = v,
+            Err(var) => problems.push(format!("kafka.brokers: environment variable {var} is not set")),
+        }
+        let mut resolved = BTreeMap::new();
+        for (k, v) in std::mem::take(&mut self.properties) {
+            let v = match interpolate(&v, &env) {
+                Ok(v) => v,
+                Err(var) => {
+                    problems.push(format!("kafka.properties.\"{k}\": environment variable {var} is not set"));
+                    continue;
+                }
+            };
+            match k.strip_suffix("_file") {
+                Some(key) => {
+                    let path = base.join(&v);
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => {
+                            let text = text.strip_suffix('\n').unwrap_or(&text);
+                            resolved.insert(key.to_string(), text.strip_suffix('\r').unwrap_or(text).to_string());
+                        }
+                        Err(e) => {
+                            problems.push(format!("kafka.properties.\"{k}\": cannot read {}: {e}", path.display()));
+                        }
+                    }
+                }
+                None => {
+                    resolved.insert(k, v);
+                }
+            }
+        }
+        self.properties = resolved;
+        problems
+    }
+}
+
+/// `text` with each `${NAME}` replaced by `env(NAME)`; `$${` stays a literal `${`. The name of
+/// the first unset variable is the error.
+fn interpolate(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        if rest[..at].ends_with('$') {
+            out.push_str(&rest[..at - 1]);
+            out.push_str("${");
+            rest = &rest[at + 2..];
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        let Some(end) = rest[at..].find('}') else {
+            out.push_str(&rest[at..]);
+            return Ok(out);
+        };
+        let name = &rest[at + 2..at + end];
+        out.push_str(&env(name).ok_or_else(|| name.to_string())?);
+        rest = &rest[at + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
@@ -510,24 +582,46 @@ impl SourceConfig {
     }
 }
 
+/// The file at `path`, then the `KENSA__SECTION__KEY` environment variables over it.
+fn layered(path: &Path) -> Result<config::Config, ConfigError> {
+    config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+        .add_source(config::Environment::with_prefix("KENSA").prefix_separator("__").separator("__").try_parsing(true))
+        .build()
+        .map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })
+}
+
 impl KensaConfig {
     /// Loads defaults → `path` → `KENSA__*` environment, resolves relative paths against the
     /// file's folder, and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let built = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
-            .add_source(
-                config::Environment::with_prefix("KENSA").prefix_separator("__").separator("__").try_parsing(true),
-            )
-            .build()
-            .map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })?;
+        let built = layered(path)?;
         let mut cfg: KensaConfig =
             built.try_deserialize().map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         cfg.resolve_paths(&base);
-        let problems = cfg.problems();
+        let mut problems = cfg.kafka.resolve_secrets(&base, |name| std::env::var(name).ok());
+        problems.extend(cfg.problems());
         if problems.is_empty() {
             Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
+        }
+    }
+
+    /// The `[kafka]` section of a config file (with the `KENSA__*` environment layer and its
+    /// secrets resolved), without checking the rest: for `kensa tail` on a machine that has
+    /// the plant's config but not its banks.
+    pub fn load_kafka(path: &Path) -> Result<KafkaConfig, ConfigError> {
+        let built = layered(path)?;
+        let mut kafka: KafkaConfig = built
+            .get::<Option<KafkaConfig>>("kafka")
+            .map_err(|source| ConfigError::Load { path: path.to_path_buf(), source })?
+            .unwrap_or_default();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let problems = kafka.resolve_secrets(&base, |name| std::env::var(name).ok());
+        if problems.is_empty() {
+            Ok(kafka)
         } else {
             Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
         }
@@ -809,5 +903,37 @@ mod example_tests {
                 c.problems().into_iter().filter(|p| !p.contains("bank file not found")).collect();
             assert!(problems.is_empty(), "{f}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_from_files() {
+        use super::KafkaConfig;
+        let dir = std::env::temp_dir().join(format!("kensa-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "s3cret\n").unwrap();
+        let mut k = KafkaConfig { brokers: "${BROKER_HOST}:9093".into(), ..KafkaConfig::default() };
+        k.properties.insert("sasl.username".into(), "${USER_NAME}".into());
+        k.properties.insert("sasl.password_file".into(), "pw".into());
+        k.properties.insert("client.rack".into(), "$${literal}".into());
+        let env = |n: &str| match n {
+            "BROKER_HOST" => Some("kafka.plant".to_string()),
+            "USER_NAME" => Some("kensa".to_string()),
+            _ => None,
+        };
+        assert!(k.resolve_secrets(&dir, env).is_empty());
+        assert_eq!(k.brokers, "kafka.plant:9093");
+        assert_eq!(k.properties["sasl.username"], "kensa");
+        assert_eq!(k.properties["sasl.password"], "s3cret", "read from the file, newline removed");
+        assert!(!k.properties.contains_key("sasl.password_file"));
+        assert_eq!(k.properties["client.rack"], "${literal}");
+
+        let mut bad = KafkaConfig::default();
+        bad.properties.insert("sasl.password".into(), "${NOT_SET_ANYWHERE}".into());
+        bad.properties.insert("ssl.key.password_file".into(), "missing".into());
+        let p = bad.resolve_secrets(&dir, |_| None);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("NOT_SET_ANYWHERE") || p[1].contains("NOT_SET_ANYWHERE"), "{p:?}");
+        assert!(p.iter().any(|x| x.contains("ssl.key.password_file") && x.contains("missing")), "{p:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

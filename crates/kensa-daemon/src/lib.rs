@@ -119,8 +119,8 @@ pub async fn run(
     }
     let judges = load_judges(&cfg, &info)?;
 
-    let (outbox, pending) = Outbox::open(&cfg.outbox.dir, cfg.outbox.max_bytes)?;
-    tracing::info!(dir = %cfg.outbox.dir.display(), pending = pending.len(), "outbox open");
+    let outbox = Outbox::open(&cfg.outbox.dir, cfg.outbox.max_bytes)?;
+    tracing::info!(dir = %cfg.outbox.dir.display(), pending = outbox.pending(), "outbox open");
     let publisher = Publisher::connect(&cfg.kafka).await?;
     health.set_broker(true);
     background.spawn(watch_broker(publisher.clone(), health.clone(), token.clone()));
@@ -190,7 +190,10 @@ pub async fn run(
     let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
     let stopping = CancellationToken::new();
-    let mut delivery = tokio::spawn(delivery::run(publisher, outbox, pending, events_rx, settings, stopping.clone()));
+    let (backlog_tx, backlog) = tokio::sync::watch::channel(delivery::Backlog::default());
+    background.spawn(until(token.clone(), report_backlog(backlog, health.clone())));
+    let mut delivery =
+        tokio::spawn(delivery::run(publisher, outbox, events_rx, settings, stopping.clone(), backlog_tx));
 
     // Wait for a reason to stop.
     tokio::pin!(shutdown);
@@ -315,6 +318,17 @@ pub async fn run(
         "stopped"
     );
     Ok(summary)
+}
+
+/// Keeps `/healthz`'s outbox backlog current.
+async fn report_backlog(mut backlog: tokio::sync::watch::Receiver<delivery::Backlog>, health: Health) {
+    loop {
+        let b = *backlog.borrow_and_update();
+        health.set_outbox(serde_json::to_value(b).unwrap_or_default());
+        if backlog.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Runs `f` until it ends or `token` is cancelled.

@@ -1,17 +1,35 @@
-//! Delivery: scored events → durable outbox (fsync per batch) → Kafka → acknowledged and
-//! forgotten. Retriable errors are retried with capped backoff for as long as Kensa runs (the
-//! event stays in the outbox meanwhile); fatal ones move the record to the outbox's
-//! `rejected/` folder with the reason. On shutdown, in-flight sends get `drain` to finish; what
-//! remains stays spooled and is sent at the next start.
+//! Delivery, spool first: scored events → durable outbox (fsync per batch) → sender → Kafka →
+//! acknowledged and forgotten.
+//!
+//! Two halves that never wait on each other:
+//! - the **spooler** appends every scored event to the outbox. It waits on the disk only (a
+//!   failed append is retried with backoff), never on Kafka: while the outbox has budget the
+//!   stages before it run at full speed whatever the broker does. Only the budget policy drops,
+//!   and every drop is counted with its reason.
+//! - the **sender** takes spooled records from the outbox, oldest first, and keeps a bounded
+//!   window of them in flight ([`WINDOW`] records, [`WINDOW_BYTES`]), handed to librdkafka in
+//!   spool order, so each camera's events (keyed by camera, so one partition per camera) arrive
+//!   in order: librdkafka's idempotent producer keeps a partition's order through its own
+//!   retries. Acknowledgement is tracked per destination topic; a record leaves the outbox when
+//!   every topic has it. When a copy fails (the message timeout passed, the broker fenced the
+//!   producer), nothing new is queued: the sender waits until every copy in flight has its
+//!   answer, rebuilds the producer if librdkafka declared it unusable, backs off, and queues the
+//!   failed copies again in spool order. Copies Kafka refuses for good (too large, not
+//!   authorised) go to the outbox's `rejected/` folder with the reason.
+//!
+//! On shutdown the spooler ends with its input and the sender gets `drain` to send what is
+//! spooled; what remains stays in the outbox and is sent first at the next start.
 
 use crate::outbox::{EntryId, Outbox, Refused, SpoolRecord};
 use crate::{spool_record, InspectionEvent, Publisher};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use kensa_core::metrics::{
     self as m, Label, PublishFailure, EVENTS_REJECTED, OUTBOX_APPENDED, OUTBOX_BYTES, OUTBOX_DROPPED, OUTBOX_PENDING,
 };
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// A scored frame on its way to Kafka.
@@ -51,40 +69,81 @@ pub struct Summary {
     pub remaining: u64,
 }
 
-const MAX_INFLIGHT: u32 = 512;
-
-fn gauges(ob: &Outbox) {
-    metrics::gauge!(OUTBOX_BYTES).set(ob.usage() as f64);
-    metrics::gauge!(OUTBOX_PENDING).set(ob.pending() as f64);
-    metrics::gauge!(m::OUTBOX_OLDEST).set(ob.oldest_pending_age_s());
+/// The outbox backlog, as `/healthz` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Backlog {
+    /// Events spooled and not yet acknowledged by Kafka.
+    pub pending: u64,
+    /// Bytes of outbox segments on disk.
+    pub bytes: u64,
+    /// How long the oldest of them has waited, in seconds.
+    pub oldest_event_seconds: f64,
 }
 
-/// Runs delivery until `scored` closes (`stopping` fires when the daemon shuts down: a batch the
-/// disk keeps refusing is then given up, counted) and everything is acknowledged or `drain` has passed.
+/// Records in flight at most (each with one copy per destination topic).
+pub const WINDOW: usize = 512;
+/// Bytes of records in flight at most (one record more if a single one is larger).
+pub const WINDOW_BYTES: usize = 32 << 20;
+
+/// The outbox shared by the two halves, and the spooler's "something new" signal.
+struct Shared {
+    outbox: Mutex<Outbox>,
+    appended: Notify,
+    backlog: watch::Sender<Backlog>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().expect("outbox lock")
+    }
+
+    /// Publishes the backlog gauges (call with the lock held: `ob` is the locked outbox).
+    fn report(&self, ob: &Outbox) {
+        let b = Backlog { pending: ob.pending(), bytes: ob.usage(), oldest_event_seconds: ob.oldest_pending_age_s() };
+        metrics::gauge!(OUTBOX_BYTES).set(b.bytes as f64);
+        metrics::gauge!(OUTBOX_PENDING).set(b.pending as f64);
+        metrics::gauge!(m::OUTBOX_OLDEST).set(b.oldest_event_seconds);
+        self.backlog.send_replace(b);
+    }
+}
+
+/// Runs delivery until `scored` closes and everything spooled is acknowledged, or `drain` has
+/// passed since it closed. `stopping` fires when the daemon shuts down: a batch the disk keeps
+/// refusing is then given up, counted. `backlog` follows the outbox.
 pub async fn run(
     publisher: Publisher,
     outbox: Outbox,
-    pending: Vec<(EntryId, SpoolRecord)>,
-    mut scored: mpsc::Receiver<Scored>,
+    scored: mpsc::Receiver<Scored>,
     s: Settings,
     stopping: CancellationToken,
+    backlog: watch::Sender<Backlog>,
 ) -> Summary {
-    let outbox = Arc::new(Mutex::new(outbox));
-    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut summary = Summary::default();
-    gauges(&outbox.lock().expect("outbox lock"));
-    if !pending.is_empty() {
-        tracing::info!(events = pending.len(), "resending events left in the outbox by an earlier run");
+    if outbox.has_unsent() {
+        tracing::info!(events = outbox.pending(), "sending the events an earlier run left in the outbox first");
     }
-    for (id, rec) in pending {
-        let permit = inflight.clone().acquire_owned().await.expect("semaphore open");
-        let (p, ob, stop) = (publisher.clone(), outbox.clone(), stop_rx.clone());
-        tokio::spawn(async move {
-            deliver(&p, &ob, Some(id), rec, None, stop).await;
-            drop(permit);
-        });
+    let shared = Arc::new(Shared { outbox: Mutex::new(outbox), appended: Notify::new(), backlog });
+    shared.report(&shared.lock());
+    let input_done = CancellationToken::new();
+    let give_up = CancellationToken::new();
+    let sender = tokio::spawn(send(shared.clone(), publisher.clone(), input_done.clone(), give_up.clone()));
+    let dropped = spool(&shared, scored, &s, &stopping).await;
+    input_done.cancel();
+    let mut sender = sender;
+    if tokio::time::timeout(s.drain, &mut sender).await.is_err() {
+        give_up.cancel();
+        let _ = sender.await;
     }
+    let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+    let ob = shared.lock();
+    shared.report(&ob);
+    Summary { dropped, remaining: ob.pending() }
+}
+
+/// The spooler: every scored event into the outbox, in batches of what has arrived (up to 64),
+/// one fsync per batch. Returns how many were dropped (budget, or a disk that still refused
+/// them at shutdown).
+async fn spool(shared: &Shared, mut scored: mpsc::Receiver<Scored>, s: &Settings, stopping: &CancellationToken) -> u64 {
+    let mut dropped = 0;
     while let Some(first) = scored.recv().await {
         let mut batch = vec![first];
         while batch.len() < 64 {
@@ -93,45 +152,20 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let (batch, recs): (Vec<Scored>, Vec<SpoolRecord>) = batch
-            .into_iter()
-            .map(|x| {
-                let rec = spool_record(&x.event, &s.topic, &s.defects_topic, s.schema_registry_id);
-                (x, rec)
-            })
-            .filter(|(x, rec)| {
-                let size = rec.payload.len() + rec.header_values.iter().map(Vec::len).sum::<usize>();
-                if size <= s.max_message_bytes {
-                    return true;
-                }
-                let reason = format!("event is {size} bytes, over kafka.max_message_bytes = {}", s.max_message_bytes);
-                match outbox.lock().expect("outbox lock").keep_rejected(rec, &reason) {
-                    Ok(kept) => {
-                        metrics::counter!(EVENTS_REJECTED, "reason" => PublishFailure::TooLarge.as_str()).increment(1);
-                        tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq, kept = %kept.display(),
-                            "{reason}; not sent (lower publish.mask_max_side or raise the limit)");
-                        false
-                    }
-                    Err(e) => {
-                        // Not kept aside: it stays in the outbox (and is tried again at every start).
-                        tracing::error!(camera = %x.event.camera_id, frame = x.event.frame_seq,
-                            "{reason}, and it cannot be kept in rejected/ ({e}); it stays spooled");
-                        true
-                    }
-                }
-            })
-            .unzip();
-        if batch.is_empty() {
+        let recs: Vec<SpoolRecord> = batch
+            .iter()
+            .map(|x| spool_record(&x.event, &s.topic, &s.defects_topic, s.schema_registry_id))
+            .filter(|rec| sendable(shared, rec, s.max_message_bytes))
+            .collect();
+        if recs.is_empty() {
             continue;
         }
-        // Spooled before it is sent, always: a failed append (disk full) is retried with backoff,
-        // holding the pipeline back, until the disk takes it.
         let mut wait = Duration::from_millis(200);
         let results: Vec<Result<EntryId, Refused>> = loop {
             let appended = tokio::task::block_in_place(|| {
-                let mut ob = outbox.lock().expect("outbox lock");
+                let mut ob = shared.lock();
                 let r = ob.append(&recs);
-                gauges(&ob);
+                shared.report(&ob);
                 r
             });
             match appended {
@@ -154,102 +188,187 @@ pub async fn run(
                 }
             }
         };
-        // Each record with its outbox id; records refused by the budget are dropped here, counted.
-        let accepted: Vec<(Scored, SpoolRecord, Option<EntryId>)> = {
-            batch
-                .into_iter()
-                .zip(recs)
-                .zip(results)
-                .filter_map(|((x, rec), r)| match r {
-                    Ok(id) => {
-                        metrics::counter!(OUTBOX_APPENDED).increment(1);
-                        Some((x, rec, Some(id)))
-                    }
-                    Err(refused) => {
-                        summary.dropped += 1;
-                        metrics::counter!(OUTBOX_DROPPED, "reason" => refused.as_str()).increment(1);
-                        tracing::warn!(camera = %x.event.camera_id, frame = x.event.frame_seq, reason = refused.as_str(),
-                            "event dropped: not spooled");
-                        None
-                    }
-                })
-                .collect()
-        };
-        for (x, rec, id) in accepted {
-            let permit = inflight.clone().acquire_owned().await.expect("semaphore open");
-            let (p, ob, stop) = (publisher.clone(), outbox.clone(), stop_rx.clone());
-            let origin = Some((x.captured_at, x.event.camera_id.clone()));
-            tokio::spawn(async move {
-                deliver(&p, &ob, id, rec, origin, stop).await;
-                drop(permit);
-            });
+        for (rec, r) in recs.iter().zip(results) {
+            match r {
+                Ok(_) => metrics::counter!(OUTBOX_APPENDED).increment(1),
+                Err(refused) => {
+                    dropped += 1;
+                    metrics::counter!(OUTBOX_DROPPED, "reason" => refused.as_str()).increment(1);
+                    tracing::warn!(event = %rec.event_id, reason = refused.as_str(), "event dropped: not spooled");
+                }
+            }
         }
+        shared.appended.notify_one();
     }
-    // Input closed: give in-flight sends `drain` to finish.
-    let all = tokio::time::timeout(s.drain, inflight.clone().acquire_many_owned(MAX_INFLIGHT)).await;
-    if all.is_err() {
-        let _ = stop_tx.send(true);
-        let _ = inflight.acquire_many(MAX_INFLIGHT).await;
-    }
-    let p = publisher.clone();
-    let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
-    let ob = outbox.lock().expect("outbox lock");
-    gauges(&ob);
-    summary.remaining = ob.pending();
-    summary
+    dropped
 }
 
-async fn deliver(
-    p: &Publisher,
-    outbox: &Arc<Mutex<Outbox>>,
-    id: Option<EntryId>,
+/// Whether a record fits Kafka's message size; one that does not is kept in `rejected/` and
+/// counted (or, if it cannot be kept, spooled anyway so it is never lost silently).
+fn sendable(shared: &Shared, rec: &SpoolRecord, max: usize) -> bool {
+    let size = rec.payload.len() + rec.header_values.iter().map(Vec::len).sum::<usize>();
+    if size <= max {
+        return true;
+    }
+    let reason = format!("event is {size} bytes, over kafka.max_message_bytes = {max}");
+    match shared.lock().keep_rejected(rec, &reason) {
+        Ok(kept) => {
+            metrics::counter!(EVENTS_REJECTED, "reason" => PublishFailure::TooLarge.as_str()).increment(1);
+            tracing::error!(event = %rec.event_id, kept = %kept.display(),
+                "{reason}; not sent (lower publish.mask_max_side or raise the limit)");
+            false
+        }
+        Err(e) => {
+            tracing::error!(event = %rec.event_id, "{reason}, and it cannot be kept in rejected/ ({e}); it stays spooled");
+            true
+        }
+    }
+}
+
+/// A spooled record in the sender's window.
+struct Slot {
+    id: EntryId,
     rec: SpoolRecord,
-    origin: Option<(Instant, String)>,
-    mut stop: watch::Receiver<bool>,
-) {
+    /// Topics that have not acknowledged it yet.
+    left: Vec<String>,
+}
+
+/// A copy's answer: (window position, topic, producer generation, result).
+type Answer = (u64, String, u64, Result<(), rdkafka::error::KafkaError>);
+
+/// The sender: see the module doc. Ends when the input is done and the outbox is empty, or
+/// when `give_up` fires (what is in flight stays spooled).
+async fn send(shared: Arc<Shared>, publisher: Publisher, input_done: CancellationToken, give_up: CancellationToken) {
+    let mut window: BTreeMap<u64, Slot> = BTreeMap::new();
+    let mut window_bytes = 0usize;
+    let mut next = 0u64;
+    let mut inflight: FuturesUnordered<futures_util::future::BoxFuture<'static, Answer>> = FuturesUnordered::new();
+    // Copies that failed and wait to be queued again, in window order.
+    let mut retry: BTreeSet<(u64, String)> = BTreeSet::new();
     let mut backoff = Duration::from_millis(200);
-    let mut attempt = 0u32;
-    // Acknowledgement is per destination: a topic that has the record is not sent it again
-    // (a missing defects topic never re-sends results).
-    let mut topics = rec.topics.clone();
+    let mut failures = 0u32;
+    let mut retry_at = tokio::time::Instant::now();
     loop {
-        attempt += 1;
-        let res = tokio::select! {
-            r = p.send(&rec, &mut topics) => r,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        match res {
-            Ok(()) => {
-                if let Some(id) = id {
-                    let mut ob = outbox.lock().expect("outbox lock");
-                    ob.ack(id);
-                    gauges(&ob);
+        // Queue new records only while nothing waits to be retried: a failed copy goes out
+        // again before anything spooled after it.
+        if retry.is_empty() {
+            while window.len() < WINDOW && window_bytes < WINDOW_BYTES {
+                let room = WINDOW - window.len();
+                let taken = tokio::task::block_in_place(|| shared.lock().take(room, WINDOW_BYTES - window_bytes));
+                if taken.is_empty() {
+                    break;
                 }
-                if let Some((t, camera)) = origin {
-                    metrics::histogram!(m::END_TO_END_LATENCY, "camera" => camera).record(t.elapsed().as_secs_f64());
+                for (id, rec) in taken {
+                    let seq = next;
+                    next += 1;
+                    for topic in &rec.topics {
+                        let copy = queue(&publisher, seq, &rec, topic).await;
+                        inflight.push(copy);
+                    }
+                    window_bytes += rec.payload.len();
+                    window.insert(seq, Slot { id, left: rec.topics.clone(), rec });
                 }
-                return;
             }
-            Err(e) if e.fatal => {
-                metrics::counter!(EVENTS_REJECTED, "reason" => e.reason.as_str()).increment(1);
-                match id.map(|id| outbox.lock().expect("outbox lock").reject(id, &rec, &e.to_string())) {
-                    Some(Ok(kept)) => tracing::error!(event = %rec.event_id, kept = %kept.display(), "{e}"),
-                    Some(Err(keep)) => tracing::error!(event = %rec.event_id,
-                        "{e}; it cannot be kept in rejected/ ({keep}), so it stays spooled and is tried again at the next start"),
-                    None => tracing::error!(event = %rec.event_id, "{e}"),
+        }
+        if window.is_empty() && input_done.is_cancelled() && !shared.lock().has_unsent() {
+            return;
+        }
+        let retry_due = !retry.is_empty() && inflight.is_empty();
+        tokio::select! {
+            () = give_up.cancelled() => return,
+            Some((seq, topic, generation, res)) = inflight.next(), if !inflight.is_empty() => {
+                let Some(slot) = window.get_mut(&seq) else { continue };
+                match res {
+                    Ok(()) => {
+                        publisher.acknowledged(&topic);
+                        slot.left.retain(|t| *t != topic);
+                        if failures > 0 && retry.is_empty() {
+                            tracing::info!(after = failures, "Kafka acknowledges again");
+                            failures = 0;
+                            backoff = Duration::from_millis(200);
+                        }
+                        if slot.left.is_empty() {
+                            let slot = window.remove(&seq).expect("slot in window");
+                            window_bytes -= slot.rec.payload.len();
+                            done(&shared, &slot);
+                        }
+                    }
+                    Err(e) => {
+                        let err = publisher.failed(generation, &topic, &e);
+                        if err.fatal {
+                            reject(&shared, slot, &err);
+                            let slot = window.remove(&seq).expect("slot in window");
+                            window_bytes -= slot.rec.payload.len();
+                            retry.retain(|(s, _)| *s != seq);
+                        } else {
+                            failures += 1;
+                            if failures == 1 || failures.is_multiple_of(100) {
+                                tracing::warn!(event = %slot.rec.event_id, failures, "{err}; it is sent again from the outbox");
+                            }
+                            retry.insert((seq, topic));
+                            retry_at = tokio::time::Instant::now() + backoff;
+                        }
+                    }
                 }
-                return;
             }
-            Err(e) => {
-                if attempt == 1 || attempt.is_multiple_of(20) {
-                    tracing::warn!(event = %rec.event_id, attempt, "{e}");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep_until(retry_at), if retry_due => {
+                for (seq, topic) in std::mem::take(&mut retry) {
+                    if let Some(slot) = window.get(&seq) {
+                        let copy = queue(&publisher, seq, &slot.rec, &topic).await;
+                        inflight.push(copy);
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            () = shared.appended.notified(), if retry.is_empty() && window.len() < WINDOW => {}
+            () = input_done.cancelled(), if !input_done.is_cancelled() => {}
         }
     }
+}
+
+/// Hands one copy to librdkafka and returns the future of its answer.
+async fn queue(
+    p: &Publisher,
+    seq: u64,
+    rec: &SpoolRecord,
+    topic: &str,
+) -> futures_util::future::BoxFuture<'static, Answer> {
+    let (generation, queued) = p.enqueue(rec, topic).await;
+    let topic = topic.to_string();
+    Box::pin(async move {
+        let res = match queued {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+            },
+            Err(e) => Err(e),
+        };
+        (seq, topic, generation, res)
+    })
+}
+
+/// Every topic has the record: it leaves the outbox.
+fn done(shared: &Shared, slot: &Slot) {
+    let mut ob = shared.lock();
+    ob.ack(slot.id);
+    shared.report(&ob);
+    drop(ob);
+    if slot.rec.capture_unix_nanos > 0 {
+        let now = crate::event::unix_nanos(std::time::SystemTime::now());
+        let seconds = (now - slot.rec.capture_unix_nanos).max(0) as f64 / 1e9;
+        metrics::histogram!(m::END_TO_END_LATENCY, "camera" => slot.rec.key.clone()).record(seconds);
+    }
+}
+
+/// Kafka refused a copy for good: the record is kept in `rejected/` and leaves the outbox.
+fn reject(shared: &Shared, slot: &Slot, err: &crate::SendError) {
+    metrics::counter!(EVENTS_REJECTED, "reason" => err.reason.as_str()).increment(1);
+    let mut ob = shared.lock();
+    match ob.reject(slot.id, &slot.rec, &err.to_string()) {
+        Ok(kept) => tracing::error!(event = %slot.rec.event_id, kept = %kept.display(), "{err}"),
+        Err(keep) => tracing::error!(event = %slot.rec.event_id,
+            "{err}; it cannot be kept in rejected/ ({keep}), so it stays spooled and is tried again at the next start"),
+    }
+    shared.report(&ob);
 }

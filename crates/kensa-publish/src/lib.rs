@@ -211,70 +211,54 @@ impl Publisher {
         })
     }
 
-    /// Sends one spooled record to each of `topics` (those of its topics not yet acknowledged)
-    /// and waits for the acknowledgements; each topic that acknowledges is removed from
-    /// `topics`, so a retry never re-sends to a topic that already has the record.
-    pub async fn send(&self, rec: &outbox::SpoolRecord, topics: &mut Vec<String>) -> Result<(), SendError> {
+    /// Hands one spooled record's copy for `topic` to librdkafka, which sends it in order with
+    /// the others of its partition (and retries it internally). Resolves to the broker's answer;
+    /// the producer generation it was queued on goes with any error to [`Publisher::failed`].
+    /// librdkafka's own queue being full is backpressure: this waits.
+    pub async fn enqueue(
+        &self,
+        rec: &outbox::SpoolRecord,
+        topic: &str,
+    ) -> (u64, Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError>) {
         let mut headers = OwnedHeaders::new_with_capacity(rec.header_names.len());
         for (k, v) in rec.header_names.iter().zip(&rec.header_values) {
             headers = headers.insert(Header { key: k, value: Some(v) });
         }
         let (generation, producer) = self.current();
-        // Every topic's copy is handed to librdkafka first, then the acknowledgements are
-        // awaited: the topics are sent to at the same time, not one after the other.
-        let mut queued = Vec::with_capacity(topics.len());
-        for topic in topics.iter() {
-            let mut r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers.clone());
-            let sent = loop {
-                match producer.send_result(r) {
-                    Ok(delivery) => break Ok(delivery),
-                    // librdkafka's own queue is full: backpressure, not an error.
-                    Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                        r = back;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err((e, _)) => break Err(e),
+        let mut r = FutureRecord::to(topic).key(&rec.key).payload(&rec.payload).headers(headers);
+        loop {
+            match producer.send_result(r) {
+                Ok(delivery) => return (generation, Ok(delivery)),
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    r = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-            };
-            queued.push((topic.clone(), sent));
-        }
-        let mut results = Vec::with_capacity(queued.len());
-        for (topic, sent) in queued {
-            let res = match sent {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
-                },
-                Err(e) => Err(e),
-            };
-            results.push((topic, res));
-        }
-        let mut first_err = None;
-        for (topic, res) in results {
-            match res {
-                Ok(_) => {
-                    metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.clone()).increment(1);
-                    topics.retain(|t| *t != topic);
-                }
-                Err(e) => {
-                    let code = e.rdkafka_error_code();
-                    let reason = failure_of(code);
-                    metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.clone(), "reason" => reason.as_str())
-                        .increment(1);
-                    first_err.get_or_insert(SendError {
-                        producer_state: needs_new_producer(code),
-                        fatal: is_fatal(code),
-                        reason,
-                        topic: topic.clone(),
-                        msg: e.to_string(),
-                    });
-                }
+                Err((e, _)) => return (generation, Err(e)),
             }
         }
-        // A producer that librdkafka declared unusable (fenced, fatal idempotence error) is
-        // replaced; the send is then retried on the new one like any retriable error.
-        if let Some(err) = first_err.as_mut() {
+    }
+
+    /// Counts an acknowledged copy.
+    pub fn acknowledged(&self, topic: &str) {
+        metrics::counter!(m::EVENTS_PUBLISHED, "topic" => topic.to_string()).increment(1);
+    }
+
+    /// Classifies and counts a failed copy. A producer that librdkafka declared unusable (fenced,
+    /// a fatal idempotence error) is replaced, once per generation: the copy is then retriable
+    /// on the new producer like any other.
+    pub fn failed(&self, generation: u64, topic: &str, e: &rdkafka::error::KafkaError) -> SendError {
+        let code = e.rdkafka_error_code();
+        let reason = failure_of(code);
+        metrics::counter!(m::PUBLISH_ERRORS, "topic" => topic.to_string(), "reason" => reason.as_str()).increment(1);
+        let mut err = SendError {
+            producer_state: needs_new_producer(code),
+            fatal: is_fatal(code),
+            reason,
+            topic: topic.to_string(),
+            msg: e.to_string(),
+        };
+        let (current, producer) = self.current();
+        if current == generation {
             let why = match producer.client().fatal_error() {
                 Some((code, reason)) => Some(format!("{code:?}: {reason}")),
                 None if err.producer_state => Some(err.msg.clone()),
@@ -284,8 +268,10 @@ impl Publisher {
                 self.rebuild(generation, &why);
                 err.fatal = false;
             }
+        } else if err.producer_state {
+            err.fatal = false;
         }
-        first_err.map_or(Ok(()), Err)
+        err
     }
 
     fn current(&self) -> (u64, FutureProducer) {
@@ -456,6 +442,7 @@ pub fn spool_record(
         header_values: headers.into_iter().map(|(_, v)| v.into_bytes()).collect(),
         anomalous: ev.anomalous,
         slot: 0,
+        capture_unix_nanos: ev.capture_time_unix_nanos,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct SpoolRecord {
     /// is then one more than the previous record's).
     #[prost(uint32, tag = "8")]
     pub slot: u32,
+    /// When the frame was captured (Unix nanoseconds): the capture→acknowledgement latency.
+    #[prost(int64, tag = "9")]
+    pub capture_unix_nanos: i64,
 }
 
 /// Where a record lives: (segment, index in segment).
@@ -69,8 +72,19 @@ pub use kensa_core::metrics::OutboxRefusal as Refused;
 struct Segment {
     path: PathBuf,
     acks: Option<File>,
+    /// Opened on the first read of a record from this segment.
+    reader: Option<File>,
     bytes: u64,
     outstanding: u32,
+}
+
+/// Where a spooled record not yet handed to the sender lies: its bytes stay on disk until
+/// [`Outbox::take`] reads them, so a large backlog costs memory for its index only.
+#[derive(Clone, Copy, Debug)]
+struct Unsent {
+    id: EntryId,
+    offset: u64,
+    len: u32,
 }
 
 pub struct Outbox {
@@ -83,6 +97,8 @@ pub struct Outbox {
     /// Unacknowledged records by id (append order) → when they were appended (µs since the
     /// epoch; a record from an earlier run: its segment's creation time).
     waiting: BTreeMap<EntryId, u64>,
+    /// Spooled records not yet taken by the sender, in append order.
+    unsent: std::collections::VecDeque<Unsent>,
     /// Held (flock) for as long as this process has the outbox open.
     _lock: File,
 }
@@ -96,8 +112,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
 }
 
 impl Outbox {
-    /// Opens (or creates) the spool and returns the records not yet acknowledged, oldest first.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Vec<(EntryId, SpoolRecord)>), PublishError> {
+    /// Opens (or creates) the spool. The records an earlier process left unacknowledged are
+    /// indexed (checked, but not kept in memory) and come first from [`Outbox::take`].
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, PublishError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let lock_path = dir.join(".lock");
         let lock =
@@ -125,9 +142,9 @@ impl Outbox {
             current: None,
             usage: 0,
             waiting: BTreeMap::new(),
+            unsent: std::collections::VecDeque::new(),
             _lock: lock,
         };
-        let mut pending = Vec::new();
         for (n, path) in names {
             let acks_path = path.with_extension("acks");
             let acked = read_acks(&acks_path);
@@ -135,11 +152,11 @@ impl Outbox {
             let records = read_segment(&path)?;
             let bytes = std::fs::metadata(&path).map_or(bytes, |m| m.len());
             let mut outstanding = 0;
-            for (i, rec) in records {
-                if !acked.contains(&i) {
-                    let id = EntryId { segment: n, index: i };
+            for (index, offset, len) in records {
+                if !acked.contains(&index) {
+                    let id = EntryId { segment: n, index };
                     ob.waiting.insert(id, n);
-                    pending.push((id, rec));
+                    ob.unsent.push_back(Unsent { id, offset, len });
                     outstanding += 1;
                 }
             }
@@ -150,9 +167,53 @@ impl Outbox {
             }
             let acks = OpenOptions::new().create(true).append(true).open(&acks_path).map_err(io(&acks_path))?;
             ob.usage += bytes;
-            ob.segments.insert(n, Segment { path, acks: Some(acks), bytes, outstanding });
+            ob.segments.insert(n, Segment { path, acks: Some(acks), reader: None, bytes, outstanding });
         }
-        Ok((ob, pending))
+        Ok(ob)
+    }
+
+    /// Up to `max_records` spooled records (and about `max_bytes`; always at least one) not
+    /// yet taken, oldest first, read back from disk. A record that no longer reads back whole
+    /// is counted (`corrupt`), logged and forgotten; the ones after it still come.
+    pub fn take(&mut self, max_records: usize, max_bytes: usize) -> Vec<(EntryId, SpoolRecord)> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while out.len() < max_records && (out.is_empty() || bytes < max_bytes) {
+            let Some(u) = self.unsent.pop_front() else { break };
+            match self.read_record(u) {
+                Ok(rec) => {
+                    bytes += u.len as usize;
+                    out.push((u.id, rec));
+                }
+                Err(e) => {
+                    metrics::counter!(m::OUTBOX_DISCARDED, "reason" => OutboxDiscard::Corrupt.as_str()).increment(1);
+                    tracing::error!(
+                        segment = u.id.segment,
+                        index = u.id.index,
+                        "spooled record cannot be read back ({e}); skipped"
+                    );
+                    self.ack(u.id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether spooled records wait to be taken.
+    pub fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
+    }
+
+    fn read_record(&mut self, u: Unsent) -> std::io::Result<SpoolRecord> {
+        use std::os::unix::fs::FileExt;
+        let seg = self.segments.get_mut(&u.id.segment).ok_or_else(|| std::io::Error::other("segment is gone"))?;
+        if seg.reader.is_none() {
+            seg.reader = Some(File::open(&seg.path)?);
+        }
+        let f = seg.reader.as_ref().expect("opened above");
+        let mut buf = vec![0u8; 8 + u.len as usize];
+        f.read_exact_at(&mut buf, u.offset)?;
+        record_at(&buf, 0).map(|(rec, _)| rec).ok_or_else(|| std::io::Error::other("checksum or encoding fails"))
     }
 
     /// Bytes of segments on disk.
@@ -188,7 +249,7 @@ impl Outbox {
         let acks_path = path.with_extension("acks");
         let acks = OpenOptions::new().create(true).append(true).open(&acks_path).map_err(io(&acks_path))?;
         sync_dir(&self.dir)?;
-        self.segments.insert(n, Segment { path, acks: Some(acks), bytes: 0, outstanding: 0 });
+        self.segments.insert(n, Segment { path, acks: Some(acks), reader: None, bytes: 0, outstanding: 0 });
         self.current = Some((n, f, 0));
         Ok(())
     }
@@ -226,14 +287,17 @@ impl Outbox {
         let seg = self.segments.get_mut(n).expect("segment state");
         let mut buf = Vec::with_capacity(usize::try_from(added).unwrap_or(0));
         let mut index = *next;
+        let mut located = Vec::with_capacity(accepted.len());
         for &k in &accepted {
             let mut rec = records[k].clone();
             rec.slot = index + 1;
             let body = rec.encode_to_vec();
+            let id = EntryId { segment: *n, index };
+            located.push(Unsent { id, offset: seg.bytes + buf.len() as u64, len: body.len() as u32 });
             buf.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
             buf.extend_from_slice(&body);
-            out[k] = Ok(EntryId { segment: *n, index });
+            out[k] = Ok(id);
             index += 1;
         }
         if let Err(e) = f.write_all(&buf).and_then(|()| f.sync_data()) {
@@ -254,6 +318,7 @@ impl Outbox {
         *next = index;
         seg.bytes += buf.len() as u64;
         self.usage += buf.len() as u64;
+        self.unsent.extend(located);
         Ok(out)
     }
 
@@ -350,16 +415,17 @@ fn resync(data: &[u8], from: usize) -> Option<usize> {
     (from..data.len().saturating_sub(9)).find(|&p| record_at(data, p).is_some())
 }
 
-/// Reads a segment's records with their indices, skipping (and counting) damaged ones, and
-/// truncating an incomplete last record.
-fn read_segment(path: &Path) -> Result<Vec<(u32, SpoolRecord)>, PublishError> {
+/// Checks a segment's records and returns where each whole one lies (index, offset, body
+/// length), skipping (and counting) damaged ones and truncating an incomplete last record.
+/// One segment at a time is in memory (`segment_max`, 16 MiB at most).
+fn read_segment(path: &Path) -> Result<Vec<(u32, u64, u32)>, PublishError> {
     let data = std::fs::read(path).map_err(io(path))?;
     let discard = |reason: OutboxDiscard, at: usize| {
         metrics::counter!(m::OUTBOX_DISCARDED, "reason" => reason.as_str()).increment(1);
         tracing::error!(path = %path.display(), offset = at, reason = reason.as_str(),
             "damaged outbox record skipped; the records after it are kept");
     };
-    let mut out: Vec<(u32, SpoolRecord)> = Vec::new();
+    let mut out: Vec<(u32, u64, u32)> = Vec::new();
     let mut pos = 0;
     // Position of the next record, for records written before they carried their slot.
     let mut position = 0u32;
@@ -367,7 +433,7 @@ fn read_segment(path: &Path) -> Result<Vec<(u32, SpoolRecord)>, PublishError> {
         if let Some((rec, end)) = record_at(&data, pos) {
             let index = if rec.slot > 0 { rec.slot - 1 } else { position };
             position = index + 1;
-            out.push((index, rec));
+            out.push((index, pos as u64, (end - pos - 8) as u32));
             pos = end;
             continue;
         }
@@ -414,6 +480,13 @@ mod tests {
         }
     }
 
+    /// Opens the outbox and takes every record waiting in it.
+    fn open_all(d: &Path, max_bytes: u64) -> (Outbox, Vec<(EntryId, SpoolRecord)>) {
+        let mut ob = Outbox::open(d, max_bytes).unwrap();
+        let pending = ob.take(usize::MAX, usize::MAX);
+        (ob, pending)
+    }
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kensa-outbox-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -423,7 +496,7 @@ mod tests {
     #[test]
     fn unacked_records_survive_reopen_and_acked_ones_do_not() {
         let d = tmp("reopen");
-        let (mut ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, pending) = open_all(&d, 1 << 30);
         assert!(pending.is_empty());
         let ids: Vec<EntryId> = ob
             .append(&[rec("a", false, 10), rec("b", true, 10), rec("c", false, 10)])
@@ -433,7 +506,7 @@ mod tests {
             .collect();
         ob.ack(ids[1]);
         drop(ob);
-        let (mut ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, pending) = open_all(&d, 1 << 30);
         let names: Vec<&str> = pending.iter().map(|(_, r)| r.event_id.as_str()).collect();
         assert_eq!(names, ["a", "c"]);
         for (id, _) in &pending {
@@ -441,7 +514,7 @@ mod tests {
         }
         assert_eq!(ob.pending(), 0);
         drop(ob);
-        let (ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (ob, pending) = open_all(&d, 1 << 30);
         assert!(pending.is_empty());
         assert_eq!(ob.usage(), 0, "fully acknowledged segments are deleted");
         std::fs::remove_dir_all(&d).unwrap();
@@ -450,7 +523,7 @@ mod tests {
     #[test]
     fn torn_tail_is_ignored_not_fatal() {
         let d = tmp("torn");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         ob.append(&[rec("a", false, 10), rec("b", false, 10)]).unwrap();
         drop(ob);
         let seg = std::fs::read_dir(&d)
@@ -461,7 +534,7 @@ mod tests {
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&seg, bytes).unwrap();
-        let (ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (ob, pending) = open_all(&d, 1 << 30);
         assert_eq!(pending.iter().map(|(_, r)| r.event_id.as_str()).collect::<Vec<_>>(), ["a"]);
         drop(ob);
         let whole = record_at(&std::fs::read(&seg).unwrap(), 0).unwrap().1;
@@ -494,7 +567,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_the_middle_loses_only_its_record() {
         let d = tmp("flip");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         let recs: Vec<SpoolRecord> = (0..5).map(|i| rec(&format!("e{i}"), false, 40)).collect();
         let ids: Vec<EntryId> = ob.append(&recs).unwrap().into_iter().map(Result::unwrap).collect();
         ob.ack(ids[4]);
@@ -504,13 +577,13 @@ mod tests {
         let at = offsets(&bytes);
         bytes[at[2] + 20] ^= 0x40; // inside e2's body
         std::fs::write(&seg, &bytes).unwrap();
-        let (mut ob, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, pending) = open_all(&d, 1 << 30);
         assert_eq!(names(&pending), ["e0", "e1", "e3"], "e2 alone is lost; e4 stays acknowledged");
         for (id, _) in &pending {
             ob.ack(*id);
         }
         drop(ob);
-        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (_, pending) = open_all(&d, 1 << 30);
         assert!(pending.is_empty(), "acknowledgements after a skipped record hit the right records");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -518,7 +591,7 @@ mod tests {
     #[test]
     fn a_damaged_length_is_skipped_to_the_next_whole_record() {
         let d = tmp("len");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         let recs: Vec<SpoolRecord> = (0..4).map(|i| rec(&format!("e{i}"), true, 30)).collect();
         ob.append(&recs).unwrap();
         drop(ob);
@@ -527,7 +600,7 @@ mod tests {
         let at = offsets(&bytes);
         bytes[at[1] + 2] = 0xff; // e1's length: now far past the end
         std::fs::write(&seg, &bytes).unwrap();
-        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (_, pending) = open_all(&d, 1 << 30);
         assert_eq!(names(&pending), ["e0", "e2", "e3"]);
         assert_eq!(pending[1].0.index, 2, "indices survive the skip");
         std::fs::remove_dir_all(&d).unwrap();
@@ -536,7 +609,7 @@ mod tests {
     #[test]
     fn a_duplicate_ack_changes_nothing_and_the_backlog_has_an_age() {
         let d = tmp("dupack");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         assert_eq!(ob.oldest_pending_age_s(), 0.0);
         let ids: Vec<EntryId> =
             ob.append(&[rec("a", false, 10), rec("b", false, 10)]).unwrap().into_iter().map(Result::unwrap).collect();
@@ -553,14 +626,14 @@ mod tests {
     #[test]
     fn zero_filled_bytes_are_not_records() {
         let d = tmp("zeros");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         ob.append(&[rec("a", false, 10)]).unwrap();
         drop(ob);
         let seg = segment_of(&d);
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes.extend_from_slice(&[0u8; 64]); // a power loss can leave zeros after the last write
         std::fs::write(&seg, &bytes).unwrap();
-        let (_, pending) = Outbox::open(&d, 1 << 30).unwrap();
+        let (_, pending) = open_all(&d, 1 << 30);
         assert_eq!(names(&pending), ["a"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -568,7 +641,7 @@ mod tests {
     #[test]
     fn a_second_process_cannot_open_the_same_outbox() {
         let d = tmp("lock");
-        let (ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (ob, _) = open_all(&d, 1 << 30);
         let e = Outbox::open(&d, 1 << 30).err().expect("the folder is locked");
         assert!(e.to_string().contains("in use by another Kensa process"), "{e}");
         drop(ob);
@@ -579,7 +652,7 @@ mod tests {
     #[test]
     fn a_record_that_cannot_be_kept_aside_stays_spooled() {
         let d = tmp("unkeepable");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         std::fs::write(d.join("rejected"), b"a file where the folder should be").unwrap();
         let r = rec("cam/1/9", true, 10);
         let id = ob.append(std::slice::from_ref(&r)).unwrap()[0].unwrap();
@@ -591,7 +664,7 @@ mod tests {
     #[test]
     fn budget_drops_normal_results_first() {
         let d = tmp("budget");
-        let (mut ob, _) = Outbox::open(&d, 1000).unwrap();
+        let (mut ob, _) = open_all(&d, 1000);
         // Fill to ~80 % with normal results: the next normal one is refused, a defect is not.
         let mut accepted = 0;
         for i in 0..20 {
@@ -616,13 +689,38 @@ mod tests {
     #[test]
     fn rejected_records_are_kept_with_their_reason() {
         let d = tmp("reject");
-        let (mut ob, _) = Outbox::open(&d, 1 << 30).unwrap();
+        let (mut ob, _) = open_all(&d, 1 << 30);
         let r = rec("cam/1/5", true, 10);
         let id = ob.append(std::slice::from_ref(&r)).unwrap()[0].unwrap();
         let p = ob.reject(id, &r, "MessageSizeTooLarge").unwrap();
         assert!(p.is_file());
         assert_eq!(std::fs::read_to_string(p.with_extension("reason.txt")).unwrap(), "MessageSizeTooLarge");
         assert_eq!(ob.pending(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn take_reads_records_back_in_order_in_bounded_windows() {
+        let d = tmp("take");
+        let (mut ob, _) = open_all(&d, 1 << 30);
+        for b in 0..5 {
+            let recs: Vec<SpoolRecord> = (0..10).map(|i| rec(&format!("e{}", b * 10 + i), false, 100)).collect();
+            ob.append(&recs).unwrap();
+        }
+        let first = ob.take(7, usize::MAX);
+        assert_eq!(names(&first), (0..7).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        let bounded = ob.take(100, 250);
+        assert_eq!(bounded.len(), 3, "about 250 bytes: three records of ~110");
+        for (id, _) in first.iter().chain(&bounded) {
+            ob.ack(*id);
+        }
+        drop(ob);
+        // Reopened: the 40 not acknowledged come back, oldest first, read from disk.
+        let mut ob = Outbox::open(&d, 1 << 30).unwrap();
+        assert!(ob.has_unsent());
+        let rest = ob.take(usize::MAX, usize::MAX);
+        assert_eq!(names(&rest), (10..50).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        assert!(!ob.has_unsent());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -6,11 +6,19 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct TailArgs {
-    /// Bootstrap servers.
+    /// A Kensa config file: its `[kafka]` brokers, results topic and properties (TLS, SASL;
+    /// secrets from `${VAR}` and `KEY_file`) are used. The flags below override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Bootstrap servers (default: the config's, else 127.0.0.1:9092).
     #[arg(long)]
-    brokers: String,
+    brokers: Option<String>,
+    /// Topic to read (default: the config's results topic, else kensa.results).
     #[arg(long)]
-    topic: String,
+    topic: Option<String>,
+    /// A librdkafka property, like kcat's -X (repeatable): `-X security.protocol=SSL`.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    property: Vec<(String, String)>,
     /// Start from the oldest retained event instead of the newest.
     #[arg(long)]
     from_beginning: bool,
@@ -31,35 +39,60 @@ pub struct TailArgs {
     masks: Option<PathBuf>,
 }
 
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+/// The Kafka settings `tail` uses: the config file's `[kafka]` (if any), then the flags.
+fn kafka_settings(a: &TailArgs) -> Result<kensa_core::config::KafkaConfig, PublishError> {
+    let mut k = match &a.config {
+        Some(path) => {
+            kensa_core::config::KensaConfig::load_kafka(path).map_err(|e| PublishError::Config(e.to_string()))?
+        }
+        None => kensa_core::config::KafkaConfig::default(),
+    };
+    if let Some(b) = &a.brokers {
+        k.brokers.clone_from(b);
+    }
+    if let Some(t) = &a.topic {
+        k.topic.clone_from(t);
+    }
+    k.properties.extend(a.property.iter().cloned());
+    Ok(k)
+}
+
 /// Prints events as JSON lines on stdout until `--max`, `--idle-timeout-s` or the reader goes
 /// away; returns how many were printed.
 pub fn run(a: &TailArgs) -> Result<u64, PublishError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &a.brokers)
-        .set("group.id", "kensa-tail")
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| PublishError::Consumer(format!("cannot create Kafka consumer: {e}")))?;
-    let md = consumer.fetch_metadata(Some(&a.topic), Duration::from_secs(10)).map_err(|e| {
-        PublishError::Consumer(format!("cannot reach Kafka at {} for topic {}: {e}", a.brokers, a.topic))
-    })?;
+    let k = kafka_settings(a)?;
+    let (brokers, topic) = (&k.brokers, &k.topic);
+    let mut cc = rdkafka::ClientConfig::new();
+    cc.set("bootstrap.servers", brokers).set("group.id", "kensa-tail").set("enable.auto.commit", "false");
+    for (key, v) in &k.properties {
+        cc.set(key, v);
+    }
+    let consumer: BaseConsumer =
+        cc.create().map_err(|e| PublishError::Consumer(format!("cannot create Kafka consumer: {e}")))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| PublishError::Consumer(format!("cannot reach Kafka at {brokers} for topic {topic}: {e}")))?;
     let parts: Vec<i32> = md
         .topics()
         .iter()
-        .filter(|t| t.name() == a.topic)
+        .filter(|t| t.name() == topic)
         .flat_map(|t| t.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
         .collect();
     if parts.is_empty() {
-        return Err(PublishError::Consumer(format!(
-            "topic {} has no partitions on {} (does it exist?)",
-            a.topic, a.brokers
-        )));
+        return Err(PublishError::Consumer(format!("topic {topic} has no partitions on {brokers} (does it exist?)")));
     }
     let mut tpl = TopicPartitionList::new();
     for p in parts {
-        tpl.add_partition_offset(&a.topic, p, if a.from_beginning { Offset::Beginning } else { Offset::End })
+        tpl.add_partition_offset(topic, p, if a.from_beginning { Offset::Beginning } else { Offset::End })
             .map_err(|e| PublishError::Consumer(e.to_string()))?;
     }
     consumer.assign(&tpl).map_err(|e| PublishError::Consumer(e.to_string()))?;

@@ -90,6 +90,8 @@ struct HealthState {
     /// The last periodic metadata request to Kafka succeeded.
     broker: bool,
     cameras: BTreeMap<String, CameraStatus>,
+    /// The outbox backlog (events waiting for Kafka and how long the oldest has waited).
+    outbox: serde_json::Value,
 }
 
 /// A camera's state as `/healthz` shows it.
@@ -113,13 +115,16 @@ impl Health {
         let s = self.inner.lock().expect("health lock");
         s.ready && s.broker
     }
+    pub fn set_outbox(&self, backlog: serde_json::Value) {
+        self.inner.lock().expect("health lock").outbox = backlog;
+    }
     pub fn set_camera(&self, id: &str, state: CameraState, detail: impl Into<String>) {
         let status = CameraStatus { state: state.as_str(), detail: detail.into() };
         self.inner.lock().expect("health lock").cameras.insert(id.to_string(), status);
     }
     pub fn snapshot(&self) -> serde_json::Value {
         let s = self.inner.lock().expect("health lock");
-        serde_json::json!({ "ready": s.ready && s.broker, "model_loaded": s.ready, "broker_reachable": s.broker, "cameras": s.cameras })
+        serde_json::json!({ "ready": s.ready && s.broker, "model_loaded": s.ready, "broker_reachable": s.broker, "outbox": s.outbox, "cameras": s.cameras })
     }
 }
 
