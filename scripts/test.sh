@@ -15,6 +15,9 @@ echo "[test] broker $KENSA_TEST_BROKERS; shared data: ${KENSA_SHARED:-absent (te
 # Lints and formatting are part of the test: clippy with the workspace lints, -D warnings.
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
+# The shipped alert rules: valid, and their unit tests pass (promtool from Debian's prometheus).
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 log="$KENSA_CACHE/logs/test-$$.log"
 status=0
 cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?

@@ -1,7 +1,9 @@
 //! Ten `kill -9` at random moments (issue #19): a daemon scoring as fast as it can, killed by
 //! PID at a random time (so some kills land during an append and its fsync), restarted each
-//! time. Every event that was spooled must arrive (consumers dedupe on `event_id`), and each
-//! run's events must arrive without a gap and in capture order.
+//! time. Before every other kill the broker (the test's own, memory engine) stops answering
+//! (SIGSTOP) for a random while, so a backlog waits in the outbox when the kill comes. Every
+//! event that was spooled must arrive (consumers dedupe on `event_id`), and each run's events
+//! must arrive without a gap and in capture order.
 
 use kensa_publish::outbox::Outbox;
 use kensa_tests::*;
@@ -18,23 +20,23 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-/// Bytes of the outbox's segment files.
-fn segment_bytes(spool: &std::path::Path) -> u64 {
+/// The outbox's segment files and their sizes (one that shrinks at open had a torn tail).
+fn segment_sizes(spool: &std::path::Path) -> BTreeMap<std::path::PathBuf, u64> {
     std::fs::read_dir(spool)
         .map(|d| {
             d.filter_map(Result::ok)
                 .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
+                .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 #[test]
 fn ten_kills_at_random_moments_lose_no_spooled_event() {
+    let broker = MemoryBroker::start();
     let (dir, bank, topic, metrics) = rig("kills");
-    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    let mut c = base_config(&bank, &topic, &broker.addr, &metrics);
     // Unthrottled and never dropping: the pipeline appends to the outbox all the time, and
     // every scored frame of a run is spooled in order (only frames in memory at a kill are
     // lost, which is the end of that run's sequence).
@@ -54,23 +56,30 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
             metric(&d.scrape(), "kensa_outbox_appended_total", &[]).unwrap_or(0.0) >= 1.0
         });
         assert!(running, "run {k} never spooled anything\n{}", d.log_text());
-        let wait = Duration::from_millis(next(&mut seed) % 2000);
+        let paused = k % 2 == 0;
+        if paused {
+            signal(broker.child.id(), "STOP");
+        }
+        let wait = Duration::from_millis(500 + next(&mut seed) % 2500);
         std::thread::sleep(wait);
         let t = Instant::now();
         signal(d.child.id(), "KILL");
         assert!(d.wait(Duration::from_secs(10)).is_none(), "killed by a signal, no exit code");
+        if paused {
+            signal(broker.child.id(), "CONT");
+        }
         // What the next start will find: the records on disk, read as Kensa reads them (a
         // torn last record, a kill during an append, is truncated away: the segments shrink).
-        let before = segment_bytes(&spool);
+        let before = segment_sizes(&spool);
         let mut ob = Outbox::open(&spool, c.outbox.max_bytes).expect("the outbox opens after a kill");
         let pending = ob.take(usize::MAX, usize::MAX);
         drop(ob);
-        if segment_bytes(&spool) < before {
-            torn += 1;
-        }
+        let after = segment_sizes(&spool);
+        torn += after.iter().filter(|(p, len)| before.get(*p).is_some_and(|b| b > *len)).count();
         eprintln!(
-            "kill {k}: {} ms after the first append, {} events waiting; {:?}",
+            "kill {k}: {} ms after the first append{}, {} events waiting in the outbox ({:?} to read them)",
             wait.as_millis(),
+            if paused { ", broker paused" } else { "" },
             pending.len(),
             t.elapsed()
         );
@@ -88,7 +97,7 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
     assert!(drained, "{}\n{}", d.scrape(), d.log_text());
     assert_eq!(d.terminate(Duration::from_secs(60)), Some(0), "{}", d.log_text());
 
-    let got = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| {
+    let got = consume_until(&broker.addr, &topic, Duration::from_secs(60), |r| {
         let ids: BTreeSet<&str> = r.iter().map(|x| x.event.event_id.as_str()).collect();
         spooled_at_kill.iter().all(|e| ids.contains(e.as_str()))
     })

@@ -64,40 +64,6 @@ fn a_flipped_byte_in_a_spooled_segment_loses_only_its_record() {
     assert_eq!(d2.terminate(Duration::from_secs(40)), Some(0), "{}", d2.log_text());
 }
 
-/// A tansu broker of this test's own on the memory engine (its state survives SIGSTOP/SIGCONT).
-struct MemoryBroker {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl MemoryBroker {
-    fn start() -> Self {
-        let cache = std::env::var("KENSA_CACHE")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kensa"));
-        let tansu = cache.join("tansu/bin/tansu");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let url = format!("tcp://{addr}");
-        let child = std::process::Command::new(if tansu.is_file() { tansu } else { "tansu".into() })
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        assert!(wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok()));
-        Self { child, addr }
-    }
-}
-
-impl Drop for MemoryBroker {
-    fn drop(&mut self) {
-        signal(self.child.id(), "CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Whether each camera's events arrived in capture order: the first copy of each frame (later
 /// copies are duplicates from a re-send) comes after the first copy of every earlier frame.
 fn out_of_order(got: &[Received], camera: &str) -> usize {

@@ -1,6 +1,7 @@
 //! Link-time settings for the `kensa` binary:
-//! - an rpath to libtorch's `lib/` (from `KENSA_TORCH_LIB`, set by scripts/env.sh), so the binary
-//!   runs without LD_LIBRARY_PATH;
+//! - rpaths to libtorch's `lib/`: first `$ORIGIN/../lib/torch/lib` (where scripts/install.sh
+//!   puts it beside an installed binary), then the build's own (`KENSA_TORCH_LIB`, set by
+//!   scripts/env.sh), so the binary runs without LD_LIBRARY_PATH in either place;
 //! - `libtorch_cuda.so` kept as a dependency even though no symbol of it is referenced
 //!   (`--no-as-needed`): without it, CUDA is silently unavailable.
 fn main() {
@@ -10,6 +11,7 @@ fn main() {
     if !dir.is_dir() {
         return;
     }
+    println!("cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN/../lib/torch/lib");
     println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{lib}");
     if dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg-bins=-Wl,--no-as-needed");

@@ -146,6 +146,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, extra: &[&str], metrics: &str) -> Self {
+        Self::start_with_env(config, extra, metrics, &[])
+    }
+
+    /// As [`Daemon::start`], with environment variables of its own (secrets, say).
+    pub fn start_with_env(config: &Path, extra: &[&str], metrics: &str, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let f = std::fs::File::create(&log).expect("log file");
         let child = Command::new(kensa_bin())
@@ -153,6 +158,7 @@ impl Daemon {
             .arg("--config")
             .arg(config)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
@@ -365,7 +371,8 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn tansu() -> PathBuf {
+    /// The tansu binary (`scripts/setup.sh` puts it in the cache).
+    pub fn tansu() -> PathBuf {
         let cache = std::env::var("KENSA_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kensa"));
@@ -573,4 +580,34 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let r = rt.block_on(admin.create_topics([&new], &AdminOptions::new())).unwrap();
     assert!(r.iter().all(Result::is_ok), "{r:?}");
+}
+
+/// A tansu broker of this test's own on the memory engine (its state survives SIGSTOP/SIGCONT).
+pub struct MemoryBroker {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl MemoryBroker {
+    pub fn start() -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let url = format!("tcp://{addr}");
+        let child = std::process::Command::new(Broker::tansu())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        assert!(wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok()));
+        Self { child, addr }
+    }
+}
+
+impl Drop for MemoryBroker {
+    fn drop(&mut self) {
+        signal(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -236,7 +236,8 @@ impl KafkaConfig {
     ///   problem, named; `$${` is a literal `${`);
     /// - a property `KEY_file = "PATH"` sets KEY to the contents of the file at PATH (relative
     ///   to the config's folder; one trailing newline removed), as Docker and Kubernetes secrets
-    ///   are mounted (`sasl.password_file = "/run/secrets/kafka-password"`).
+    ///   are mounted (`sasl.password_file = "/run/secrets/kafka-password"`);
+    /// - a relative `*.location` path (`ssl.ca.location`) is taken from the config's folder.
     ///
     /// Returns the problems, each naming the key; the values never appear in them.
     pub fn resolve_secrets(&mut self, base: &Path, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
@@ -266,6 +267,10 @@ impl KafkaConfig {
                             problems.push(format!("kafka.properties.\"{k}\": cannot read {}: {e}", path.display()));
                         }
                     }
+                }
+                // librdkafka's file paths (`ssl.ca.location`, ...) are relative to the config's folder.
+                None if k.ends_with(".location") && !v.is_empty() && Path::new(&v).is_relative() => {
+                    resolved.insert(k, base.join(&v).display().to_string());
                 }
                 None => {
                     resolved.insert(k, v);

@@ -24,6 +24,33 @@ pub enum TelemetryError {
     Recorder(String),
     #[error("cannot listen on {addr} for /metrics and /healthz: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error("health probe http://{addr}{path}: {msg}")]
+    Probe { addr: String, path: String, msg: String },
+}
+
+/// `kensa healthcheck`: one HTTP GET of `path` on Kensa's listener (for Docker's HEALTHCHECK,
+/// which has no curl in the image). Ok when it answers 200; the error says what it got.
+pub fn probe(addr: &str, path: &str, timeout: Duration) -> Result<(), TelemetryError> {
+    use std::io::{Read, Write};
+    let fail = |msg: String| TelemetryError::Probe { addr: addr.to_string(), path: path.to_string(), msg };
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| fail(e.to_string()))?
+        .next()
+        .ok_or_else(|| fail("no address".into()))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| fail(e.to_string()))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| fail(e.to_string()))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| fail(e.to_string()))?;
+    let mut head = Vec::new();
+    s.take(4096).read_to_end(&mut head).map_err(|e| fail(e.to_string()))?;
+    let head = String::from_utf8_lossy(&head);
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(fail(format!("answered `{status}`")))
+    }
 }
 
 /// Installs the global Prometheus recorder, with buckets by name suffix and every metric

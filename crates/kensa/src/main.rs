@@ -41,6 +41,15 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Probe a running Kensa's health endpoint: exit 0 when it answers 200 (Docker HEALTHCHECK).
+    Healthcheck {
+        /// Kensa's telemetry listener.
+        #[arg(long, default_value = "127.0.0.1:9898")]
+        addr: String,
+        /// /livez (the process serves), /readyz (model loaded and broker reachable) or /healthz.
+        #[arg(long, default_value = "/livez")]
+        path: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -87,6 +96,9 @@ fn main() -> ExitCode {
         Cmd::Tail(a) => kensa_publish::tail::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Eval(a) => kensa_eval::eval::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Check { config } => commands::check(&config),
+        Cmd::Healthcheck { addr, path } => {
+            kensa_telemetry::probe(&addr, &path, Duration::from_secs(5)).map(|()| ExitCode::SUCCESS).map_err(Into::into)
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
