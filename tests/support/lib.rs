@@ -216,8 +216,10 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    // Bodies may be binary (evidence PNGs): lossy, so their magic reads "\u{fffd}PNG".
+    let buf = String::from_utf8_lossy(&raw);
     let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header")?;
     let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
     Ok((status, body.to_string()))

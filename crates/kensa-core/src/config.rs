@@ -348,6 +348,15 @@ pub struct PublishConfig {
     pub store_dir: Option<PathBuf>,
     /// Which frames are stored: `anomalous` or `all`.
     pub store: StoreWhich,
+    /// Retention of `store_dir`: the oldest files go first once it holds more than this many
+    /// bytes (0: no limit).
+    pub store_max_bytes: u64,
+    /// Retention of `store_dir`: files older than this many seconds go (0: no limit).
+    pub store_max_age_s: u64,
+    /// When set, events carry URLs to their evidence: this prefix + `<camera>/<run>/<file>`.
+    /// Kensa serves `store_dir` under `/evidence/` on its telemetry listener, so
+    /// `http://<host>:9898/evidence` is the usual value.
+    pub evidence_url_prefix: Option<String>,
     /// Wrap payloads in Confluent Schema Registry framing with this schema id (magic byte 0,
     /// 4-byte id, message index 0). Unset: plain protobuf.
     pub schema_registry_id: Option<u32>,
@@ -362,6 +371,9 @@ impl Default for PublishConfig {
             mask_max_side: 0,
             store_dir: None,
             store: StoreWhich::Anomalous,
+            store_max_bytes: 10 << 30,
+            store_max_age_s: 7 * 86_400,
+            evidence_url_prefix: None,
             schema_registry_id: None,
             drain_timeout_s: 15,
         }

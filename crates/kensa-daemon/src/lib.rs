@@ -12,11 +12,12 @@
 //!   → batcher (here: groups frames by the product the lineup gives their camera)
 //!   → model (model.rs: one OS thread, tensors only, driven through a ModelHandle)
 //!   → verdict stage (verdict.rs: judges, masks, evidence, the event; its own OS thread)
-//!   → delivery (kensa-publish: durable outbox, then Kafka)
+//!   → delivery (kensa-publish: spooler → durable outbox → sender → Kafka)
 //! ```
 //!
 //! - [`model`]: the model thread and its handle (score, swap a bank).
 //! - [`verdict`]: the verdict/events stage.
+//! - [`evidence`]: snapshots, maps and overlays on disk (names unique per run), and retention.
 //! - [`lineup`]: the one owner of camera → product assignments.
 //! - [`reload`]: bank files polled, SIGHUP, the control topic.
 //!
@@ -25,6 +26,7 @@
 //! drains → delivery waits for every acknowledgement (bounded by `publish.drain_timeout_s`) →
 //! background tasks are cancelled; the whole drain runs under one deadline.
 
+pub mod evidence;
 pub mod lineup;
 pub mod model;
 pub mod reload;
@@ -124,7 +126,12 @@ pub async fn run(
     let publisher = Publisher::connect(&cfg.kafka).await?;
     health.set_broker(true);
     background.spawn(watch_broker(publisher.clone(), health.clone(), token.clone()));
-    let (addr, http) = kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), token.clone()).await?;
+    let evidence_dir = cfg.publish.store_dir.clone();
+    let (addr, http) =
+        kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), evidence_dir, token.clone()).await?;
+    if cfg.publish.store_dir.is_some() {
+        background.spawn(until(token.clone(), evidence::retention(cfg.publish.clone(), Duration::from_secs(60))));
+    }
     tracing::info!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
 
     // Capture.

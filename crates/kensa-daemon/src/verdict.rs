@@ -7,13 +7,11 @@
 use crate::model::{BankView, GroupResult, ScoredFrame};
 use kensa_core::config::{JudgeMode, JudgesConfig, KensaConfig, PublishConfig, StoreWhich};
 use kensa_core::metrics::{self as m, Label, LmResult, Stage};
-use kensa_core::{AnomalyMap, Frame};
 use kensa_lm::judge::LmJudge;
 use kensa_publish::delivery::Scored;
 use kensa_publish::event::{self, Judgement, Origin};
 use kensa_verdict::{Judge as _, Verdict};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -33,14 +31,21 @@ pub struct VerdictStage {
     pub judges: JudgesConfig,
     /// Product → its language-model judge.
     pub lm: HashMap<String, LmJudge>,
+    /// Where evidence goes (`publish.store_dir`), if anywhere.
+    pub evidence: Option<crate::evidence::Evidence>,
 }
 
 impl VerdictStage {
     pub fn new(cfg: &KensaConfig, model_id: String, run_id: String, lm: HashMap<String, LmJudge>) -> Self {
         Self {
             model_id,
-            run_id,
+            run_id: run_id.clone(),
             cameras: cfg.cameras.iter().map(|c| (c.id.clone(), (c.line.clone(), c.station.clone()))).collect(),
+            evidence: cfg
+                .publish
+                .store_dir
+                .clone()
+                .map(|d| crate::evidence::Evidence::new(d, &run_id, cfg.publish.evidence_url_prefix.clone())),
             publish: cfg.publish.clone(),
             judges: cfg.judges.clone(),
             lm,
@@ -92,9 +97,11 @@ impl VerdictStage {
             _ => &calibrated,
         };
         let (mask, mw, mh) = downscale_mask(&mask, map.width, map.height, self.publish.mask_max_side);
-        let (map_path, snapshot_path) = match &self.publish.store_dir {
-            Some(dir) if decided.anomalous || self.publish.store == StoreWhich::All => store(dir, f, map),
-            _ => (String::new(), String::new()),
+        let evidence = match &self.evidence {
+            Some(e) if decided.anomalous || self.publish.store == StoreWhich::All => {
+                e.store(f, map, bank.calibration.pixel_threshold)
+            }
+            _ => crate::evidence::Stored::default(),
         };
         let (camera, product_l) = (f.camera.to_string(), product.to_string());
         metrics::counter!(m::FRAMES_SCORED, "camera" => camera.clone(), "product" => product_l.clone()).increment(1);
@@ -129,8 +136,7 @@ impl VerdictStage {
             mask_size: (mw, mh),
             bank_version: bank.version.clone(),
             model_id: &self.model_id,
-            map_path,
-            snapshot_path,
+            evidence,
             stages: &stages,
         };
         Scored { event: event::build(&origin, judgement), captured_at: f.captured_at }
@@ -223,34 +229,6 @@ pub fn downscale_mask(mask: &[u8], w: u32, h: u32, max_side: u32) -> (Vec<u8>, u
         }
     }
     (out, nw, nh)
-}
-
-/// Writes the full-resolution map (.npy) and the frame (.png) under `dir/<camera>/`; returns
-/// their paths (empty strings if writing failed, which is logged).
-fn store(dir: &Path, f: &Frame, map: &AnomalyMap) -> (String, String) {
-    let d = dir.join(&*f.camera);
-    let stem = format!("{:012}", f.seq);
-    let res = (|| -> std::io::Result<(PathBuf, PathBuf)> {
-        std::fs::create_dir_all(&d)?;
-        let mp = d.join(format!("{stem}_map.npy"));
-        kensa_core::npy::write_f32_2d(
-            std::io::BufWriter::new(std::fs::File::create(&mp)?),
-            map.height as usize,
-            map.width as usize,
-            &map.data,
-        )?;
-        let sp = d.join(format!("{stem}.png"));
-        image::save_buffer(&sp, &f.data, f.width, f.height, image::ExtendedColorType::Rgb8)
-            .map_err(std::io::Error::other)?;
-        Ok((mp, sp))
-    })();
-    match res {
-        Ok((m, s)) => (m.display().to_string(), s.display().to_string()),
-        Err(e) => {
-            tracing::error!(camera = %f.camera, frame = f.seq, dir = %d.display(), "cannot store map and snapshot: {e}");
-            (String::new(), String::new())
-        }
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 
 pub mod eval;
 pub mod metrics;
-pub mod overlay;
+pub use kensa_verdict::overlay;
 pub mod score;
 
 pub use eval::{EvalArgs, EvalOutcome};

@@ -38,11 +38,22 @@ pub struct Judgement<'a> {
     pub mask_size: (u32, u32),
     pub bank_version: String,
     pub model_id: &'a str,
-    /// Where the map and the frame were stored (empty when not stored).
-    pub map_path: String,
-    pub snapshot_path: String,
+    /// Where the frame's evidence was stored (empty when not stored).
+    pub evidence: EvidenceRefs,
     /// Seconds per stage.
     pub stages: &'a [(Stage, f64)],
+}
+
+/// Where a frame's snapshot, map and overlay were stored, and their URLs (empty: not stored,
+/// or no `publish.evidence_url_prefix`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EvidenceRefs {
+    pub snapshot_path: String,
+    pub map_path: String,
+    pub overlay_path: String,
+    pub snapshot_url: String,
+    pub map_url: String,
+    pub overlay_url: String,
 }
 
 /// The event of one judged frame; `publish_time_unix_nanos` is now.
@@ -100,7 +111,11 @@ pub fn build(o: &Origin<'_>, j: Judgement<'_>) -> InspectionEvent {
         judges_agree: j.verdicts.iter().all(|x| x.anomalous == j.verdicts[0].anomalous),
         mask_width: j.mask_size.0,
         mask_height: j.mask_size.1,
-        map_path: j.map_path,
-        snapshot_path: j.snapshot_path,
+        map_path: j.evidence.map_path,
+        snapshot_path: j.evidence.snapshot_path,
+        snapshot_url: j.evidence.snapshot_url,
+        map_url: j.evidence.map_url,
+        overlay_path: j.evidence.overlay_path,
+        overlay_url: j.evidence.overlay_url,
     }
 }

@@ -515,6 +515,10 @@ pub fn event_to_json(ev: &InspectionEvent) -> serde_json::Value {
         "mask_height": ev.mask_height,
         "map_path": ev.map_path,
         "snapshot_path": ev.snapshot_path,
+        "overlay_path": ev.overlay_path,
+        "snapshot_url": ev.snapshot_url,
+        "map_url": ev.map_url,
+        "overlay_url": ev.overlay_url,
         "judges_agree": ev.judges_agree,
     })
 }

@@ -159,6 +159,36 @@ impl Health {
 struct AppState {
     handle: PrometheusHandle,
     health: Health,
+    /// `publish.store_dir`, served under /evidence/.
+    evidence: Option<Arc<std::path::PathBuf>>,
+}
+
+/// A stored snapshot, map or overlay: `/evidence/<camera>/<run>/<file>`. Each part must be a
+/// safe name (no `..`, no `/`), so nothing outside the folder can be read.
+async fn evidence(
+    State(s): State<AppState>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> axum::response::Response {
+    let Some(dir) = s.evidence.as_deref() else {
+        return (StatusCode::NOT_FOUND, "no publish.store_dir\n").into_response();
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.len() != 3 || !parts.iter().all(|p| kensa_core::config::safe_name(p)) {
+        return (StatusCode::BAD_REQUEST, "expected /evidence/<camera>/<run>/<file>\n").into_response();
+    }
+    let file = parts.iter().fold(dir.clone(), |d, p| d.join(p));
+    let kind = match file.extension().and_then(|e| e.to_str()) {
+        Some("png") => "image/png",
+        Some("npy") => "application/octet-stream",
+        _ => return (StatusCode::NOT_FOUND, "not evidence\n").into_response(),
+    };
+    match tokio::task::spawn_blocking(move || std::fs::read(file))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    {
+        Ok(bytes) => ([(header::CONTENT_TYPE, kind)], bytes).into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such file (removed by retention?)\n").into_response(),
+    }
 }
 
 async fn metrics_page(State(s): State<AppState>) -> impl IntoResponse {
@@ -186,6 +216,7 @@ pub async fn serve(
     addr: &str,
     handle: PrometheusHandle,
     health: Health,
+    evidence_dir: Option<std::path::PathBuf>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -206,7 +237,8 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(AppState { handle, health });
+        .route("/evidence/{*path}", get(evidence))
+        .with_state(AppState { handle, health, evidence: evidence_dir.map(Arc::new) });
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
         let (served, ()) = tokio::join!(serve, upkeep);

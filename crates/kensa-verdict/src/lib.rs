@@ -12,9 +12,12 @@
 //! pixel mask.
 //!
 //! # Layout
-//! One module: [`Calibration`] (fitted at enrollment, stored in the bank), [`judge`] (map →
+//! This module: [`Calibration`] (fitted at enrollment, stored in the bank), [`judge`] (map →
 //! [`Verdict`] and mask), the [`Judge`] trait both judges implement, [`mask_png`], and
-//! [`VerdictError`], the crate's one error enum.
+//! [`VerdictError`], the crate's one error enum. [`overlay`]: the verdict as a picture (heat
+//! overlay with region outlines) for operators, `kensa score` and `kensa eval`.
+
+pub mod overlay;
 
 use kensa_core::grid::{answer, Cell};
 use kensa_core::AnomalyMap;
