@@ -2,44 +2,8 @@
 
 use kensa_tests::*;
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-struct RtspServer(Child, Option<std::process::ChildStdout>);
-
-impl RtspServer {
-    fn start(port: u16) -> Option<Self> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/rtsp_server.py");
-        let child = Command::new("/usr/bin/python3")
-            .args([script, "--port", &port.to_string(), "--path", "/line"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let mut s = RtspServer(child, None);
-        // It prints its URL once listening. The pipe stays open while it runs.
-        let mut out = s.0.stdout.take()?;
-        let mut buf = [0u8; 64];
-        let n = std::io::Read::read(&mut out, &mut buf).ok()?;
-        s.1 = Some(out);
-        (n > 0 && buf.starts_with(b"rtsp://")).then_some(s)
-    }
-}
-
-impl Drop for RtspServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rtsp_server_available() -> bool {
-    Command::new("/usr/bin/python3")
-        .args(["-c", "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"])
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new("gst-inspect-1.0").arg("x264enc").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
-}
 
 #[test]
 fn rtsp_camera_reconnects_when_its_server_restarts() {

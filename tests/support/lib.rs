@@ -613,3 +613,41 @@ impl Drop for MemoryBroker {
         let _ = self.child.wait();
     }
 }
+
+/// tools/rtsp_server.py (GStreamer RTSP server, H.264) on a port, serving `/line`.
+pub struct RtspServer(Child, Option<std::process::ChildStdout>);
+
+impl RtspServer {
+    pub fn start(port: u16) -> Option<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/rtsp_server.py");
+        let child = Command::new("/usr/bin/python3")
+            .args([script, "--port", &port.to_string(), "--path", "/line"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut s = RtspServer(child, None);
+        // It prints its URL once listening. The pipe stays open while it runs.
+        let mut out = s.0.stdout.take()?;
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut out, &mut buf).ok()?;
+        s.1 = Some(out);
+        (n > 0 && buf.starts_with(b"rtsp://")).then_some(s)
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether the RTSP test server can run here (python3-gi, the RTSP server typelib, x264enc).
+pub fn rtsp_server_available() -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("gst-inspect-1.0").arg("x264enc").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}

@@ -12,9 +12,12 @@
 //! - this module: pipeline templates ([`template`], [`describe`]), [`start`] (one thread per
 //!   camera: the appsink callback, supervision and reconnects), [`check`], and [`CaptureError`],
 //!   the crate's one error enum.
+//! - [`commission`]: frames through a camera's own pipeline, for `kensa capture` (references)
+//!   and `kensa check --probe`.
 //! - [`images`]: image files: listing a folder, decoding with limits.
 //! - [`mvtec`]: data sets in MVTec AD layout (for `kensa eval` and `kensa train-judge --eval`).
 
+pub mod commission;
 pub mod images;
 pub mod mvtec;
 

@@ -193,7 +193,7 @@ pub async fn run(
     ));
     drop(model);
     let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
-    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges);
+    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges, health.clone());
     let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
     let stopping = CancellationToken::new();
@@ -355,7 +355,10 @@ fn load_judges(
     let mut out = HashMap::new();
     for (name, p) in &cfg.products {
         let Some(file) = &p.judge else { continue };
-        let version = info.banks.get(name).map(|b| b.version.as_str()).unwrap_or_default();
+        let Some(version) = info.banks.get(name).map(|b| b.version.as_str()) else {
+            tracing::warn!(product = %name, "its bank is not made yet, so its language-model judge is not loaded");
+            continue;
+        };
         let j = kensa_lm::judging::load_judge(file, version, info.feature_dim, info.device)
             .map_err(|e| DaemonError::Config(format!("products.{name}.judge: {e}")))?;
         tracing::info!(product = %name, judge = %file.display(), "language-model judge loaded");

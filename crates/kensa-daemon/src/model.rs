@@ -196,6 +196,13 @@ fn load(cfg: &KensaConfig) -> Result<(Engine, HashMap<String, Bank>), DaemonErro
     let (device, kind) = (backbone.device, backbone.kind);
     let mut banks = HashMap::new();
     for (name, p) in &cfg.products {
+        if !p.bank.exists() {
+            // Commissioning: the daemon runs; this product's cameras wait for their bank (the
+            // file watch loads it when it appears).
+            tracing::warn!(product = %name, bank = %p.bank.display(),
+                "bank not made yet: cameras of this product are not scored (waiting_for_bank) until it exists");
+            continue;
+        }
         let bank = Bank::load(&p.bank, &backbone.meta, m.input_size, device)
             .map_err(|e| DaemonError::Config(format!("products.{name}.bank: {e}")))?
             .cast(kind);
@@ -213,7 +220,7 @@ fn score(engine: &Engine, banks: &HashMap<String, Bank>, groups: Vec<Group>) -> 
         .into_iter()
         .map(|g| {
             let Some(bank) = banks.get(&*g.product) else {
-                tracing::error!(product = %g.product, "no bank loaded for product; frames dropped");
+                // Waiting for its bank: counted (`no_bank`) and shown in /healthz, not logged per batch.
                 return GroupResult::Dropped { product: g.product, frames: g.frames, reason: DropReason::NoBank };
             };
             let views: Vec<(&[u8], u32, u32)> =

@@ -33,10 +33,18 @@ pub struct VerdictStage {
     pub lm: HashMap<String, LmJudge>,
     /// Where evidence goes (`publish.store_dir`), if anywhere.
     pub evidence: Option<crate::evidence::Evidence>,
+    /// Where cameras waiting for their product's bank are shown.
+    pub health: kensa_telemetry::Health,
 }
 
 impl VerdictStage {
-    pub fn new(cfg: &KensaConfig, model_id: String, run_id: String, lm: HashMap<String, LmJudge>) -> Self {
+    pub fn new(
+        cfg: &KensaConfig,
+        model_id: String,
+        run_id: String,
+        lm: HashMap<String, LmJudge>,
+        health: kensa_telemetry::Health,
+    ) -> Self {
         Self {
             model_id,
             run_id: run_id.clone(),
@@ -49,6 +57,7 @@ impl VerdictStage {
             publish: cfg.publish.clone(),
             judges: cfg.judges.clone(),
             lm,
+            health,
         }
     }
 
@@ -59,13 +68,16 @@ impl VerdictStage {
             for g in batch.groups {
                 match g {
                     GroupResult::Dropped { frames, reason, .. } => {
+                        let waiting = reason == kensa_core::metrics::DropReason::NoBank;
                         for f in frames {
+                            self.health.set_waiting_for_bank(&f.camera, waiting);
                             metrics::counter!(m::FRAMES_DROPPED, "camera" => f.camera.to_string(), "reason" => reason.as_str())
                                 .increment(1);
                         }
                     }
                     GroupResult::Scored { product, bank, frames, model_s } => {
                         for s in frames {
+                            self.health.set_waiting_for_bank(&s.frame.camera, false);
                             let queue_s = batch.formed_at.saturating_duration_since(s.frame.captured_at).as_secs_f64();
                             let scored = self.judge(&product, &bank, s, &mut budget, (queue_s, model_s));
                             if out.blocking_send(scored).is_err() {

@@ -117,6 +117,9 @@ struct HealthState {
     /// The last periodic metadata request to Kafka succeeded.
     broker: bool,
     cameras: BTreeMap<String, CameraStatus>,
+    /// Cameras whose product has no bank yet: shown as `waiting_for_bank` while their
+    /// pipeline is up.
+    waiting: std::collections::BTreeSet<String>,
     /// The outbox backlog (events waiting for Kafka and how long the oldest has waited).
     outbox: serde_json::Value,
 }
@@ -142,6 +145,18 @@ impl Health {
         let s = self.inner.lock().expect("health lock");
         s.ready && s.broker
     }
+    /// Marks a camera as waiting for its product's bank (frames arrive, none is scored).
+    pub fn set_waiting_for_bank(&self, camera: &str, waiting: bool) {
+        let mut s = self.inner.lock().expect("health lock");
+        if waiting {
+            if !s.waiting.contains(camera) {
+                tracing::warn!(camera, "camera waits for its product's bank: frames are not scored");
+                s.waiting.insert(camera.to_string());
+            }
+        } else if s.waiting.remove(camera) {
+            tracing::info!(camera, "the product's bank is loaded: the camera is scored");
+        }
+    }
     pub fn set_outbox(&self, backlog: serde_json::Value) {
         self.inner.lock().expect("health lock").outbox = backlog;
     }
@@ -151,7 +166,13 @@ impl Health {
     }
     pub fn snapshot(&self) -> serde_json::Value {
         let s = self.inner.lock().expect("health lock");
-        serde_json::json!({ "ready": s.ready && s.broker, "model_loaded": s.ready, "broker_reachable": s.broker, "outbox": s.outbox, "cameras": s.cameras })
+        let mut cameras = s.cameras.clone();
+        for (id, c) in &mut cameras {
+            if c.state == CameraState::Up.as_str() && s.waiting.contains(id) {
+                c.state = "waiting_for_bank";
+            }
+        }
+        serde_json::json!({ "ready": s.ready && s.broker, "model_loaded": s.ready, "broker_reachable": s.broker, "outbox": s.outbox, "cameras": cameras })
     }
 }
 

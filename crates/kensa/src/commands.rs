@@ -1,4 +1,4 @@
-//! The one-shot commands that are only wiring: enroll, synth, check. (`score` and `eval` are
+//! The one-shot commands that are only wiring: enroll, synth, check, capture. (`score` and `eval` are
 //! in kensa-eval, `tail` in kensa-publish, `train-judge` in kensa-lm.)
 
 use anyhow::{bail, Result};
@@ -7,9 +7,9 @@ use kensa_capture::images;
 use kensa_core::config::KensaConfig;
 use kensa_model::cli::{ModelArgs, RecipeArgs};
 use kensa_model::enroll::enroll as do_enroll;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct EnrollArgs {
@@ -113,21 +113,93 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn check(config: &Path) -> Result<ExitCode> {
-    let cfg = KensaConfig::load(config)?;
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Config file (TOML).
+    #[arg(long, value_name = "FILE", env = "KENSA_CONFIG")]
+    config: PathBuf,
+    /// Also open every camera for one frame and report its size and how long it took.
+    #[arg(long)]
+    probe: bool,
+    /// With --probe: how long to wait for each camera's first frame.
+    #[arg(long, default_value_t = 20)]
+    probe_timeout_s: u64,
+}
+
+/// `kensa check`: exit 0 when valid, 2 when a camera's pipeline does not parse or (with
+/// --probe) delivers no frame; products without a bank yet are reported, not errors.
+pub fn check(a: &CheckArgs) -> Result<ExitCode> {
+    let cfg = KensaConfig::load(&a.config)?;
     let mut bad = 0;
     for cam in &cfg.cameras {
-        match kensa_capture::check(cam) {
-            Ok(()) => eprintln!("camera {}: pipeline ok: {}", cam.id, kensa_capture::describe_redacted(cam)),
-            Err(e) => {
-                bad += 1;
-                eprintln!("error: {e}");
+        if let Err(e) = kensa_capture::check(cam) {
+            bad += 1;
+            eprintln!("error: {e}");
+            continue;
+        }
+        eprintln!("camera {}: pipeline ok: {}", cam.id, kensa_capture::describe_redacted(cam));
+        if a.probe {
+            match kensa_capture::commission::probe(cam, Duration::from_secs(a.probe_timeout_s)) {
+                Ok(p) => eprintln!(
+                    "camera {}: delivers {}x{} RGB, first frame after {} ms",
+                    cam.id,
+                    p.width,
+                    p.height,
+                    p.first_frame.as_millis()
+                ),
+                Err(e) => {
+                    bad += 1;
+                    eprintln!("error: {e}");
+                }
             }
         }
+    }
+    for (product, bank) in cfg.waiting_for_bank() {
+        let cams: Vec<&str> = cfg.cameras.iter().filter(|c| c.product == product).map(|c| c.id.as_str()).collect();
+        eprintln!(
+            "product {product}: waiting for bank {} (cameras {} run but are not scored until it exists: \
+             `kensa capture`, then `kensa enroll`)",
+            bank.display(),
+            cams.join(", ")
+        );
     }
     if bad > 0 {
         return Ok(ExitCode::from(2));
     }
-    eprintln!("{}: ok ({} camera(s), {} product(s))", config.display(), cfg.cameras.len(), cfg.products.len());
+    eprintln!("{}: ok ({} camera(s), {} product(s))", a.config.display(), cfg.cameras.len(), cfg.products.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kensa capture`: frames through the camera's own pipeline into a folder to enroll from.
+pub fn capture(a: &kensa_capture::commission::CaptureArgs) -> Result<ExitCode> {
+    let cfg = KensaConfig::load(&a.config)?;
+    let Some(cam) = cfg.cameras.iter().find(|c| c.id == a.camera) else {
+        let ids: Vec<&str> = cfg.cameras.iter().map(|c| c.id.as_str()).collect();
+        bail!("no camera `{}` in {} (cameras: {})", a.camera, a.config.display(), ids.join(", "));
+    };
+    let bar = indicatif::ProgressBar::new(a.count as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("capturing {bar:30} {pos}/{len} frames ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let frames = kensa_capture::commission::grab(
+        cam,
+        a.count,
+        Duration::from_millis(a.every_ms),
+        Duration::from_secs(a.timeout_s),
+        |n, _| bar.set_position(n as u64),
+    )?;
+    bar.finish_and_clear();
+    let paths = kensa_capture::commission::save(&frames, &a.out)?;
+    let (w, h) = frames.first().map_or((0, 0), |f| (f.width, f.height));
+    eprintln!("saved {} frame(s) of {w}x{h} from camera {} to {}", paths.len(), cam.id, a.out.display());
+    if let Some(p) = cfg.products.get(&cam.product) {
+        eprintln!(
+            "next: kensa enroll --product {} --images {} --out {}",
+            cam.product,
+            a.out.display(),
+            p.bank.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -35,12 +35,11 @@ enum Cmd {
     TrainJudge(kensa_lm::judging::TrainJudgeArgs),
     /// Print events from a Kafka topic as JSON lines.
     Tail(kensa_publish::tail::TailArgs),
-    /// Validate a config file and parse every camera's pipeline, without running.
-    Check {
-        /// Config file (TOML).
-        #[arg(long)]
-        config: PathBuf,
-    },
+    /// Validate a config file and parse every camera's pipeline, without running (with
+    /// --probe: open every camera for one frame and report what it delivers).
+    Check(commands::CheckArgs),
+    /// Save reference frames through a configured camera's own pipeline, to enroll from.
+    Capture(kensa_capture::commission::CaptureArgs),
     /// Probe a running Kensa's health endpoint: exit 0 when it answers 200 (Docker HEALTHCHECK).
     Healthcheck {
         /// Kensa's telemetry listener.
@@ -95,7 +94,8 @@ fn main() -> ExitCode {
         Cmd::Synth(a) => commands::synth(a),
         Cmd::Tail(a) => kensa_publish::tail::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Eval(a) => kensa_eval::eval::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
-        Cmd::Check { config } => commands::check(&config),
+        Cmd::Check(a) => commands::check(&a),
+        Cmd::Capture(a) => commands::capture(&a),
         Cmd::Healthcheck { addr, path } => {
             kensa_telemetry::probe(&addr, &path, Duration::from_secs(5)).map(|()| ExitCode::SUCCESS).map_err(Into::into)
         }

@@ -1,0 +1,129 @@
+//! Commissioning a line live (issue #20): the daemon starts while a product has no bank yet
+//! (its camera is `waiting_for_bank`: frames arrive, none is scored, not an error);
+//! `kensa check --probe` opens every camera for one frame; `kensa capture` saves references
+//! through the camera's own pipeline; `kensa enroll` makes the bank, the daemon picks it up
+//! and the camera is scored. RTSP (a real GStreamer RTSP server) is probed and captured too.
+
+use kensa_tests::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn kensa_out(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(kensa_bin()).args(args).output().expect("kensa");
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn health(metrics: &str) -> serde_json::Value {
+    http_get(metrics, "/healthz").ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default()
+}
+
+#[test]
+fn a_line_is_commissioned_live_from_capture_to_scoring() {
+    let (dir, _, topic, metrics) = rig("commission");
+    let bank = dir.path().join("banks/disc.kbank");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.model.bank_poll_s = 1;
+    let mut cam = synthetic_camera("cam", 21, 0, 8.0, 0.3);
+    (cam.width, cam.height) = (200, 160);
+    cam.policy = Some(kensa_core::config::FullPolicy::Drop);
+    c.cameras.push(cam);
+    let cfg = write_config(dir.path(), &c);
+    let cfg_s = cfg.to_str().unwrap();
+
+    let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("camera cam: delivers 200x160 RGB"), "{text}");
+    assert!(text.contains("product disc: waiting for bank"), "{text}");
+
+    // The daemon starts without the bank: the camera waits, nothing is scored, it is ready.
+    let mut d = Daemon::start(&cfg, &[], &metrics);
+    let waiting =
+        wait_for(Duration::from_secs(90), || health(&metrics)["cameras"]["cam"]["state"] == "waiting_for_bank");
+    assert!(waiting, "{}\n{}", health(&metrics), d.log_text());
+    let m = d.scrape();
+    assert!(metric(&m, "kensa_frames_dropped_total", &[("camera", "cam"), ("reason", "no_bank")]).unwrap_or(0.0) > 0.0);
+    assert_eq!(metric(&m, "kensa_frames_scored_total", &[]).unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(http_get(&metrics, "/readyz").unwrap().0, 200, "a camera waiting for its bank is not a failure");
+
+    // References through the camera's own pipeline, then the bank.
+    let refs = dir.path().join("captured");
+    let (code, text) = kensa_out(&[
+        "capture",
+        "--config",
+        cfg_s,
+        "--camera",
+        "cam",
+        "--count",
+        "3",
+        "--every-ms",
+        "200",
+        "--out",
+        refs.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("saved 3 frame(s) of 200x160 from camera cam"), "{text}");
+    assert!(text.contains(&format!("next: kensa enroll --product disc --images {}", refs.display())), "{text}");
+    let pngs: Vec<_> = std::fs::read_dir(&refs).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pngs.len(), 3);
+    for p in &pngs {
+        let img = image::open(p).unwrap();
+        assert_eq!((img.width(), img.height()), (200, 160), "exactly what scoring sees");
+    }
+    let out = enroll("disc", &refs, &bank, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The daemon loads it (file watch) and the camera is scored and published.
+    let scored = wait_for(Duration::from_secs(120), || {
+        metric(&d.scrape(), "kensa_frames_scored_total", &[("camera", "cam")]).unwrap_or(0.0) >= 3.0
+    });
+    assert!(scored, "{}\n{}", d.scrape(), d.log_text());
+    assert_eq!(health(&metrics)["cameras"]["cam"]["state"], "up");
+    let got = consume(&brokers(), &topic, 3, Duration::from_secs(60)).unwrap();
+    assert!(got.len() >= 3);
+    assert_eq!(d.terminate(Duration::from_secs(60)), Some(0), "{}", d.log_text());
+
+    // A camera that cannot deliver fails the probe with a clear error, exit 2.
+    let mut broken = c.clone();
+    broken.cameras = vec![folder_camera("gone", &dir.path().join("no-such-folder"))];
+    let cfg2 = write_config(dir.path(), &broken);
+    let (code, text) = kensa_out(&["check", "--config", cfg2.to_str().unwrap(), "--probe", "--probe-timeout-s", "5"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("camera gone"), "{text}");
+    let (code, text) = kensa_out(&["capture", "--config", cfg_s, "--camera", "nope", "--out", "/tmp/x"]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("no camera `nope`") && text.contains("cameras: gone"), "{text}");
+}
+
+#[test]
+fn an_rtsp_camera_is_probed_and_captured_through_its_pipeline() {
+    if !rtsp_server_available() {
+        eprintln!("SKIP: needs python3-gi, gir1.2-gst-rtsp-server-1.0 and x264enc (scripts/setup.sh installs them)");
+        return;
+    }
+    let port = free_port();
+    let _server = RtspServer::start(port).expect("RTSP server starts");
+    let (dir, bank, topic, metrics) = rig("commission-rtsp");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    let mut cam = rtsp_camera("ipcam", &format!("rtsp://127.0.0.1:{port}/line"), 50);
+    (cam.width, cam.height) = (160, 120);
+    c.cameras.push(cam);
+    let cfg = write_config(dir.path(), &c);
+    let cfg_s = cfg.to_str().unwrap();
+    let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("camera ipcam: delivers 160x120 RGB"), "{text}");
+    let refs = dir.path().join("captured");
+    let (code, text) = kensa_out(&[
+        "capture",
+        "--config",
+        cfg_s,
+        "--camera",
+        "ipcam",
+        "--count",
+        "2",
+        "--out",
+        refs.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(std::fs::read_dir(&refs).unwrap().count(), 2, "{text}");
+}
