@@ -95,23 +95,31 @@ fn a_line_is_commissioned_live_from_capture_to_scoring() {
 }
 
 #[test]
-fn an_rtsp_camera_is_probed_and_captured_through_its_pipeline() {
+fn rtsp_cameras_in_h264_and_h265_are_probed_and_captured_through_their_pipelines() {
     if !rtsp_server_available() {
         eprintln!("SKIP: needs python3-gi, gir1.2-gst-rtsp-server-1.0 and x264enc (scripts/setup.sh installs them)");
         return;
     }
-    let port = free_port();
-    let _server = RtspServer::start(port).expect("RTSP server starts");
+    let (p264, p265) = (free_port(), free_port());
+    let _s264 = RtspServer::start(p264).expect("RTSP server starts");
+    let _s265 = RtspServer::start_with(p265, "h265").expect("H.265 RTSP server starts");
     let (dir, bank, topic, metrics) = rig("commission-rtsp");
     let mut c = base_config(&bank, &topic, &brokers(), &metrics);
-    let mut cam = rtsp_camera("ipcam", &format!("rtsp://127.0.0.1:{port}/line"), 50);
+    let mut cam = rtsp_camera("ipcam", &format!("rtsp://127.0.0.1:{p264}/line"), 50);
     (cam.width, cam.height) = (160, 120);
     c.cameras.push(cam);
+    let mut hevc = rtsp_camera("hevc", &format!("rtsp://127.0.0.1:{p265}/line"), 50);
+    (hevc.width, hevc.height) = (160, 120);
+    if let kensa_core::config::SourceConfig::Rtsp { codec, .. } = &mut hevc.source {
+        *codec = kensa_core::config::RtspCodec::H265;
+    }
+    c.cameras.push(hevc);
     let cfg = write_config(dir.path(), &c);
     let cfg_s = cfg.to_str().unwrap();
     let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("camera ipcam: delivers 160x120 RGB"), "{text}");
+    assert!(text.contains("camera hevc: delivers 160x120 RGB"), "H.265: {text}");
     let refs = dir.path().join("captured");
     let (code, text) = kensa_out(&[
         "capture",
@@ -126,4 +134,48 @@ fn an_rtsp_camera_is_probed_and_captured_through_its_pipeline() {
     ]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(std::fs::read_dir(&refs).unwrap().count(), 2, "{text}");
+}
+
+#[test]
+fn gige_cameras_negotiate_their_pixel_format_and_take_exposure_and_gain() {
+    let has_fake = Command::new("arv-fake-gv-camera-0.8").arg("--help").output().is_ok();
+    let has_src = Command::new("gst-inspect-1.0").arg("aravissrc").output().is_ok_and(|o| o.status.success());
+    if !has_fake || !has_src {
+        eprintln!("SKIP: needs aravis-tools (arv-fake-gv-camera-0.8) and aravissrc (scripts/setup.sh installs them)");
+        return;
+    }
+    let mut fake = Command::new("arv-fake-gv-camera-0.8")
+        .args(["-i", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (dir, bank, topic, metrics) = rig("commission-gige");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    // The simulated camera streams Bayer by default and also offers Mono8.
+    c.cameras.push(gige_camera("auto", "127.0.0.1"));
+    let mut mono = gige_camera("mono", "127.0.0.1");
+    if let kensa_core::config::SourceConfig::Gige { settings, .. } = &mut mono.source {
+        settings.pixel_format = kensa_core::config::PixelFormat::Mono8;
+        settings.exposure_us = Some(5000.0);
+        settings.gain_db = Some(2.0);
+    }
+    c.cameras.push(mono);
+    let cfg = write_config(dir.path(), &c);
+    let cfg_s = cfg.to_str().unwrap();
+    let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("camera auto: delivers 256x256 RGB"), "{text}");
+    assert!(text.contains("GigE pixel format: Bayer, demosaiced"), "auto found the Bayer mosaic: {text}");
+    assert!(text.contains("camera mono: delivers 256x256 RGB"), "{text}");
+    assert!(text.contains("format=GRAY8") && text.contains("exposure=5000") && text.contains("gain=2"), "{text}");
+    let out = dir.path().join("mono-refs");
+    let (code, text) =
+        kensa_out(&["capture", "--config", cfg_s, "--camera", "mono", "--count", "2", "--out", out.to_str().unwrap()]);
+    let _ = fake.kill();
+    let _ = fake.wait();
+    assert_eq!(code, Some(0), "{text}");
+    let img = image::open(std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path()).unwrap().to_rgb8();
+    assert!(img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]), "Mono8 frames are grey");
 }

@@ -1,6 +1,7 @@
 //! The tests' configs are [`KensaConfig`] values written by `write_config`: every field survives
 //! the trip through TOML and `KensaConfig::load`, and the camera builders mean what the same
-//! cameras written by hand mean. Needs neither the binary nor a broker.
+//! cameras written by hand mean (no broker needed), and the CLI's config and error handling
+//! (the binary).
 
 use kensa_core::config::{FullPolicy, JudgeMode, KensaConfig, ProductConfig, SourceConfig, StoreWhich};
 use kensa_tests::*;
@@ -117,4 +118,22 @@ source = { kind = "gige", camera = "127.0.0.1" }
     built.cameras.push(video);
     built.cameras.push(gige_camera("gige", "127.0.0.1"));
     assert_eq!(text(&built), text(&hand));
+}
+
+#[test]
+fn cli_errors_are_json_with_log_format_json_and_the_default_config_path_is_named() {
+    let out = kensa(&["--log-format", "json", "check", "--config", "/nonexistent/kensa.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(err.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {err}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert!(line["fields"]["error"].as_str().unwrap_or_default().contains("/nonexistent/kensa.toml"), "{line}");
+    // Without --config or KENSA_CONFIG: the default path, named in the error.
+    let out = std::process::Command::new(kensa_bin()).arg("check").env_remove("KENSA_CONFIG").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/etc/kensa/kensa.toml"), "{out:?}");
+    // --device and --precision list their values.
+    let help = String::from_utf8_lossy(&kensa(&["enroll", "--help"]).stdout).into_owned();
+    assert!(help.contains("[possible values: auto, cpu, cuda]"), "{help}");
+    assert!(help.contains("[possible values: auto, fp32, fp16, bf16]"), "{help}");
 }

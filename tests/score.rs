@@ -47,7 +47,14 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
             let stem = f.file_stem().unwrap().to_str().unwrap();
             let j = read_json(&out.join(format!("{stem}.json")));
             let keys: Vec<&String> = j.as_object().unwrap().keys().collect();
-            assert_eq!(keys, ["anomalous", "answer", "confidence", "locations", "score"], "exact keys");
+            assert_eq!(keys, ["anomalous", "answer", "confidence", "locations", "regions", "score"], "exact keys");
+            let regions = j["regions"].as_array().unwrap();
+            assert_eq!(regions.is_empty(), !j["anomalous"].as_bool().unwrap(), "an anomaly has its boxes");
+            for r in regions {
+                let b: Vec<u64> = r["bbox"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+                assert!(b[0] < b[2] && b[1] < b[3] && r["area"].as_u64().unwrap() > 0, "{r}");
+                assert!(kensa_core::Cell::ALL.iter().any(|c| c.name() == r["cell"]), "{r}");
+            }
             let anomalous = j["anomalous"].as_bool().unwrap();
             let cells = kensa_core::grid::parse_answer(j["answer"].as_str().unwrap()).expect("answer in grammar");
             assert_eq!(cells.is_empty(), !anomalous);
@@ -68,6 +75,17 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
     }
     assert_eq!(total, 16);
     assert!(correct * 10 >= total * 8, "verdict accuracy {correct}/{total} on the synthetic line");
+    // One summary row per image, agreeing with its JSON.
+    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("image,score,anomalous,confidence,regions,locations,answer"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 16, "{csv}");
+    for row in rows {
+        let image = std::path::Path::new(row.split(',').next().unwrap());
+        let j = read_json(&out.join(format!("{}.json", image.file_stem().unwrap().to_str().unwrap())));
+        assert_eq!(row.split(',').nth(2), Some(j["anomalous"].to_string().as_str()), "{row}");
+    }
 }
 
 #[test]

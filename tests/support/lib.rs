@@ -522,12 +522,12 @@ pub fn video_camera(id: &str, path: &Path) -> CameraConfig {
 
 /// An RTSP camera of product `disc`.
 pub fn rtsp_camera(id: &str, url: &str, latency_ms: u32) -> CameraConfig {
-    camera(id, SourceConfig::Rtsp { url: url.to_string(), latency_ms })
+    camera(id, SourceConfig::Rtsp { url: url.to_string(), latency_ms, codec: Default::default() })
 }
 
 /// A GigE Vision camera of product `disc`.
 pub fn gige_camera(id: &str, camera_name: &str) -> CameraConfig {
-    camera(id, SourceConfig::Gige { camera: camera_name.to_string() })
+    camera(id, SourceConfig::Gige { camera: camera_name.to_string(), settings: Default::default() })
 }
 
 /// Writes `cfg` as TOML to `dir/kensa.toml` and returns the path. The text is parsed back
@@ -619,9 +619,14 @@ pub struct RtspServer(Child, Option<std::process::ChildStdout>);
 
 impl RtspServer {
     pub fn start(port: u16) -> Option<Self> {
+        Self::start_with(port, "h264")
+    }
+
+    /// With `codec` "h264" or "h265".
+    pub fn start_with(port: u16, codec: &str) -> Option<Self> {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/rtsp_server.py");
         let child = Command::new("/usr/bin/python3")
-            .args([script, "--port", &port.to_string(), "--path", "/line"])
+            .args([script, "--port", &port.to_string(), "--path", "/line", "--codec", codec])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

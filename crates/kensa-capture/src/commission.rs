@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 #[derive(clap::Args, Clone, Debug)]
 pub struct CaptureArgs {
     /// Kensa config file (TOML) that defines the camera.
-    #[arg(long, value_name = "FILE", env = "KENSA_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "KENSA_CONFIG", default_value = kensa_core::config::DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Id of the camera to capture from.
     #[arg(long)]

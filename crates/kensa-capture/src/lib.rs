@@ -89,17 +89,87 @@ pub fn describe(cam: &CameraConfig) -> String {
     match &cam.source {
         SourceConfig::VideoFile { path } => fill(&mut t, "path", quote(&path.display().to_string())),
         SourceConfig::V4l2 { device } => fill(&mut t, "device", quote(device)),
-        SourceConfig::Rtsp { url, latency_ms } => {
+        SourceConfig::Rtsp { url, latency_ms, codec } => {
             fill(&mut t, "url", quote(url));
             fill(&mut t, "latency_ms", latency_ms.to_string());
+            fill(&mut t, "codec", codec.gst_name().to_string());
         }
-        SourceConfig::Gige { camera } => fill(&mut t, "camera", quote(camera)),
+        SourceConfig::Gige { camera, settings } => {
+            fill(&mut t, "camera", quote(camera));
+            let (props, convert) = gige_parts(settings);
+            fill(&mut t, "aravis", if props.is_empty() { props } else { format!(" {props}") });
+            fill(&mut t, "convert", convert.to_string());
+        }
         SourceConfig::Synthetic { .. } | SourceConfig::ImageFolder { .. } => {}
     }
     fill(&mut t, "width", cam.width.to_string());
     fill(&mut t, "height", cam.height.to_string());
     fill(&mut t, "queue", cam.queue.to_string());
     t
+}
+
+/// aravissrc's properties for the settings (`{aravis}` in the template), and the caps and
+/// conversion after it (`{convert}`). `Auto` is
+/// resolved to the camera's own format when a session opens ([`resolve_gige`]); `check`
+/// (which opens nothing) assumes Bayer.
+fn gige_parts(g: &kensa_core::config::GigeSettings) -> (String, &'static str) {
+    use kensa_core::config::PixelFormat;
+    let mut props = Vec::new();
+    if let Some(e) = g.exposure_us {
+        props.push(format!("exposure-auto=off exposure={e}"));
+    }
+    if let Some(db) = g.gain_db {
+        props.push(format!("gain-auto=off gain={db}"));
+    }
+    let mut features = match &g.trigger {
+        Some(src) => format!("TriggerMode=On TriggerSource={src}"),
+        None => String::new(),
+    };
+    if let Some(f) = &g.features {
+        features = format!("{features} {f}").trim().to_string();
+    }
+    if !features.is_empty() {
+        props.push(format!("features={}", quote(&features)));
+    }
+    let convert = match g.pixel_format {
+        PixelFormat::Auto | PixelFormat::Bayer => "video/x-bayer ! bayer2rgb ! ",
+        PixelFormat::Mono8 => "video/x-raw,format=GRAY8 ! ",
+        PixelFormat::Rgb8 => "video/x-raw,format=RGB ! ",
+    };
+    (props.join(" "), convert)
+}
+
+/// The pipeline a session runs. A GigE camera with `pixel_format = "auto"` gets the format it
+/// is set to: one frame is pulled (`aravissrc ! appsink`) and its caps decide between Bayer
+/// (demosaiced by bayer2rgb) and a raw format (GRAY8, RGB, ...: converted by videoconvert).
+fn session_pipeline(cam: &CameraConfig) -> String {
+    use kensa_core::config::PixelFormat;
+    let desc = describe(cam);
+    let SourceConfig::Gige { camera, settings } = &cam.source else { return desc };
+    if settings.pixel_format != PixelFormat::Auto {
+        return desc;
+    }
+    let (props, bayer) = gige_parts(settings);
+    let probe =
+        format!("aravissrc camera-name={} {props} num-buffers=1 ! appsink name=probe sync=false", quote(camera));
+    let caps = (|| {
+        let p = gst::parse::launch(&probe).ok()?.downcast::<gst::Pipeline>().ok()?;
+        let sink = p.by_name("probe")?.downcast::<gst_app::AppSink>().ok()?;
+        p.set_state(gst::State::Playing).ok()?;
+        let sample = sink.try_pull_sample(gst::ClockTime::from_seconds(10));
+        let _ = p.set_state(gst::State::Null);
+        Some(sample?.caps()?.structure(0)?.name().to_string())
+    })();
+    match caps.as_deref() {
+        Some(raw) if raw.starts_with("video/x-raw") => {
+            tracing::info!(camera = %cam.id, caps = raw, "GigE pixel format: raw, converted");
+            desc.replacen(bayer, "", 1)
+        }
+        other => {
+            tracing::info!(camera = %cam.id, caps = other.unwrap_or("none within 10 s"), "GigE pixel format: Bayer, demosaiced");
+            desc
+        }
+    }
 }
 
 fn init(camera: &str) -> Result<(), CaptureError> {
@@ -218,7 +288,7 @@ fn open(
     seq: &Arc<AtomicU64>,
     stop: &Arc<AtomicBool>,
 ) -> Result<Session, CaptureError> {
-    let desc = describe(cam);
+    let desc = session_pipeline(cam);
     let build_err = |msg: String| CaptureError::Build {
         camera: cam.id.clone(),
         pipeline: redact_credentials(&desc),
@@ -628,7 +698,33 @@ mod tests {
         assert!(d.starts_with("filesrc location=\"/tmp/a \\\"b\\\".avi\" ! decodebin"), "{d}");
         assert!(d.contains("width=64,height=48"), "{d}");
         assert!(d.contains("max-buffers=2 drop=false"), "{d}");
-        let d = describe(&cam(SourceConfig::Rtsp { url: "rtsp://h/s".into(), latency_ms: 50 }));
+        let d =
+            describe(&cam(SourceConfig::Rtsp { url: "rtsp://h/s".into(), latency_ms: 50, codec: Default::default() }));
         assert!(d.contains("latency=50") && d.contains("drop=true"), "{d}");
+        assert!(d.contains("rtph264depay ! h264parse ! avdec_h264"), "{d}");
+        let codec = kensa_core::config::RtspCodec::H265;
+        let d = describe(&cam(SourceConfig::Rtsp { url: "rtsp://h/s".into(), latency_ms: 50, codec }));
+        assert!(d.contains("rtph265depay ! h265parse ! avdec_h265"), "{d}");
+    }
+
+    #[test]
+    fn gige_settings_reach_aravissrc() {
+        use kensa_core::config::{GigeSettings, PixelFormat};
+        let settings = GigeSettings {
+            pixel_format: PixelFormat::Mono8,
+            exposure_us: Some(5000.0),
+            gain_db: Some(2.5),
+            trigger: Some("Line1".into()),
+            features: Some("BinningHorizontal=2".into()),
+        };
+        let d = describe(&cam(SourceConfig::Gige { camera: "10.0.0.7".into(), settings }));
+        assert!(
+            d.starts_with("aravissrc camera-name=\"10.0.0.7\" exposure-auto=off exposure=5000 gain-auto=off gain=2.5"),
+            "{d}"
+        );
+        assert!(d.contains("features=\"TriggerMode=On TriggerSource=Line1 BinningHorizontal=2\""), "{d}");
+        assert!(d.contains("! video/x-raw,format=GRAY8 ! videoconvert"), "{d}");
+        let d = describe(&cam(SourceConfig::Gige { camera: "c".into(), settings: GigeSettings::default() }));
+        assert!(d.contains("aravissrc camera-name=\"c\" ! video/x-bayer ! bayer2rgb ! videoconvert"), "{d}");
     }
 }

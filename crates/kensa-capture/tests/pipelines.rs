@@ -29,8 +29,8 @@ fn every_template_parses_where_its_plugins_exist() {
         SourceConfig::ImageFolder { path: "/tmp".into(), fps: 0.0 },
         SourceConfig::VideoFile { path: "/tmp/x.mp4".into() },
         SourceConfig::V4l2 { device: "/dev/video0".into() },
-        SourceConfig::Rtsp { url: "rtsp://127.0.0.1:8554/line".into(), latency_ms: 100 },
-        SourceConfig::Gige { camera: "Aravis-Fake-GV01".into() },
+        SourceConfig::Rtsp { url: "rtsp://127.0.0.1:8554/line".into(), latency_ms: 100, codec: Default::default() },
+        SourceConfig::Gige { camera: "Aravis-Fake-GV01".into(), settings: Default::default() },
     ];
     let mut parsed = 0;
     for k in kinds {

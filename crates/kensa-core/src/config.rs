@@ -565,14 +565,76 @@ pub enum SourceConfig {
     VideoFile { path: PathBuf },
     /// A V4L2 USB camera.
     V4l2 { device: String },
-    /// An RTSP H.264 camera.
+    /// An RTSP camera (H.264 or H.265).
     Rtsp {
         url: String,
         #[serde(default = "default_latency")]
         latency_ms: u32,
+        #[serde(default)]
+        codec: RtspCodec,
     },
     /// A GigE Vision camera through aravissrc.
-    Gige { camera: String },
+    Gige {
+        /// Its name, or better its IP address (pipelines/README.md).
+        camera: String,
+        #[serde(flatten)]
+        settings: GigeSettings,
+    },
+}
+
+/// The video codec an RTSP camera streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspCodec {
+    #[default]
+    H264,
+    H265,
+}
+
+impl RtspCodec {
+    /// The name GStreamer's elements carry (`rtph264depay`, `h265parse`, `avdec_h264`).
+    pub fn gst_name(self) -> &'static str {
+        match self {
+            RtspCodec::H264 => "h264",
+            RtspCodec::H265 => "h265",
+        }
+    }
+}
+
+/// The pixel format a GigE camera is asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    /// Whatever the camera is set to: Bayer is demosaiced (bayer2rgb), other formats converted.
+    #[default]
+    Auto,
+    /// Monochrome 8 bit (GRAY8).
+    Mono8,
+    /// A Bayer mosaic, demosaiced by bayer2rgb.
+    Bayer,
+    /// RGB 8 bit.
+    Rgb8,
+}
+
+/// GigE Vision settings applied when the stream starts.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GigeSettings {
+    #[serde(default)]
+    pub pixel_format: PixelFormat,
+    /// Exposure time in µs (unset: the camera's automatic exposure stays as it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposure_us: Option<f64>,
+    /// Gain in dB (unset: as the camera is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain_db: Option<f64>,
+    /// Hardware trigger source (`Line1`, `Software`, ...): TriggerMode=On with that source, so
+    /// a frame is taken per part; unset: free running (TriggerMode=Off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// More GenICam feature assignments, space separated (`BinningHorizontal=2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<String>,
 }
 
 fn default_defect_rate() -> f64 {
@@ -598,6 +660,10 @@ impl SourceConfig {
         matches!(self, SourceConfig::V4l2 { .. } | SourceConfig::Rtsp { .. } | SourceConfig::Gige { .. })
     }
 }
+
+/// Where `kensa run`, `check` and `capture` look for their config without `--config` or
+/// `KENSA_CONFIG`.
+pub const DEFAULT_CONFIG: &str = "/etc/kensa/kensa.toml";
 
 /// The file at `path`, then the `KENSA__SECTION__KEY` environment variables over it.
 fn layered(path: &Path) -> Result<config::Config, ConfigError> {

@@ -29,6 +29,8 @@ pub struct EvalArgs {
     /// Runs per shot count, each with other references.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
+    /// Seed of the choice of references per run, the calibration and the LM judge's training
+    /// (each run mixes its index in).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write every result as JSON here.
@@ -39,6 +41,7 @@ pub struct EvalArgs {
     /// `kensa train-judge`), then judges every test image.
     #[arg(long)]
     pub lm: Option<PathBuf>,
+    /// The llama2.c tokenizer (`tokenizer.bin`) of --lm (default: beside the checkpoint).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Synthetic examples per LM-judge training.

@@ -1,16 +1,27 @@
 //! `kensa score`: still images scored against a bank. Per image it writes `<stem>.json` (the
-//! calibrated verdict: `score`, `anomalous`, `answer`, `locations`, `confidence`),
-//! `<stem>_map.npy` (the anomaly map, float32, height × width) and, with `--overlay`,
-//! `<stem>_overlay.png` (image | heat overlay). Images that cannot be read are reported and
-//! skipped; the outcome counts them (exit status 2).
+//! calibrated verdict: `score`, `anomalous`, `answer`, `locations`, `confidence`, and
+//! `regions` with their cell, bounding box, area and peak, as anomalib's predictions carry
+//! boxes), `<stem>_map.npy` (the anomaly map, float32, height × width) and, with `--overlay`,
+//! `<stem>_overlay.png` (image | heat overlay); per call, `summary.csv` (one row per image).
+//! Images that cannot be read are reported and skipped; the outcome counts them (exit status 2).
 
 use crate::{io_err, EvalError, Result};
 use kensa_capture::images;
 use kensa_model::bank::Bank;
 use kensa_model::cli::ModelArgs;
 use kensa_model::engine::Engine;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
 
 /// The options of `kensa score` (the binary uses them as the subcommand's arguments).
 #[derive(clap::Args, Clone, Debug)]
@@ -18,7 +29,7 @@ pub struct ScoreArgs {
     /// Bank made by `kensa enroll`.
     #[arg(long)]
     pub bank: PathBuf,
-    /// Output folder for <stem>.json and <stem>_map.npy.
+    /// Output folder for <stem>.json, <stem>_map.npy and summary.csv.
     #[arg(long)]
     pub out: PathBuf,
     /// Images, or folders of images.
@@ -96,6 +107,14 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
     let mut failed = 0usize;
     let t0 = Instant::now();
     let mut scored = 0usize;
+    let bar = indicatif::ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("scoring {bar:30} {pos}/{len} images ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let csv_path = a.out.join("summary.csv");
+    let mut csv = std::io::BufWriter::new(std::fs::File::create(&csv_path).map_err(io_err("write", &csv_path))?);
+    writeln!(csv, "image,score,anomalous,confidence,regions,locations,answer").map_err(io_err("write", &csv_path))?;
     // Images are decoded on a second thread, one batch ahead of the model (bounded: two
     // batches in flight), so decoding overlaps scoring.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(PathBuf, Result<image::RgbImage, String>)>>(2);
@@ -117,8 +136,9 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
             match img {
                 Ok(img) => loaded.push((p, img)),
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    bar.suspend(|| eprintln!("error: {e}"));
                     failed += 1;
+                    bar.inc(1);
                 }
             }
         }
@@ -142,7 +162,26 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
                 "answer": v.answer,
                 "locations": v.locations.iter().map(|c| c.name()).collect::<Vec<_>>(),
                 "confidence": v.confidence,
+                "regions": v.regions.iter().map(|r| serde_json::json!({
+                    "cell": r.cell.name(),
+                    "bbox": r.bbox,
+                    "area": r.area,
+                    "peak": r.peak,
+                })).collect::<Vec<_>>(),
             });
+            let locations: Vec<&str> = v.locations.iter().map(|c| c.name()).collect();
+            writeln!(
+                csv,
+                "{},{},{},{},{},{},{}",
+                csv_field(&p.display().to_string()),
+                v.score,
+                v.anomalous,
+                v.confidence,
+                v.regions.len(),
+                csv_field(&locations.join("; ")),
+                csv_field(&v.answer)
+            )
+            .map_err(io_err("write", &csv_path))?;
             let jp = a.out.join(format!("{stem}.json"));
             std::fs::write(&jp, serde_json::to_string_pretty(&json)? + "\n").map_err(io_err("write", &jp))?;
             let np = a.out.join(format!("{stem}_map.npy"));
@@ -155,8 +194,11 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
             )
             .map_err(io_err("write", &np))?;
             scored += 1;
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
+    csv.flush().map_err(io_err("write", &csv_path))?;
     loader.join().map_err(|_| EvalError::Loader)?;
     let dt = t0.elapsed().as_secs_f64();
     eprintln!(

@@ -48,6 +48,7 @@ pub struct TrainJudgeArgs {
     /// Synthetic training examples (half normal, half with synthetic defects).
     #[arg(long, default_value_t = TRAIN_EXAMPLES)]
     pub examples: usize,
+    /// Passes over the training examples.
     #[arg(long, default_value_t = TRAIN_EPOCHS)]
     pub epochs: usize,
     /// Adam learning rate.
@@ -56,6 +57,7 @@ pub struct TrainJudgeArgs {
     /// Optional product description spliced into the prompt.
     #[arg(long, default_value = "")]
     pub description: String,
+    /// Seed of the synthetic examples and of the prompt learner's initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also report accuracy on real images: an MVTec-layout class folder (its test/ is used).

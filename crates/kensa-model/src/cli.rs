@@ -14,14 +14,24 @@ pub struct ModelArgs {
     #[arg(long)]
     pub backbone: Option<PathBuf>,
     /// Where the model runs: auto (CUDA when present), cpu or cuda.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = one_of::<Device>(&["auto", "cpu", "cuda"]))]
     pub device: Device,
     /// libtorch threads (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Arithmetic: auto (the backbone file's dtype), fp32, fp16 or bf16.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = one_of::<Precision>(&["auto", "fp32", "fp16", "bf16"]))]
     pub precision: Precision,
+}
+
+/// A clap parser that lists `values` in `--help` and in errors, and parses them with `FromStr`.
+fn one_of<T>(values: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(values).try_map(|s| s.parse::<T>().map_err(|e| e.to_string()))
 }
 
 impl ModelArgs {

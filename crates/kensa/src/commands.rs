@@ -91,6 +91,7 @@ pub struct SynthArgs {
     /// Fraction of test images with a defect.
     #[arg(long, default_value_t = 0.3)]
     defect_rate: f64,
+    /// Seed of the synthetic line (the same seed writes the same images).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Image side in pixels.
@@ -116,7 +117,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
 #[derive(Args)]
 pub struct CheckArgs {
     /// Config file (TOML).
-    #[arg(long, value_name = "FILE", env = "KENSA_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "KENSA_CONFIG", default_value = kensa_core::config::DEFAULT_CONFIG)]
     config: PathBuf,
     /// Also open every camera for one frame and report its size and how long it took.
     #[arg(long)]

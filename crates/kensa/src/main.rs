@@ -54,7 +54,7 @@ enum Cmd {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Config file (TOML); `KENSA__SECTION__KEY` environment variables override it.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", env = "KENSA_CONFIG", default_value = kensa_core::config::DEFAULT_CONFIG)]
     config: PathBuf,
     /// Exit once every camera has ended and every event is acknowledged (finite sources).
     #[arg(long)]
@@ -86,6 +86,7 @@ fn main() -> ExitCode {
     kensa_model::tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    let json = cli.log_format == "json";
     let result = match cli.cmd {
         Cmd::Run(a) => run(&a),
         Cmd::Enroll(a) => commands::enroll(a),
@@ -101,7 +102,12 @@ fn main() -> ExitCode {
         }
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        // With --log-format json the error is one JSON log line too, for log shippers.
+        if json {
+            tracing::error!(error = %format!("{e:#}"), "command failed");
+        } else {
+            eprintln!("error: {e:#}");
+        }
         ExitCode::from(1)
     })
 }
@@ -175,4 +181,25 @@ async fn signal() {
 fn hard_exit(code: i32) -> ! {
     // SAFETY: _exit takes no pointers and never returns; skipping destructors is the point.
     unsafe { libc::_exit(code) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_of_every_command_has_help() {
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cmd.get_subcommands() {
+            for a in sub.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.get_help().is_none() && a.get_long_help().is_none() && id != "help" && id != "version" {
+                    missing.push(format!("kensa {} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
 }
