@@ -1,7 +1,8 @@
 //! Evidence and identity (issue #20): snapshot, map and overlay names stay unique across a
 //! restart (the run id is in the path, so a restarted daemon never overwrites the pictures an
 //! earlier event points at), events carry URLs that Kensa's own listener serves, and nothing
-//! outside the evidence folder can be fetched.
+//! outside the evidence folder can be fetched. Part ids come from image file names and from
+//! control messages announcing the next part.
 
 use kensa_tests::*;
 use std::collections::BTreeSet;
@@ -49,4 +50,45 @@ fn evidence_names_survive_a_restart_and_its_urls_are_served() {
         }
         assert_eq!(runs[1].terminate(Duration::from_secs(60)), Some(0), "{}", runs[1].log_text());
     }
+}
+
+#[test]
+fn part_ids_come_from_file_names_and_from_the_control_topic() {
+    let (dir, bank, topic, metrics) = rig("parts");
+    // A folder camera: each event names its image file.
+    let folder = dir.path().join("parts");
+    std::fs::create_dir_all(&folder).unwrap();
+    let good: Vec<_> =
+        std::fs::read_dir(dir.path().join("refs/train/good")).unwrap().map(|e| e.unwrap().path()).collect();
+    for (i, src) in good.iter().take(3).enumerate() {
+        std::fs::copy(src, folder.join(format!("P-{i:03}.png"))).unwrap();
+    }
+    let control = format!("{topic}.control");
+    let mut c = base_config(&bank, &topic, &brokers(), &metrics);
+    c.kafka.control_topic = Some(control.clone());
+    c.cameras.push(folder_camera("folder", &folder));
+    c.cameras.push(synthetic_camera("live", 4, 0, 4.0, 0.2));
+    let mut d = Daemon::start(&write_config(dir.path(), &c), &[], &metrics);
+    assert!(
+        wait_for(Duration::from_secs(60), || d.log_text().contains("reading control commands")),
+        "{}",
+        d.log_text()
+    );
+    // The MES announces the part in front of the live camera.
+    let sent = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    produce(&brokers(), &control, "live", br#"{"camera": "live", "part_id": "MES-77"}"#);
+    let got = consume_until(&brokers(), &topic, Duration::from_secs(90), |r| {
+        r.iter().any(|x| x.event.part_id == "MES-77") && r.iter().filter(|x| x.event.camera_id == "folder").count() >= 3
+    })
+    .unwrap();
+    let folder_ids: BTreeSet<&str> =
+        got.iter().filter(|x| x.event.camera_id == "folder").map(|x| x.event.part_id.as_str()).collect();
+    assert_eq!(folder_ids, BTreeSet::from(["P-000", "P-001", "P-002"]), "file names name the parts");
+    let tagged: Vec<_> = got.iter().filter(|x| x.event.part_id == "MES-77").collect();
+    assert_eq!(tagged.len(), 1, "the announcement names exactly one frame: {}", d.log_text());
+    assert_eq!(tagged[0].event.camera_id, "live");
+    assert!(tagged[0].event.capture_time_unix_nanos >= sent, "the frame after the announcement");
+    let untagged_live = got.iter().filter(|x| x.event.camera_id == "live" && x.event.part_id.is_empty()).count();
+    assert!(untagged_live > 0, "other live frames carry no part id");
+    assert_eq!(d.terminate(Duration::from_secs(40)), Some(0), "{}", d.log_text());
 }

@@ -311,21 +311,33 @@ fn open(
         metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => DropReason::QueueFull.as_str());
     let dropped_bad =
         metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => DropReason::BadFrame.as_str());
+    // Part ids of fed frames (folder sources: the file's stem), by presentation time: the
+    // converters keep a buffer's timestamp, and a dropped frame's id is skipped over.
+    let part_ids: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, Arc<str>>>> = Arc::default();
     {
         let seq = seq.clone();
         let camera = camera.clone();
         let tx = tx.clone();
+        let part_ids = part_ids.clone();
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |s| {
                     let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     let n = seq.fetch_add(1, Ordering::SeqCst);
                     captured.increment(1);
-                    let Some(frame) = frame_from_sample(&sample, &camera, n) else {
+                    let Some(mut frame) = frame_from_sample(&sample, &camera, n) else {
                         dropped_bad.increment(1);
                         tracing::warn!(camera = %camera, frame = n, "frame with unexpected caps or size dropped");
                         return Ok(gst::FlowSuccess::Ok);
                     };
+                    if let Some(pts) = sample.buffer().and_then(gst::BufferRef::pts) {
+                        let mut ids = part_ids.lock().expect("part ids lock");
+                        if !ids.is_empty() {
+                            let later = ids.split_off(&(pts.nseconds() + 1));
+                            frame.part_id = ids.remove(&pts.nseconds());
+                            *ids = later;
+                        }
+                    }
                     match policy {
                         FullPolicy::Block => {
                             if tx.blocking_send(frame).is_err() {
@@ -348,12 +360,12 @@ fn open(
         (SourceConfig::Synthetic { seed, count, fps, defect_rate, phase }, Some(src)) => {
             let line = kensa_synth::Line::new(*seed, *defect_rate, cam.width, cam.height);
             let (count, fps, stop) = (*count, *fps, stop.clone());
-            Some(spawn_feeder(cam.id.clone(), src, stop, fps, *phase, move |i| {
+            Some(spawn_feeder(cam.id.clone(), src, stop, fps, *phase, part_ids.clone(), move |i| {
                 if count != 0 && i >= count {
                     return Feed::End;
                 }
                 let s = line.sample(i);
-                Feed::Image(s.image)
+                Feed::Image(s.image, None)
             }))
         }
         (SourceConfig::ImageFolder { path, fps }, Some(src)) => {
@@ -366,10 +378,10 @@ fn open(
             }
             let corrupt = metrics::counter!(m::FRAMES_DROPPED, "camera" => cam.id.clone(), "reason" => DropReason::CorruptImage.as_str());
             let (fps, stop, id) = (*fps, stop.clone(), cam.id.clone());
-            Some(spawn_feeder(cam.id.clone(), src, stop, fps, 0.0, move |i| {
+            Some(spawn_feeder(cam.id.clone(), src, stop, fps, 0.0, part_ids.clone(), move |i| {
                 let Some(p) = files.get(i as usize) else { return Feed::End };
                 match images::load_rgb(p) {
-                    Ok(img) => Feed::Image(img),
+                    Ok(img) => Feed::Image(img, p.file_stem().map(|s| Arc::from(s.to_string_lossy().as_ref()))),
                     Err(e) => {
                         corrupt.increment(1);
                         tracing::warn!(camera = %id, "skipped: {e}");
@@ -580,7 +592,8 @@ fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
 }
 
 enum Feed {
-    Image(image::RgbImage),
+    /// An image, and the part it shows when known.
+    Image(image::RgbImage, Option<Arc<str>>),
     Skip,
     End,
 }
@@ -594,6 +607,7 @@ fn spawn_feeder(
     stop: Arc<AtomicBool>,
     fps: f64,
     phase: f64,
+    part_ids: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, Arc<str>>>>,
     mut next: impl FnMut(u64) -> Feed + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -604,13 +618,13 @@ fn spawn_feeder(
             let mut pushed = 0u64;
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let img = match next(i) {
+                let (img, part_id) = match next(i) {
                     Feed::End => break,
                     Feed::Skip => {
                         i += 1;
                         continue;
                     }
-                    Feed::Image(img) => img,
+                    Feed::Image(img, part_id) => (img, part_id),
                 };
                 i += 1;
                 if let Some(p) = period {
@@ -642,6 +656,9 @@ fn spawn_feeder(
                     let b = buf.get_mut().expect("fresh buffer");
                     let pts = period.map_or_else(|| start.elapsed(), |p| p * pushed as u32);
                     b.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
+                    if let Some(id) = part_id {
+                        part_ids.lock().expect("part ids lock").insert(pts.as_nanos() as u64, id);
+                    }
                 }
                 let sample = gst::Sample::builder().buffer(&buf).caps(&caps).build();
                 if src.push_sample(&sample).is_err() {
@@ -681,6 +698,7 @@ fn frame_from_sample(sample: &gst::Sample, camera: &Arc<str>, seq: u64) -> Optio
         width: w as u32,
         height: h as u32,
         data,
+        part_id: None,
     })
 }
 

@@ -18,6 +18,9 @@ pub struct Frame {
     pub height: u32,
     /// RGB8 pixels, row-major, no padding.
     pub data: Vec<u8>,
+    /// The part in the picture, when something names it: the image file's name (folder
+    /// sources) or a control message announcing the next part (`{"camera", "part_id"}`).
+    pub part_id: Option<Arc<str>>,
 }
 
 impl Frame {

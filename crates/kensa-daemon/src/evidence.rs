@@ -182,6 +182,7 @@ mod tests {
             width: 4,
             height: 2,
             data: vec![128; 24],
+            part_id: None,
         };
         let map = AnomalyMap { width: 4, height: 2, data: vec![0.0, 0.1, 0.9, 0.2, 0.0, 0.0, 0.8, 0.0] };
         let a = Evidence::new(d.clone(), "r1", Some("http://kensa:9898/evidence/".into())).store(&f, &map, 0.5);

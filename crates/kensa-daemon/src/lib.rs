@@ -20,6 +20,7 @@
 //! - [`evidence`]: snapshots, maps and overlays on disk (names unique per run), and retention.
 //! - [`lineup`]: the one owner of camera → product assignments.
 //! - [`reload`]: bank files polled, SIGHUP, the control topic.
+//! - [`parts`]: part ids announced on the control topic, given to the camera's next frame.
 //!
 //! Shutdown: the shutdown future resolves → cameras get end-of-stream → the frame channel
 //! closes → the batcher flushes its partial batch → the model drains → the verdict stage
@@ -29,6 +30,7 @@
 pub mod evidence;
 pub mod lineup;
 pub mod model;
+pub mod parts;
 pub mod reload;
 pub mod verdict;
 
@@ -159,7 +161,8 @@ pub async fn run(
     // Reload: bank files, SIGHUP, the control topic.
     let products: Vec<&str> = info.banks.keys().map(String::as_str).collect();
     let lineup = Lineup::from_config(&cfg).keep_changeovers(&cfg.outbox.dir.join("changeovers.json"), &products);
-    let reloader = reload::Reloader::new(&cfg, info.loader.clone(), model.clone(), lineup.clone());
+    let parts = parts::PartIds::default();
+    let reloader = reload::Reloader::new(&cfg, info.loader.clone(), model.clone(), lineup.clone(), parts.clone());
     if cfg.model.bank_poll_s > 0 {
         let every = Duration::from_secs(cfg.model.bank_poll_s);
         background.spawn(until(token.clone(), reload::watch_files(reloader.clone(), every)));
@@ -185,7 +188,7 @@ pub async fn run(
     let mut batcher = tokio::spawn(batcher(
         frame_rx,
         model.clone(),
-        lineup,
+        (lineup, parts),
         with_judge,
         scored_tx,
         (max_size, Duration::from_millis(cfg.batch.max_wait_ms)),
@@ -372,7 +375,7 @@ fn load_judges(
 async fn batcher(
     mut frames: mpsc::Receiver<Frame>,
     model: ModelHandle,
-    lineup: Lineup,
+    (lineup, parts): (Lineup, parts::PartIds),
     with_judge: HashSet<String>,
     out: mpsc::Sender<ScoredBatch>,
     (max_size, max_wait): (usize, Duration),
@@ -390,7 +393,8 @@ async fn batcher(
         let batch = kensa_core::batch::fill_batch(first, &mut frames, max_size, max_wait).await;
         let formed_at = Instant::now();
         let mut groups: Vec<Group> = Vec::new();
-        for f in batch {
+        for mut f in batch {
+            parts.label(&mut f);
             let Some(product) = lineup.product_of(&f.camera) else {
                 tracing::error!(camera = %f.camera, "frame from a camera the lineup does not know; dropped");
                 continue;

@@ -30,6 +30,8 @@ pub struct Reloader {
     pub banks: Arc<Mutex<HashMap<String, PathBuf>>>,
     /// The only folder control commands may load banks from (`control.banks_dir`).
     pub banks_dir: Option<PathBuf>,
+    /// Part ids announced on the control topic.
+    pub parts: crate::parts::PartIds,
 }
 
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
@@ -38,10 +40,16 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
 }
 
 impl Reloader {
-    pub fn new(cfg: &KensaConfig, loader: Loader, model: ModelHandle, lineup: Lineup) -> Self {
+    pub fn new(
+        cfg: &KensaConfig,
+        loader: Loader,
+        model: ModelHandle,
+        lineup: Lineup,
+        parts: crate::parts::PartIds,
+    ) -> Self {
         let banks = cfg.products.iter().map(|(k, v)| (k.clone(), v.bank.clone())).collect();
         let banks_dir = cfg.control.banks_dir.as_ref().map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()));
-        Self { loader, model, lineup, banks: Arc::new(Mutex::new(banks)), banks_dir }
+        Self { loader, model, lineup, banks: Arc::new(Mutex::new(banks)), banks_dir, parts }
     }
 
     fn bank_paths(&self) -> HashMap<String, PathBuf> {
@@ -167,8 +175,10 @@ pub async fn on_sighup(config: PathBuf, r: Reloader) {
 #[serde(deny_unknown_fields)]
 pub struct Command {
     pub camera: Option<String>,
-    pub product: String,
+    pub product: Option<String>,
     pub bank: Option<PathBuf>,
+    /// The part the camera's next frame shows (needs `camera`).
+    pub part_id: Option<String>,
 }
 
 /// Longest a control command's bank may take to load before the command is given up (the
@@ -179,7 +189,22 @@ const CONTROL_LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// control topic come from outside, so they may only name products of the config and banks
 /// that are regular files inside `control.banks_dir`.
 pub fn refusal(cmd: &Command, products: &HashMap<String, PathBuf>, banks_dir: Option<&Path>) -> Option<String> {
-    if !products.contains_key(&cmd.product) {
+    if let Some(id) = &cmd.part_id {
+        if cmd.camera.is_none() {
+            return Some("a part_id needs the camera whose next frame it names".into());
+        }
+        if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+            return Some("a part_id is 1-128 printable characters".into());
+        }
+    }
+    let Some(product) = &cmd.product else {
+        return match (&cmd.part_id, &cmd.bank) {
+            (Some(_), None) => None,
+            (_, Some(_)) => Some("a bank needs the product it is for".into()),
+            (None, None) => Some("neither a product nor a part_id: nothing to do".into()),
+        };
+    };
+    if !products.contains_key(product) {
         return Some("the product is not in the config".into());
     }
     let bank = cmd.bank.as_ref()?;
@@ -202,28 +227,37 @@ pub fn refusal(cmd: &Command, products: &HashMap<String, PathBuf>, banks_dir: Op
 pub async fn apply(cmd: Command, r: &Reloader) {
     if let Some(why) = refusal(&cmd, &r.bank_paths(), r.banks_dir.as_deref()) {
         metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Refused.as_str()).increment(1);
-        tracing::error!(product = %cmd.product, "control command refused: {why}");
+        tracing::error!(product = ?cmd.product, camera = ?cmd.camera, "control command refused: {why}");
         return;
     }
+    if let (Some(camera), Some(id)) = (&cmd.camera, &cmd.part_id) {
+        if !r.lineup.has_camera(camera) {
+            metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Unknown.as_str()).increment(1);
+            tracing::error!(camera, part_id = %id, "part id for an unknown camera ignored");
+            return;
+        }
+        r.parts.announce(camera, id, SystemTime::now());
+        tracing::debug!(camera, part_id = %id, "part id announced for the camera's next frame");
+    }
+    let Some(product) = cmd.product else { return };
     if let Some(bank) = &cmd.bank {
         // The very file `refusal` checked (symlinks resolved), not the name again.
         let path =
             r.banks_dir.as_deref().and_then(|d| d.join(bank).canonicalize().ok()).unwrap_or_else(|| bank.clone());
         // Only the load is bounded: once loaded, the swap always completes.
-        let Ok(loaded) = tokio::time::timeout(CONTROL_LOAD_TIMEOUT, r.load(&cmd.product, &path, "control")).await
-        else {
+        let Ok(loaded) = tokio::time::timeout(CONTROL_LOAD_TIMEOUT, r.load(&product, &path, "control")).await else {
             metrics::counter!(m::CONTROL_ERRORS, "reason" => ControlError::Refused.as_str()).increment(1);
-            tracing::error!(product = %cmd.product, bank = %path.display(), "control command given up: the bank took over {}s to load", CONTROL_LOAD_TIMEOUT.as_secs());
+            tracing::error!(product = %product, bank = %path.display(), "control command given up: the bank took over {}s to load", CONTROL_LOAD_TIMEOUT.as_secs());
             return;
         };
         let Some(bank) = loaded else { return };
-        if !r.install(&cmd.product, bank, &path, "control").await {
+        if !r.install(&product, bank, &path, "control").await {
             return;
         }
     }
     if let Some(camera) = cmd.camera {
-        if r.assign(&camera, &cmd.product, "control") {
-            r.lineup.remember(&camera, Some(&cmd.product));
+        if r.assign(&camera, &product, "control") {
+            r.lineup.remember(&camera, Some(&product));
         }
     }
 }
@@ -329,8 +363,9 @@ mod tests {
         let products: HashMap<String, PathBuf> = HashMap::from([("disc".into(), PathBuf::from("disc.kbank"))]);
         let cmd = |product: &str, bank: Option<&str>| Command {
             camera: None,
-            product: product.into(),
+            product: Some(product.into()),
             bank: bank.map(PathBuf::from),
+            part_id: None,
         };
         let refused = |c: Command, d: Option<&std::path::Path>| refusal(&c, &products, d);
         assert_eq!(refused(cmd("disc", Some("ok.kbank")), Some(&dir)), None);
@@ -341,14 +376,26 @@ mod tests {
         assert!(refused(cmd("disc", Some("/dev/zero")), Some(&dir)).unwrap().contains("outside"));
         assert!(refused(cmd("disc", Some("sub")), Some(&dir)).unwrap().contains("not a regular file"));
         assert!(refused(cmd("disc", Some("missing.kbank")), Some(&dir)).unwrap().contains("does not exist"));
+        let part = |camera: Option<&str>, id: &str| Command {
+            camera: camera.map(Into::into),
+            product: None,
+            bank: None,
+            part_id: Some(id.into()),
+        };
+        assert_eq!(refused(part(Some("c1"), "P-42"), None), None, "a part id needs no product");
+        assert!(refused(part(None, "P-42"), None).unwrap().contains("needs the camera"));
+        assert!(refused(part(Some("c1"), "bad\nid"), None).unwrap().contains("printable"));
+        let nothing = Command { camera: Some("c1".into()), product: None, bank: None, part_id: None };
+        assert!(refused(nothing, None).unwrap().contains("nothing to do"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn commands_parse() {
         let c: Command = serde_json::from_str(r#"{"camera": "c1", "product": "p"}"#).unwrap();
-        assert_eq!((c.camera.as_deref(), c.product.as_str(), c.bank), (Some("c1"), "p", None));
-        assert!(serde_json::from_str::<Command>(r#"{"camera": "c1"}"#).is_err(), "product is required");
+        assert_eq!((c.camera.as_deref(), c.product.as_deref(), c.bank), (Some("c1"), Some("p"), None));
+        let c: Command = serde_json::from_str(r#"{"camera": "c1", "part_id": "P-7"}"#).unwrap();
+        assert_eq!((c.product, c.part_id.as_deref()), (None, Some("P-7")));
         assert!(
             serde_json::from_str::<Command>(r#"{"product": "p", "rm": "-rf"}"#).is_err(),
             "unknown keys are refused"

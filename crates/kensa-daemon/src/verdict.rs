@@ -137,6 +137,7 @@ impl VerdictStage {
             station: &station,
             run_id: &self.run_id,
             seq: f.seq,
+            part_id: f.part_id.as_deref().unwrap_or_default(),
             capture_time: f.capture_time,
             width: map.width,
             height: map.height,

@@ -21,6 +21,8 @@ pub struct Origin<'a> {
     /// The daemon process's run id: with the camera and sequence, the event id.
     pub run_id: &'a str,
     pub seq: u64,
+    /// The part in the picture, when named ("" otherwise).
+    pub part_id: &'a str,
     pub capture_time: SystemTime,
     /// The frame's size.
     pub width: u32,
@@ -64,6 +66,7 @@ pub fn build(o: &Origin<'_>, j: Judgement<'_>) -> InspectionEvent {
         camera_id: o.camera.to_string(),
         product: o.product.to_string(),
         frame_seq: o.seq,
+        part_id: o.part_id.to_string(),
         capture_time_unix_nanos: unix_nanos(o.capture_time),
         publish_time_unix_nanos: unix_nanos(SystemTime::now()),
         score: v.score,

@@ -488,6 +488,7 @@ pub fn event_to_json(ev: &InspectionEvent) -> serde_json::Value {
         "camera": ev.camera_id,
         "product": ev.product,
         "frame": ev.frame_seq,
+        "part_id": ev.part_id,
         "capture_time_unix_nanos": ev.capture_time_unix_nanos,
         "publish_time_unix_nanos": ev.publish_time_unix_nanos,
         "score": ev.score,
