@@ -20,7 +20,7 @@ promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts.test.yml
 log="$KENSA_CACHE/logs/test-$$.log"
 status=0
-cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --lib --bins --tests --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "all: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
