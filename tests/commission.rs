@@ -13,6 +13,27 @@ fn kensa_out(args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Writes the config, runs `kensa check --probe` on it (which must pass) and returns the config
+/// path and what check printed.
+fn probed(dir: &std::path::Path, c: &kensa_core::config::KensaConfig) -> (std::path::PathBuf, String) {
+    let cfg = write_config(dir, c);
+    let (code, text) = kensa_out(&["check", "--config", cfg.to_str().unwrap(), "--probe"]);
+    assert_eq!(code, Some(0), "{text}");
+    (cfg, text)
+}
+
+/// `kensa capture` of `count` frames from `camera` into `out` (which must succeed); what it printed.
+fn capture(cfg: &str, camera: &str, count: u32, out: &std::path::Path, extra: &[&str]) -> String {
+    let count = count.to_string();
+    let args = [
+        &["capture", "--config", cfg, "--camera", camera, "--count", &count, "--out", out.to_str().unwrap()][..],
+        extra,
+    ];
+    let (code, text) = kensa_out(&args.concat());
+    assert_eq!(code, Some(0), "{text}");
+    text
+}
+
 fn health(metrics: &str) -> serde_json::Value {
     http_get(metrics, "/healthz").ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default()
 }
@@ -27,11 +48,8 @@ fn a_line_is_commissioned_live_from_capture_to_scoring() {
     (cam.width, cam.height) = (200, 160);
     cam.policy = Some(kensa_core::config::FullPolicy::Drop);
     c.cameras.push(cam);
-    let cfg = write_config(dir.path(), &c);
+    let (cfg, text) = probed(dir.path(), &c);
     let cfg_s = cfg.to_str().unwrap();
-
-    let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
-    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("camera cam: delivers 200x160 RGB"), "{text}");
     assert!(text.contains("product disc: waiting for bank"), "{text}");
 
@@ -47,20 +65,7 @@ fn a_line_is_commissioned_live_from_capture_to_scoring() {
 
     // References through the camera's own pipeline, then the bank.
     let refs = dir.path().join("captured");
-    let (code, text) = kensa_out(&[
-        "capture",
-        "--config",
-        cfg_s,
-        "--camera",
-        "cam",
-        "--count",
-        "3",
-        "--every-ms",
-        "200",
-        "--out",
-        refs.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{text}");
+    let text = capture(cfg_s, "cam", 3, &refs, &["--every-ms", "200"]);
     assert!(text.contains("saved 3 frame(s) of 200x160 from camera cam"), "{text}");
     assert!(text.contains(&format!("next: kensa enroll --product disc --images {}", refs.display())), "{text}");
     let pngs: Vec<_> = std::fs::read_dir(&refs).unwrap().map(|e| e.unwrap().path()).collect();
@@ -114,43 +119,21 @@ fn rtsp_cameras_in_h264_and_h265_are_probed_and_captured_through_their_pipelines
         *codec = kensa_core::config::RtspCodec::H265;
     }
     c.cameras.push(hevc);
-    let cfg = write_config(dir.path(), &c);
+    let (cfg, text) = probed(dir.path(), &c);
     let cfg_s = cfg.to_str().unwrap();
-    let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
-    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("camera ipcam: delivers 160x120 RGB"), "{text}");
     assert!(text.contains("camera hevc: delivers 160x120 RGB"), "H.265: {text}");
     let refs = dir.path().join("captured");
-    let (code, text) = kensa_out(&[
-        "capture",
-        "--config",
-        cfg_s,
-        "--camera",
-        "ipcam",
-        "--count",
-        "2",
-        "--out",
-        refs.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{text}");
+    let text = capture(cfg_s, "ipcam", 2, &refs, &[]);
     assert_eq!(std::fs::read_dir(&refs).unwrap().count(), 2, "{text}");
 }
 
 #[test]
 fn gige_cameras_negotiate_their_pixel_format_and_take_exposure_and_gain() {
-    let has_fake = Command::new("arv-fake-gv-camera-0.8").arg("--help").output().is_ok();
-    let has_src = Command::new("gst-inspect-1.0").arg("aravissrc").output().is_ok_and(|o| o.status.success());
-    if !has_fake || !has_src {
+    let Some(fake) = FakeGigeCamera::start() else {
         eprintln!("SKIP: needs aravis-tools (arv-fake-gv-camera-0.8) and aravissrc (scripts/setup.sh installs them)");
         return;
-    }
-    let mut fake = Command::new("arv-fake-gv-camera-0.8")
-        .args(["-i", "127.0.0.1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    };
     let (dir, bank, topic, metrics) = rig("commission-gige");
     let mut c = base_config(&bank, &topic, &brokers(), &metrics);
     // The simulated camera streams Bayer by default and also offers Mono8.
@@ -162,20 +145,16 @@ fn gige_cameras_negotiate_their_pixel_format_and_take_exposure_and_gain() {
         settings.gain_db = Some(2.0);
     }
     c.cameras.push(mono);
-    let cfg = write_config(dir.path(), &c);
+    let (cfg, text) = probed(dir.path(), &c);
     let cfg_s = cfg.to_str().unwrap();
-    let (code, text) = kensa_out(&["check", "--config", cfg_s, "--probe"]);
-    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("camera auto: delivers 256x256 RGB"), "{text}");
     assert!(text.contains("GigE pixel format: Bayer, demosaiced"), "auto found the Bayer mosaic: {text}");
     assert!(text.contains("camera mono: delivers 256x256 RGB"), "{text}");
     assert!(text.contains("format=GRAY8") && text.contains("exposure=5000") && text.contains("gain=2"), "{text}");
     let out = dir.path().join("mono-refs");
-    let (code, text) =
-        kensa_out(&["capture", "--config", cfg_s, "--camera", "mono", "--count", "2", "--out", out.to_str().unwrap()]);
-    let _ = fake.kill();
-    let _ = fake.wait();
-    assert_eq!(code, Some(0), "{text}");
+    let text = capture(cfg_s, "mono", 2, &out, &[]);
+    drop(fake);
+    assert!(text.contains("saved 2 frame(s)"), "{text}");
     let img = image::open(std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path()).unwrap().to_rgb8();
     assert!(img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]), "Mono8 frames are grey");
 }

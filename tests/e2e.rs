@@ -161,14 +161,26 @@ fn unreachable_broker_is_a_clear_error_not_a_hang() {
 #[test]
 fn bad_config_and_missing_bank_are_named() {
     let dir = TempDir::new("badcfg");
-    let missing = dir.path().join("nowhere/disc.kbank");
-    let mut c = base_config(&missing, "t", "127.0.0.1:1", &local_addr());
+    // A bank path that is a folder: a config error naming the key and the path.
+    let folder = dir.path().join("banks");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut c = base_config(&folder, "t", "127.0.0.1:1", &local_addr());
     c.cameras.push(synthetic_camera("c", 0, 3, 0.0, 0.2));
     let cfg = write_config(dir.path(), &c);
     let out = kensa(&["run", "--config", cfg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("products.disc.bank") && err.contains(missing.to_str().unwrap()), "{err}");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("products.disc.bank") && err.contains("is not a file"), "{err}");
+    // A bank not made yet is no error: the product waits for it (named in the log); here the
+    // daemon then stops because the broker is unreachable.
+    let missing = dir.path().join("nowhere/disc.kbank");
+    c.products.get_mut("disc").unwrap().bank = missing.clone();
+    c.kafka.connect_timeout_s = 1;
+    let cfg = write_config(dir.path(), &c);
+    let out = kensa(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("waiting_for_bank") && err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
 
     // A misspelt key, written by hand into the config's [batch] table.
     let mut table = toml::Table::try_from(&c).unwrap();

@@ -2,7 +2,6 @@
 
 use kensa_tests::*;
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[test]
@@ -146,37 +145,17 @@ fn tampered_and_truncated_banks_are_named_errors() {
 /// "flow error" seen when streaming by name. By address, the stream stays on loopback.
 #[test]
 fn gige_template_streams_from_aravis_fake_camera() {
-    let has_fake = Command::new("arv-fake-gv-camera-0.8")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    let has_src = Command::new("gst-inspect-1.0")
-        .arg("aravissrc")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_fake || !has_src {
+    let Some(fake) = FakeGigeCamera::start() else {
         eprintln!("SKIP gige test: needs aravis-tools (arv-fake-gv-camera-0.8) and aravissrc (scripts/setup.sh installs them)");
         return;
-    }
-    let mut fake = Command::new("arv-fake-gv-camera-0.8")
-        .args(["-i", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    };
     let (dir, bank, topic, metrics) = rig("gige");
     let mut c = base_config(&bank, &topic, &brokers(), &metrics);
     c.cameras.push(gige_camera("gige", "127.0.0.1"));
     let cfg = write_config(dir.path(), &c);
     let mut d = Daemon::start(&cfg, &[], &metrics);
     let got = consume(&brokers(), &topic, 10, Duration::from_secs(90)).unwrap();
-    let _ = fake.kill();
-    let _ = fake.wait();
+    drop(fake);
     assert!(got.len() >= 10, "log:\n{}", d.log_text());
     for (k, e) in &got {
         assert_eq!(k, "gige");

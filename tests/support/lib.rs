@@ -656,3 +656,33 @@ pub fn rtsp_server_available() -> bool {
         .is_ok_and(|s| s.success())
         && Command::new("gst-inspect-1.0").arg("x264enc").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
 }
+
+/// Aravis' simulated GigE Vision camera on 127.0.0.1 (open it by that address), stopped when
+/// dropped. None when aravis-tools or the aravissrc plugin is missing.
+pub struct FakeGigeCamera(Child);
+
+impl FakeGigeCamera {
+    pub fn start() -> Option<Self> {
+        let quiet = |c: &mut Command| c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let has_fake = quiet(Command::new("arv-fake-gv-camera-0.8").arg("--help")).is_ok();
+        let has_src = quiet(Command::new("gst-inspect-1.0").arg("aravissrc")).is_ok_and(|s| s.success());
+        if !has_fake || !has_src {
+            return None;
+        }
+        let child = Command::new("arv-fake-gv-camera-0.8")
+            .args(["-i", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        std::thread::sleep(Duration::from_secs(1));
+        Some(Self(child))
+    }
+}
+
+impl Drop for FakeGigeCamera {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -369,10 +369,10 @@ fn open(
             }))
         }
         (SourceConfig::ImageFolder { path, fps }, Some(src)) => {
-            let files = images::list_images(path).unwrap_or_else(|e| {
-                tracing::error!(camera = %cam.id, "{e}");
-                Vec::new()
-            });
+            // A folder that cannot be listed is an error of this camera (state `failed`); an
+            // empty one just ends.
+            let files = images::list_images(path)
+                .map_err(|e| CaptureError::Start { camera: cam.id.clone(), msg: e.to_string() })?;
             if files.is_empty() {
                 tracing::warn!(camera = %cam.id, folder = %path.display(), "image folder holds no images");
             }
@@ -433,8 +433,15 @@ pub fn start(cam: &CameraConfig, tx: mpsc::Sender<Frame>, on_state: StateFn) -> 
     let live = cam.source.is_live();
     let first = match open(cam, &tx, &seq, &stop) {
         Ok(s) => Some(s),
-        Err(e @ CaptureError::Build { .. }) => return Err(e),
-        Err(e) if !live => return Err(e),
+        // Not retried: the camera is failed from the start (shown, and alerted on, as such).
+        Err(e @ CaptureError::Build { .. }) => {
+            set_state(&cam.id, CameraState::Failed, &e.to_string(), &on_state);
+            return Err(e);
+        }
+        Err(e) if !live => {
+            set_state(&cam.id, CameraState::Failed, &e.to_string(), &on_state);
+            return Err(e);
+        }
         Err(e) => {
             tracing::warn!(camera = %cam.id, "{e}; will retry");
             None

@@ -121,6 +121,14 @@ pub async fn run(
     if outbox.has_unsent() {
         tracing::info!(events = outbox.pending(), "sending the events an earlier run left in the outbox first");
     }
+    // Every drop and rejection series exists from the start (at 0), so dashboards show it and
+    // an alert on its increase fires on the first one.
+    for r in Refused::ALL {
+        metrics::counter!(OUTBOX_DROPPED, "reason" => r.as_str()).absolute(0);
+    }
+    for r in PublishFailure::ALL {
+        metrics::counter!(EVENTS_REJECTED, "reason" => r.as_str()).absolute(0);
+    }
     let shared = Arc::new(Shared { outbox: Mutex::new(outbox), appended: Notify::new(), backlog });
     shared.report(&shared.lock());
     let input_done = CancellationToken::new();
