@@ -110,7 +110,7 @@ pub fn describe(cam: &CameraConfig) -> String {
 
 /// aravissrc's properties for the settings (`{aravis}` in the template), and the caps and
 /// conversion after it (`{convert}`). `Auto` is
-/// resolved to the camera's own format when a session opens ([`resolve_gige`]); `check`
+/// resolved to the camera's own format when a session opens ([`session_pipeline`]); `check`
 /// (which opens nothing) assumes Bayer.
 fn gige_parts(g: &kensa_core::config::GigeSettings) -> (String, &'static str) {
     use kensa_core::config::PixelFormat;

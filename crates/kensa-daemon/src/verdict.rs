@@ -64,20 +64,33 @@ impl VerdictStage {
     /// Runs until `input` closes or `out` is gone.
     pub fn run(self, mut input: mpsc::Receiver<ScoredBatch>, out: &mpsc::Sender<Scored>) {
         let mut budget = Budget::new(self.judges.budget_per_s);
+        // Cameras shown as waiting for their bank: /healthz is told only when this changes,
+        // not once per frame.
+        let mut waiting: std::collections::HashSet<std::sync::Arc<str>> = std::collections::HashSet::new();
+        let mut mark = |camera: &std::sync::Arc<str>, now_waiting: bool| {
+            if now_waiting != waiting.contains(camera) {
+                self.health.set_waiting_for_bank(camera, now_waiting);
+                if now_waiting {
+                    waiting.insert(camera.clone());
+                } else {
+                    waiting.remove(camera);
+                }
+            }
+        };
         while let Some(batch) = input.blocking_recv() {
             for g in batch.groups {
                 match g {
                     GroupResult::Dropped { frames, reason, .. } => {
-                        let waiting = reason == kensa_core::metrics::DropReason::NoBank;
+                        let no_bank = reason == kensa_core::metrics::DropReason::NoBank;
                         for f in frames {
-                            self.health.set_waiting_for_bank(&f.camera, waiting);
+                            mark(&f.camera, no_bank);
                             metrics::counter!(m::FRAMES_DROPPED, "camera" => f.camera.to_string(), "reason" => reason.as_str())
                                 .increment(1);
                         }
                     }
                     GroupResult::Scored { product, bank, frames, model_s } => {
                         for s in frames {
-                            self.health.set_waiting_for_bank(&s.frame.camera, false);
+                            mark(&s.frame.camera, false);
                             let queue_s = batch.formed_at.saturating_duration_since(s.frame.captured_at).as_secs_f64();
                             let scored = self.judge(&product, &bank, s, &mut budget, (queue_s, model_s));
                             if out.blocking_send(scored).is_err() {
