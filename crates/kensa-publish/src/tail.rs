@@ -64,6 +64,32 @@ fn kafka_settings(a: &TailArgs) -> Result<kensa_core::config::KafkaConfig, Publi
     Ok(k)
 }
 
+/// A consumer context that keeps librdkafka's last error-level log line (a failed TLS handshake,
+/// a refused SASL login), logged from librdkafka's own threads before the request that needed
+/// the connection fails, so the error `tail` reports names the real cause.
+#[derive(Default)]
+struct Witness(std::sync::Mutex<Option<String>>);
+
+impl Witness {
+    fn last(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+impl rdkafka::ClientContext for Witness {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, line: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error) {
+            if let Ok(mut g) = self.0.lock() {
+                *g = Some(line.to_string());
+            }
+        }
+        rdkafka::client::DefaultClientContext.log(level, fac, line);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Witness {}
+
 /// Prints events as JSON lines on stdout until `--max`, `--idle-timeout-s` or the reader goes
 /// away; returns how many were printed.
 pub fn run(a: &TailArgs) -> Result<u64, PublishError> {
@@ -76,11 +102,13 @@ pub fn run(a: &TailArgs) -> Result<u64, PublishError> {
     for (key, v) in &k.properties {
         cc.set(key, v);
     }
-    let consumer: BaseConsumer =
-        cc.create().map_err(|e| PublishError::Consumer(format!("cannot create Kafka consumer: {e}")))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| PublishError::Consumer(format!("cannot reach Kafka at {brokers} for topic {topic}: {e}")))?;
+    let consumer: BaseConsumer<Witness> = cc
+        .create_with_context(Witness::default())
+        .map_err(|e| PublishError::Consumer(format!("cannot create Kafka consumer: {e}")))?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| {
+        let why = consumer.context().last().map(|w| format!(" (the broker connection said: {w})")).unwrap_or_default();
+        PublishError::Consumer(format!("cannot reach Kafka at {brokers} for topic {topic}: {e}{why}"))
+    })?;
     let parts: Vec<i32> = md
         .topics()
         .iter()
