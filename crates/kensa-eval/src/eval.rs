@@ -59,6 +59,17 @@ pub struct EvalArgs {
     /// test/good), with the type's share of all defect pixels; always in the JSON.
     #[arg(long)]
     pub by_type: bool,
+    /// The prequential stream protocol instead ([`crate::stream`]): the first --shots
+    /// value starts the bank, the rest of train/good and test/* are one shuffled stream, scored
+    /// with learning off, feedback and auto, beside a static bank of --static-shots.
+    #[arg(long)]
+    pub stream: bool,
+    /// References of the static bank `--stream` compares against.
+    #[arg(long, default_value_t = 4)]
+    pub static_shots: usize,
+    /// Seconds between stream frames, for the spacing guard of learning `auto` (`--stream`).
+    #[arg(long, default_value_t = 60)]
+    pub interval_s: u64,
     /// How each run's bank is built (as `kensa enroll`).
     #[command(flatten)]
     pub recipe: RecipeArgs,
@@ -208,6 +219,9 @@ impl EvalOutcome {
 /// `kensa eval`: every class, shot count and run of `a`; prints the tables on stdout (a
 /// progress bar on stderr meanwhile) and writes `--json` and `--report`.
 pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
+    if a.stream {
+        return crate::stream::run(a);
+    }
     let engine = a.recipe.engine(a.model.backbone()?)?;
     let classes = classes(&a.data)?;
     let mut plan = Vec::new();

@@ -10,6 +10,10 @@
 //!   `--json` file and the `--report` HTML page.
 //! - [`score`]: `kensa score` — its options ([`ScoreArgs`]) and the scorer that writes
 //!   `<stem>.json`, `<stem>_map.npy` and, with `--overlay`, `<stem>_overlay.png` per image.
+//! - [`replay`]: `kensa replay` — images as one camera's stream with the daemon's learning
+//!   (`kensa_learn`), each frame scored before what it teaches.
+//! - [`stream`]: `kensa eval --stream` — the prequential protocol: learning off, feedback and
+//!   auto against a static bank.
 //! - [`overlay`]: the anomaly map as a heat overlay on its image, and side-by-side panels
 //!   (image | ground truth | overlay).
 //! - [`metrics`]: image AUROC, pixel AUROC, PRO (to 30 % FPR), verdict accuracy and F1.
@@ -18,6 +22,8 @@
 //! `exit_code`s, to its exit status.
 
 pub mod eval;
+pub mod replay;
+pub mod stream;
 pub mod metrics;
 pub use kensa_verdict::overlay;
 pub mod score;

@@ -156,19 +156,7 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
                 let pic = crate::overlay::panel(img, None, &map, bank.meta.calibration.pixel_threshold);
                 std::fs::write(&op, crate::overlay::png(&pic)).map_err(io_err("write", &op))?;
             }
-            let json = serde_json::json!({
-                "score": v.score,
-                "anomalous": v.anomalous,
-                "answer": v.answer,
-                "locations": v.locations.iter().map(|c| c.name()).collect::<Vec<_>>(),
-                "confidence": v.confidence,
-                "regions": v.regions.iter().map(|r| serde_json::json!({
-                    "cell": r.cell.name(),
-                    "bbox": r.bbox,
-                    "area": r.area,
-                    "peak": r.peak,
-                })).collect::<Vec<_>>(),
-            });
+            let json = result_json(&v);
             let locations: Vec<&str> = v.locations.iter().map(|c| c.name()).collect();
             writeln!(
                 csv,
@@ -184,15 +172,7 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
             .map_err(io_err("write", &csv_path))?;
             let jp = a.out.join(format!("{stem}.json"));
             std::fs::write(&jp, serde_json::to_string_pretty(&json)? + "\n").map_err(io_err("write", &jp))?;
-            let np = a.out.join(format!("{stem}_map.npy"));
-            let f = std::fs::File::create(&np).map_err(io_err("write", &np))?;
-            kensa_core::npy::write_f32_2d(
-                std::io::BufWriter::new(f),
-                map.height as usize,
-                map.width as usize,
-                &map.data,
-            )
-            .map_err(io_err("write", &np))?;
+            write_map(&a.out.join(format!("{stem}_map.npy")), &map)?;
             scored += 1;
             bar.inc(1);
         }
@@ -210,4 +190,28 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
         eprintln!("{failed} image(s) could not be read");
     }
     Ok(ScoreOutcome { scored, failed, seconds: dt })
+}
+
+/// The `<stem>.json` of a scored image: the calibrated verdict with its regions.
+pub(crate) fn result_json(v: &kensa_verdict::Verdict) -> serde_json::Value {
+    serde_json::json!({
+        "score": v.score,
+        "anomalous": v.anomalous,
+        "answer": v.answer,
+        "locations": v.locations.iter().map(|c| c.name()).collect::<Vec<_>>(),
+        "confidence": v.confidence,
+        "regions": v.regions.iter().map(|r| serde_json::json!({
+            "cell": r.cell.name(),
+            "bbox": r.bbox,
+            "area": r.area,
+            "peak": r.peak,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `<stem>_map.npy`: the map, float32, height × width.
+pub(crate) fn write_map(np: &std::path::Path, map: &kensa_core::AnomalyMap) -> Result<()> {
+    let f = std::fs::File::create(np).map_err(io_err("write", np))?;
+    kensa_core::npy::write_f32_2d(std::io::BufWriter::new(f), map.height as usize, map.width as usize, &map.data)
+        .map_err(io_err("write", np))
 }

@@ -59,6 +59,10 @@ pub struct BankMeta {
     /// coarser layers (`engine::match_self`). Banks from before it existed: off.
     #[serde(default)]
     pub self_match: bool,
+    /// Learning from the line: the version's parent, change and learned state (None: as
+    /// enrolled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<crate::lineage::Lineage>,
 }
 
 fn full_coreset() -> f64 {
@@ -104,7 +108,10 @@ impl BankMeta {
 
     /// Short version string for logs, events and metrics.
     pub fn version(&self) -> String {
-        self.content_sha256.chars().take(12).collect()
+        match &self.lineage {
+            Some(l) if !l.version.is_empty() => l.version.clone(),
+            _ => self.content_sha256.chars().take(12).collect(),
+        }
     }
 
     /// The aggregation sizes features are scored with (3 per layer for banks that predate the

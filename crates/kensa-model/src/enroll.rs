@@ -241,6 +241,7 @@ pub fn enroll(
         augment: augment::names(&opts.augment),
         crop: opts.crop,
         self_match: engine.self_match,
+        lineage: None,
     };
     Ok(Bank::new(meta, full))
 }

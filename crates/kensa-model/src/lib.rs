@@ -9,7 +9,9 @@
 //! - [`engine`]: scores batches of frames against banks: per layer `1 − max cos`, mean over
 //!   layers, upsampled and smoothed, at each frame's own resolution.
 //! - [`enroll`]: builds a bank from reference images and calibrates the verdict.
+//! - [`lineage`]: a learned bank's history (parent, change, learned references, observations).
 //! - [`pseudo`]: augmentations and synthetic defects used for calibration.
+//! - [`versions`]: bank versions kept beside the bank file; log and rollback.
 //!
 //! tch tensors are not `Sync`: an [`engine::Engine`] lives on one OS thread.
 
@@ -19,7 +21,9 @@ pub mod bank;
 pub mod cli;
 pub mod engine;
 pub mod enroll;
+pub mod lineage;
 pub mod pseudo;
+pub mod versions;
 
 use kensa_core::config::{Device, Precision};
 use std::path::PathBuf;

@@ -24,6 +24,7 @@ fn valid_bank() -> Vec<u8> {
         augment: vec!["rot90".into()],
         crop: None,
         self_match: true,
+        lineage: None,
     };
     let layers = vec![
         tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)),

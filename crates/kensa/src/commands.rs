@@ -204,3 +204,56 @@ pub fn capture(a: &kensa_capture::commission::CaptureArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `kensa bank`: a bank's kept versions.
+#[derive(clap::Subcommand)]
+pub enum BankCmd {
+    /// List the kept versions of a bank, newest first (the current one marked).
+    Log {
+        /// The bank file.
+        file: PathBuf,
+        /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a kept version current again (as a new version; the daemon reloads it).
+    Rollback {
+        /// The bank file.
+        file: PathBuf,
+        /// The version (or enough of its start to name one).
+        #[arg(long)]
+        to: String,
+        /// Versions kept beside the bank.
+        #[arg(long, default_value_t = kensa_model::versions::DEFAULT_KEEP)]
+        keep: usize,
+    },
+}
+
+pub fn bank(c: &BankCmd) -> Result<ExitCode> {
+    match c {
+        BankCmd::Log { file, json } => {
+            for v in kensa_model::versions::log(file)? {
+                if *json {
+                    println!("{}", serde_json::to_string(&v)?);
+                } else {
+                    println!(
+                        "{} {:<12} {:>4} refs ({} learned) {:>7} rows  threshold {:.4}  {}  parent {}",
+                        if v.current { "*" } else { " " },
+                        v.version,
+                        v.references,
+                        v.learned,
+                        v.rows,
+                        v.image_threshold,
+                        v.change,
+                        if v.parent.is_empty() { "-" } else { &v.parent }
+                    );
+                }
+            }
+        }
+        BankCmd::Rollback { file, to, keep } => {
+            let v = kensa_model::versions::rollback(file, to, *keep)?;
+            eprintln!("{} is now version {v} (the contents of {to})", file.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -27,6 +27,11 @@ enum Cmd {
     Enroll(commands::EnrollArgs),
     /// Score still images against a bank; writes <stem>.json and <stem>_map.npy per image.
     Score(kensa_eval::score::ScoreArgs),
+    /// Score images in order as one camera's stream, with the daemon's learning from the line.
+    Replay(kensa_eval::replay::ReplayArgs),
+    /// A bank's versions: list them, or make an older one current again.
+    #[command(subcommand)]
+    Bank(commands::BankCmd),
     /// Write a synthetic production line data set in MVTec layout.
     Synth(commands::SynthArgs),
     /// Few-shot evaluation on MVTec-layout data: AUROC, pixel AUROC, PRO, verdict accuracy.
@@ -93,6 +98,8 @@ fn main() -> ExitCode {
         Cmd::TrainJudge(a) => kensa_lm::judging::train_judge(&a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Score(a) => kensa_eval::score::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Synth(a) => commands::synth(a),
+        Cmd::Replay(a) => kensa_eval::replay::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
+        Cmd::Bank(c) => commands::bank(&c),
         Cmd::Tail(a) => kensa_publish::tail::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Eval(a) => kensa_eval::eval::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Check(a) => commands::check(&a),

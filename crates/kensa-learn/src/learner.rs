@@ -1,0 +1,189 @@
+//! One camera's learner: what it holds of recent frames, operator answers, and the guards of
+//! self-enrollment. The caller owns the bank; a call that changes it returns the new one.
+
+use crate::update::{self, Budget};
+use crate::{LearnMode, Result};
+use image::RgbImage;
+use kensa_model::bank::Bank;
+use kensa_model::engine::Engine;
+use kensa_model::lineage::{Change, Label, Observation, Source};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// The guards of self-enrollment (`learn = "auto"`) and the learner's bounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Guards {
+    /// A frame may join by itself only when its image score is at or below this quantile of
+    /// the enrollment's pseudo-normal scores (1.0: the highest): it is explained as well as
+    /// the references' own transformed copies are, far on the normal side of the decision.
+    pub normal_quantile: f32,
+    /// At least this many ticks (the daemon: seconds; replay: frames × `--interval-s`)
+    /// between two frames joining by themselves, so a bank is not filled from one minute.
+    pub min_spacing: u64,
+    /// Self-enrolled references kept at most (operator references are bounded by the budget).
+    pub max_auto: usize,
+    /// Frames held for answers (a ring: the oldest goes first).
+    pub hold: usize,
+    pub budget: Budget,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Self { normal_quantile: 1.0, min_spacing: 600, max_auto: 16, hold: 64, budget: Budget::default() }
+    }
+}
+
+/// A frame still held for an answer.
+struct Held {
+    frame: String,
+    image: Arc<RgbImage>,
+    score: f32,
+}
+
+/// What an answer did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The bank changed (the new version).
+    Changed(String),
+    /// The same answer again: nothing to do.
+    Duplicate,
+    /// The frame is no longer held (or never was): counted, nothing changed.
+    NotHeld,
+    /// Learning is off for this product.
+    Off,
+}
+
+/// Counters, as the daemon exports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub added_operator: u64,
+    pub added_auto: u64,
+    pub removed: u64,
+    pub defects: u64,
+    pub duplicate: u64,
+    pub conflicting: u64,
+    pub not_held: u64,
+    /// Frames that passed every guard but the spacing or the auto budget.
+    pub refused_spacing: u64,
+    pub refused_budget: u64,
+}
+
+pub struct Learner {
+    pub mode: LearnMode,
+    pub guards: Guards,
+    held: VecDeque<Held>,
+    answers: HashMap<String, Label>,
+    last_auto: Option<u64>,
+    pub stats: Stats,
+}
+
+impl Learner {
+    pub fn new(mode: LearnMode, guards: Guards) -> Self {
+        Self { mode, guards, held: VecDeque::new(), answers: HashMap::new(), last_auto: None, stats: Stats::default() }
+    }
+
+    /// How many frames are held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether the frame is still held (an answer for it can act).
+    pub fn holds(&self, frame: &str) -> bool {
+        self.held.iter().any(|h| h.frame == frame)
+    }
+
+    /// A frame was scored against `bank` (`score`: its image score, before anything it causes).
+    /// It is held for answers; with `auto`, a frame far on the normal side, past the spacing,
+    /// joins the bank. `tick` is the frame's time in the unit of [`Guards::min_spacing`].
+    pub fn scored(
+        &mut self,
+        engine: &Engine,
+        bank: &Bank,
+        frame: &str,
+        image: Arc<RgbImage>,
+        score: f32,
+        tick: u64,
+    ) -> Result<Option<Bank>> {
+        if self.mode == LearnMode::Off {
+            return Ok(None);
+        }
+        self.held.push_back(Held { frame: frame.to_string(), image: image.clone(), score });
+        while self.held.len() > self.guards.hold.max(1) {
+            if let Some(gone) = self.held.pop_front() {
+                self.answers.remove(&gone.frame);
+            }
+        }
+        let cal = &bank.meta.calibration;
+        if self.mode != LearnMode::Auto || score >= cal.image_threshold || score > auto_level(cal, self.guards.normal_quantile)
+        {
+            return Ok(None);
+        }
+        if self.last_auto.is_some_and(|t| tick.saturating_sub(t) < self.guards.min_spacing) {
+            self.stats.refused_spacing += 1;
+            return Ok(None);
+        }
+        let autos = bank.meta.lineage.as_ref().map_or(0, |l| l.learned.iter().filter(|r| r.source == Source::Auto).count());
+        if autos >= self.guards.max_auto {
+            self.stats.refused_budget += 1;
+            return Ok(None);
+        }
+        self.last_auto = Some(tick);
+        self.stats.added_auto += 1;
+        tracing::info!(frame, score, "a confident normal frame joins the bank (learn = auto)");
+        Ok(Some(update::add_reference(engine, bank, frame, &image, Source::Auto, &self.guards.budget)?))
+    }
+
+    /// An operator's answer for `frame`. The last answer wins: `defect` after `normal` takes
+    /// the frame out of the bank again, `normal` after `defect` puts it in.
+    pub fn answer(&mut self, engine: &Engine, bank: &Bank, frame: &str, label: Label) -> Result<(Answer, Option<Bank>)> {
+        if self.mode == LearnMode::Off {
+            return Ok((Answer::Off, None));
+        }
+        let Some(held) = self.held.iter().find(|h| h.frame == frame) else {
+            self.stats.not_held += 1;
+            tracing::warn!(frame, "an answer for a frame no longer held is ignored (raise learn.hold to keep more)");
+            return Ok((Answer::NotHeld, None));
+        };
+        let (image, score) = (held.image.clone(), held.score);
+        match self.answers.insert(frame.to_string(), label) {
+            Some(prev) if prev == label => {
+                self.stats.duplicate += 1;
+                return Ok((Answer::Duplicate, None));
+            }
+            Some(_) => self.stats.conflicting += 1,
+            None => {}
+        }
+        let obs = Observation { frame: frame.to_string(), score, label, source: Source::Operator };
+        let next = match label {
+            Label::Normal => {
+                self.stats.added_operator += 1;
+                let added = update::add_reference(engine, bank, frame, &image, Source::Operator, &self.guards.budget)?;
+                let change = Change::Added { frame: frame.to_string(), source: Source::Operator };
+                update::with_observation(&added, &bank.meta, obs, change)
+            }
+            Label::Defect => {
+                self.stats.defects += 1;
+                match update::remove_reference(bank, frame, "answered defect") {
+                    Some(removed) => {
+                        self.stats.removed += 1;
+                        let change = Change::Removed { frame: frame.to_string(), reason: "answered defect".into() };
+                        update::with_observation(&removed, &bank.meta, obs, change)
+                    }
+                    None => update::observe(bank, obs),
+                }
+            }
+        };
+        let v = next.meta.version();
+        Ok((Answer::Changed(v), Some(next)))
+    }
+}
+
+/// The image score at or under which a frame may join by itself (see [`Guards::normal_quantile`]).
+pub fn auto_level(cal: &kensa_verdict::Calibration, quantile: f32) -> f32 {
+    let n = &cal.normal_scores;
+    if n.is_empty() {
+        return f32::NEG_INFINITY;
+    }
+    let i = ((n.len() - 1) as f32 * quantile.clamp(0.0, 1.0)).round() as usize;
+    n[i].min(cal.image_threshold)
+}
