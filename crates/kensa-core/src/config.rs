@@ -37,6 +37,8 @@ pub struct KensaConfig {
     pub judges: JudgesConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub learn: LearnConfig,
     /// Products by name: each has a memory bank made by `kensa enroll`.
     #[serde(default)]
     pub products: BTreeMap<String, ProductConfig>,
@@ -194,6 +196,9 @@ pub struct KafkaConfig {
     /// Optional topic of changeover commands (JSON): `{"camera": "c1", "product": "p"}` or
     /// `{"product": "p", "bank": "/path/p.kbank"}`.
     pub control_topic: Option<String>,
+    /// Optional topic of operator feedback (`kensa.v1.Feedback` protobuf: event id, label
+    /// `normal`/`defect`), consumed when a product learns (`products.<p>.learn`).
+    pub feedback_topic: Option<String>,
     /// Create missing topics at start-up (off where topics are managed by the platform team).
     pub create_topics: bool,
     /// Partitions of topics Kensa creates.
@@ -317,6 +322,7 @@ impl Default for KafkaConfig {
             message_timeout_ms: 30_000,
             max_message_bytes: 1_000_000,
             control_topic: None,
+            feedback_topic: None,
             create_topics: true,
             partitions: 3,
             replication_factor: -1,
@@ -325,16 +331,82 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// Address of `/metrics` and `/healthz`; localhost unless set otherwise.
     pub listen: String,
+    /// Token that actions on this listener (`POST /v1/feedback`) need as `Authorization:
+    /// Bearer <token>` whenever it listens beyond localhost (without one they are refused
+    /// there). `${VAR}` takes it from the environment.
+    pub token: Option<String>,
+    /// Actions per second this listener accepts (a burst of as many); more answer 429.
+    pub actions_per_s: u32,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9898".into() }
+        Self { listen: "127.0.0.1:9898".into(), token: None, actions_per_s: 10 }
+    }
+}
+
+/// Secrets never reach logs or debug output.
+impl std::fmt::Debug for TelemetryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("actions_per_s", &self.actions_per_s)
+            .finish()
+    }
+}
+
+/// How a product learns from the line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnMode {
+    /// The bank changes only by enrollment.
+    #[default]
+    Off,
+    /// Operator answers: a false alarm answered `normal` becomes a reference, a confirmed
+    /// `defect` a real positive of the calibration.
+    Feedback,
+    /// Feedback, and frames Kensa judges normal with high confidence, spread over time, join
+    /// the bank (guarded).
+    Auto,
+}
+
+impl LearnMode {
+    /// The name the config and the command line use.
+    pub fn as_name(self) -> &'static str {
+        match self {
+            LearnMode::Off => "off",
+            LearnMode::Feedback => "feedback",
+            LearnMode::Auto => "auto",
+        }
+    }
+}
+
+/// Bounds and guards of learning from the line (products with `learn` on).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnConfig {
+    /// Frames held per product for answers (a ring; an answer for an older frame is counted
+    /// as `not_held`). Each holds its RGB pixels.
+    pub hold: usize,
+    /// Learned references kept per product (past it the oldest learned one goes).
+    pub max_learned: usize,
+    /// Self-enrolled (`auto`) references kept at most.
+    pub max_auto: usize,
+    /// Seconds between two frames joining by themselves (`auto`).
+    pub min_spacing_s: u64,
+    /// Bank versions kept beside each bank file.
+    pub keep_versions: usize,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        Self { hold: 64, max_learned: 32, max_auto: 16, min_spacing_s: 600, keep_versions: 20 }
     }
 }
 
@@ -412,6 +484,10 @@ pub struct ProductConfig {
     /// `judges.mode` is not `calibrated`).
     #[serde(default)]
     pub judge: Option<PathBuf>,
+    /// Learning from the line: `off`, `feedback` (operator answers) or `auto` (also guarded
+    /// self-enrollment). Changes write new versions of `bank`.
+    #[serde(default)]
+    pub learn: LearnMode,
 }
 
 /// Which judges decide the verdict.
@@ -684,6 +760,12 @@ impl KensaConfig {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         cfg.resolve_paths(&base);
         let mut problems = cfg.kafka.resolve_secrets(&base, |name| std::env::var(name).ok());
+        if let Some(t) = &cfg.telemetry.token {
+            match interpolate(t, &|name: &str| std::env::var(name).ok()) {
+                Ok(v) => cfg.telemetry.token = Some(v),
+                Err(var) => problems.push(format!("telemetry.token: environment variable {var} is not set")),
+            }
+        }
         problems.extend(cfg.problems());
         if problems.is_empty() {
             Ok(cfg)
@@ -793,6 +875,19 @@ impl KensaConfig {
         }
         if self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!("telemetry.listen: `{}` is not an address like 127.0.0.1:9898", self.telemetry.listen));
+        }
+        if self.telemetry.token.as_deref().is_some_and(|t| t.len() < 16) {
+            p.push("telemetry.token: at least 16 characters".into());
+        }
+        if self.telemetry.actions_per_s == 0 {
+            p.push("telemetry.actions_per_s: must be at least 1".into());
+        }
+        let l = &self.learn;
+        if l.hold == 0 || l.hold > 4096 || l.max_learned == 0 || l.keep_versions == 0 {
+            p.push(format!(
+                "learn: hold {} (1..=4096), max_learned {} and keep_versions {} (at least 1)",
+                l.hold, l.max_learned, l.keep_versions
+            ));
         }
         if !(self.judges.budget_per_s > 0.0 && self.judges.budget_per_s.is_finite()) {
             p.push(format!("judges.budget_per_s: {} must be > 0", self.judges.budget_per_s));

@@ -4,6 +4,7 @@
 //! - [`config`]: the daemon's configuration (serde, `deny_unknown_fields`), layered loading
 //!   (defaults → file → `KENSA__SECTION__KEY` environment) and validation that reports every
 //!   problem at once.
+//! - [`feedback`]: operator feedback about a frame (label, event id) and what became of it.
 //! - [`frame`]: a captured frame and its identity.
 //! - [`map`]: anomaly maps.
 //! - [`grid`]: the 3×3 location grid and AnomalyGPT's exact answer grammar.
@@ -16,6 +17,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod feedback;
 pub mod frame;
 pub mod grid;
 pub mod map;

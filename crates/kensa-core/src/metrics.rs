@@ -35,6 +35,9 @@ pub const CONTROL_ERRORS: &str = "kensa_control_errors_total";
 pub const LM_JUDGEMENTS: &str = "kensa_lm_judgements_total";
 pub const BUILD_INFO: &str = "kensa_build_info";
 pub const PRODUCER_REBUILDS: &str = "kensa_producer_rebuilds_total";
+pub const FEEDBACK: &str = "kensa_feedback_total";
+pub const LEARNED: &str = "kensa_bank_learning_total";
+pub const FRAMES_HELD: &str = "kensa_frames_held";
 
 /// A label value: one enum per label, rendered in snake case.
 pub trait Label: Copy {
@@ -250,6 +253,17 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "count",
     ),
     (LM_JUDGEMENTS, "Language-model judge runs by product and result (ran, over_budget, error).", "count"),
+    (
+        FEEDBACK,
+        "Operator answers by source (http, kafka) and result (changed, duplicate, not_held, learning_off, invalid, failed).",
+        "count",
+    ),
+    (
+        LEARNED,
+        "Bank changes learned from the line, by product and change (added_operator, added_auto, removed, defect, refused_spacing, refused_budget).",
+        "count",
+    ),
+    (FRAMES_HELD, "Frames held per product for operator answers.", "count"),
 ];
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! background tasks are cancelled; the whole drain runs under one deadline.
 
 pub mod evidence;
+pub mod learning;
 pub mod lineup;
 pub mod model;
 pub mod parts;
@@ -113,8 +114,10 @@ pub async fn run(
     let token = CancellationToken::new();
     let mut background = JoinSet::new();
 
-    // Model first: a bad backbone or bank fails start-up.
-    let (model, info, model_thread) = model::start(&cfg).await?;
+    // Model first: a bad backbone or bank fails start-up. The run id is in every event id
+    // (the learner holds frames by it).
+    let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
+    let (model, info, model_thread) = model::start(&cfg, &run_id).await?;
     tracing::info!(model = %info.description, "model loaded");
     metrics::gauge!(m::MODEL_INFO, "model" => info.description.clone()).set(1.0);
     for (product, b) in &info.banks {
@@ -129,8 +132,24 @@ pub async fn run(
     health.set_broker(true);
     background.spawn(watch_broker(publisher.clone(), health.clone(), token.clone()));
     let evidence_dir = cfg.publish.store_dir.clone();
+    // Operator answers (HTTP and the feedback topic) go to the learner on the model thread.
+    let learns = cfg.products.values().any(|p| p.learn != kensa_core::config::LearnMode::Off);
+    let actions = learns.then(|| {
+        let (tx, rx) = mpsc::channel::<kensa_telemetry::FeedbackRequest>(64);
+        background.spawn(until(token.clone(), learning_answers(rx, model.clone())));
+        kensa_telemetry::Actions { feedback: tx, token: cfg.telemetry.token.clone(), per_s: cfg.telemetry.actions_per_s }
+    });
+    if let (Some(a), Some(topic)) = (&actions, cfg.kafka.feedback_topic.clone()) {
+        if cfg.kafka.create_topics {
+            if let Err(e) = kensa_publish::ensure_topics(&cfg.kafka, &[&topic]).await {
+                tracing::error!("{e}");
+            }
+        }
+        background.spawn(until(token.clone(), kensa_publish::feedback::consume(cfg.kafka.clone(), topic, a.feedback.clone())));
+    }
     let (addr, http) =
-        kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), evidence_dir, token.clone()).await?;
+        kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), evidence_dir, actions, token.clone())
+            .await?;
     if cfg.publish.store_dir.is_some() {
         background.spawn(until(token.clone(), evidence::retention(cfg.publish.clone(), Duration::from_secs(60))));
     }
@@ -195,7 +214,6 @@ pub async fn run(
         capture_done.clone(),
     ));
     drop(model);
-    let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
     let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges, health.clone());
     let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
@@ -520,5 +538,17 @@ async fn sample_depths(queues: [(Stage, Probe); 3], token: CancellationToken) {
             () = token.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// Hands operator answers to the learner on the model thread, one at a time, and counts them.
+async fn learning_answers(mut rx: mpsc::Receiver<kensa_telemetry::FeedbackRequest>, model: ModelHandle) {
+    while let Some((fb, reply)) = rx.recv().await {
+        let result = match model.feedback(fb).await {
+            Ok(r) => r,
+            Err(e) => kensa_core::feedback::FeedbackResult::Failed { reason: e.to_string() },
+        };
+        metrics::counter!(m::FEEDBACK, "source" => "any", "result" => result.as_str()).increment(1);
+        let _ = reply.send(result);
     }
 }

@@ -3,6 +3,7 @@
 //! [`Command`]s, each answered on a oneshot channel (TEI-style); commands run in order, so a
 //! bank swap lands between two batches and every frame is scored entirely with one bank.
 
+use crate::learning::Learning;
 use crate::DaemonError;
 use kensa_core::config::KensaConfig;
 use kensa_core::metrics::{self as m, DropReason, Label, ReloadResult};
@@ -61,11 +62,18 @@ pub enum Command {
         groups: Vec<Group>,
         reply: oneshot::Sender<Vec<GroupResult>>,
     },
-    /// Replace (or add) a product's bank; answers the bank it replaced, if any.
+    /// Replace (or add) a product's bank; answers the bank it replaced, if any (None also
+    /// when the bank is the one in use, or the one the learner just replaced: a file watch
+    /// that read the bank file between two learned versions).
     SwapBank {
         product: String,
         bank: Box<Bank>,
         reply: oneshot::Sender<Option<String>>,
+    },
+    /// An operator's answer about a frame (`crate::learning`).
+    Feedback {
+        feedback: kensa_core::feedback::Feedback,
+        reply: oneshot::Sender<kensa_core::feedback::FeedbackResult>,
     },
 }
 
@@ -120,6 +128,16 @@ impl ModelHandle {
         rx.await.map_err(|_| DaemonError::ModelStopped)
     }
 
+    /// Hands an operator's answer to the learner.
+    pub async fn feedback(
+        &self,
+        feedback: kensa_core::feedback::Feedback,
+    ) -> Result<kensa_core::feedback::FeedbackResult, DaemonError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Feedback { feedback, reply }).await.map_err(|_| DaemonError::ModelStopped)?;
+        rx.await.map_err(|_| DaemonError::ModelStopped)
+    }
+
     /// Swaps a product's bank in between two batches.
     pub async fn swap_bank(&self, product: &str, bank: Bank) -> Result<Option<String>, DaemonError> {
         let (reply, rx) = oneshot::channel();
@@ -135,10 +153,14 @@ fn view(bank: &Bank) -> BankView {
 
 /// Starts the model thread: loads the backbone and every product's bank (a bad one fails
 /// start-up), then serves commands until every handle is dropped.
-pub async fn start(cfg: &KensaConfig) -> Result<(ModelHandle, ModelInfo, std::thread::JoinHandle<()>), DaemonError> {
+pub async fn start(
+    cfg: &KensaConfig,
+    run_id: &str,
+) -> Result<(ModelHandle, ModelInfo, std::thread::JoinHandle<()>), DaemonError> {
     let (tx, mut rx) = mpsc::channel::<Command>(1);
     let (ready_tx, ready_rx) = oneshot::channel::<Result<ModelInfo, DaemonError>>();
     let cfg = cfg.clone();
+    let run_id = run_id.to_string();
     let thread = std::thread::Builder::new()
         .name("kensa-model".into())
         .spawn(move || {
@@ -170,14 +192,22 @@ pub async fn start(cfg: &KensaConfig) -> Result<(ModelHandle, ModelInfo, std::th
                 },
             };
             let _ = ready_tx.send(Ok(info));
+            let mut learning = Learning::new(&cfg, &run_id);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Score { groups, reply } => {
-                        let _ = reply.send(score(&engine, &banks, groups));
+                        let _ = reply.send(score(&engine, &mut banks, &mut learning, groups));
                     }
                     Command::SwapBank { product, bank, reply } => {
-                        let old = banks.insert(product, *bank).map(|b| b.meta.version());
+                        let stale = banks.get(&product).is_some_and(|cur| {
+                            let v = bank.meta.version();
+                            v == cur.meta.version() || cur.meta.lineage.as_ref().is_some_and(|l| l.parent == v)
+                        });
+                        let old = if stale { None } else { banks.insert(product, *bank).map(|b| b.meta.version()) };
                         let _ = reply.send(old);
+                    }
+                    Command::Feedback { feedback, reply } => {
+                        let _ = reply.send(learning.answer(&engine, &mut banks, &feedback));
                     }
                 }
             }
@@ -211,8 +241,15 @@ fn load(cfg: &KensaConfig) -> Result<(Engine, HashMap<String, Bank>), DaemonErro
     Ok((Engine::new(backbone, m.input_size), banks))
 }
 
-/// Scores each group with its product's bank.
-fn score(engine: &Engine, banks: &HashMap<String, Bank>, groups: Vec<Group>) -> Vec<GroupResult> {
+/// Scores each group with its product's bank; learning products' learners see every frame
+/// (and a bank they change is used from the next batch on).
+fn score(
+    engine: &Engine,
+    banks: &mut HashMap<String, Bank>,
+    learning: &mut Learning,
+    groups: Vec<Group>,
+) -> Vec<GroupResult> {
+    let mut learned: Vec<(Arc<str>, Bank)> = Vec::new();
     let t0 = Instant::now();
     let n: usize = groups.iter().map(|g| g.frames.len()).sum();
     metrics::histogram!(m::BATCH_SIZE).record(n as f64);
@@ -232,6 +269,18 @@ fn score(engine: &Engine, banks: &HashMap<String, Bank>, groups: Vec<Group>) -> 
             match scored {
                 Ok(maps) => {
                     let model_s = t.elapsed().as_secs_f64() / g.frames.len().max(1) as f64;
+                    if learning.any() {
+                        let mut current: Option<Bank> = None;
+                        for (f, (map, _)) in g.frames.iter().zip(&maps) {
+                            let b = current.as_ref().unwrap_or(bank);
+                            if let Some(next) = learning.scored(engine, &g.product, b, f, map.max()) {
+                                current = Some(next);
+                            }
+                        }
+                        if let Some(b) = current {
+                            learned.push((g.product.clone(), b));
+                        }
+                    }
                     let frames = g
                         .frames
                         .into_iter()
@@ -248,6 +297,11 @@ fn score(engine: &Engine, banks: &HashMap<String, Bank>, groups: Vec<Group>) -> 
         })
         .collect();
     metrics::histogram!(m::BATCH_LATENCY).record(t0.elapsed().as_secs_f64());
+    for (product, bank) in learned {
+        let new = bank.meta.version();
+        let old = banks.insert(product.to_string(), bank).map(|b| b.meta.version());
+        note_swap(&product, old.as_deref(), &new, Path::new("(learned)"), "learning");
+    }
     out
 }
 

@@ -287,62 +287,15 @@ pub async fn control_topic(kafka: kensa_core::config::KafkaConfig, topic: String
 }
 
 fn control_reader(kafka: &kensa_core::config::KafkaConfig, topic: &str, out: &mpsc::Sender<Result<Command, String>>) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    let mut cc = kensa_publish::client_config(kafka);
-    cc.set("group.id", "kensa-control").set("enable.auto.commit", "false");
-    for k in ["acks", "enable.idempotence", "message.timeout.ms"] {
-        cc.remove(k);
-    }
-    let consumer: BaseConsumer = match cc.create() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(topic, "cannot read the control topic: {e}");
-            return;
-        }
-    };
-    let parts: Vec<i32> = match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-        Ok(md) => md
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
-            .collect(),
-        Err(e) => {
-            tracing::error!(topic, "cannot read the control topic: {e}");
-            return;
-        }
-    };
-    let mut tpl = TopicPartitionList::new();
-    for p in parts {
-        let _ = tpl.add_partition_offset(topic, p, Offset::End);
-    }
-    if let Err(e) = consumer.assign(&tpl) {
-        tracing::error!(topic, "cannot read the control topic: {e}");
-        return;
-    }
-    tracing::info!(topic, "reading control commands");
-    loop {
-        if out.is_closed() {
-            return;
-        }
-        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
-        let parsed = match msg {
-            Ok(m) => {
-                let bytes = m.payload().unwrap_or_default();
-                if bytes.len() > 64 << 10 {
-                    Err(format!("{} bytes is over the 64 KiB control-message limit", bytes.len()))
-                } else {
-                    serde_json::from_slice::<Command>(bytes)
-                        .map_err(|e| format!("{e} in {:?}", String::from_utf8_lossy(bytes)))
-                }
-            }
-            Err(e) => Err(e.to_string()),
+    kensa_publish::feedback::follow(kafka, topic, "kensa-control", |m| {
+        let parsed = match m {
+            Ok([]) => return !out.is_closed(),
+            Ok(bytes) => serde_json::from_slice::<Command>(bytes)
+                .map_err(|e| format!("{e} in {:?}", String::from_utf8_lossy(bytes))),
+            Err(e) => Err(e),
         };
-        if out.blocking_send(parsed).is_err() {
-            return;
-        }
-    }
+        out.blocking_send(parsed).is_ok()
+    });
 }
 
 #[cfg(test)]

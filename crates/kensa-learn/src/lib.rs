@@ -16,33 +16,7 @@ pub mod update;
 
 pub use kensa_model::lineage::{Label, Source};
 
-/// How a product learns from the line.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LearnMode {
-    /// The bank changes only by enrollment.
-    #[default]
-    Off,
-    /// Operator answers: a false alarm answered `normal` becomes a reference, a confirmed
-    /// `defect` a real positive of the calibration.
-    Feedback,
-    /// Feedback, and frames Kensa judges normal with high confidence, spread over time, join
-    /// the bank (guarded; see [`learner::Guards`]).
-    Auto,
-}
-
-impl LearnMode {
-    /// The name the config and the command line use.
-    pub fn as_name(self) -> &'static str {
-        match self {
-            LearnMode::Off => "off",
-            LearnMode::Feedback => "feedback",
-            LearnMode::Auto => "auto",
-        }
-    }
-}
+pub use kensa_core::config::LearnMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LearnError {

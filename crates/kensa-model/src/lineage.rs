@@ -4,33 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What an operator (or the line) says a frame was.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Label {
-    Normal,
-    Defect,
-}
-
-impl Label {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Label::Normal => "normal",
-            Label::Defect => "defect",
-        }
-    }
-}
-
-impl std::str::FromStr for Label {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "normal" | "good" | "ok" => Ok(Label::Normal),
-            "defect" | "anomalous" | "bad" | "ng" => Ok(Label::Defect),
-            other => Err(format!("`{other}` is not a label (normal or defect)")),
-        }
-    }
-}
+pub use kensa_core::feedback::Label;
 
 /// Who labelled an observation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

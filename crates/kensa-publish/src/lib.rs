@@ -10,6 +10,7 @@
 //!   spool records and their CloudEvents headers, JSON for `kensa tail`, and [`PublishError`],
 //!   the crate's one error enum.
 //! - [`event`]: a judged frame → an `InspectionEvent`.
+//! - [`feedback`]: following inbound topics; the feedback topic's `kensa.v1.Feedback`.
 //! - [`outbox`]: the durable on-disk spool and its recovery.
 //! - [`delivery`]: the stage that spools events and sends them until acknowledged.
 //! - [`tail`]: `kensa tail`, a small consumer.
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 pub mod delivery;
 pub mod event;
+pub mod feedback;
 pub mod outbox;
 pub mod tail;
 

@@ -5,12 +5,15 @@
 //! - [`install_recorder`]: the process's Prometheus recorder, buckets and descriptions.
 //! - [`Health`]: what the probes report (model loaded, broker reachable, each camera's state).
 //! - [`serve`]: the listener, until its cancellation token fires.
+//! - [`Actions`]: what may change something through it (`POST /v1/feedback`): where it goes,
+//!   the token it needs beyond localhost, and its rate limit.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use kensa_core::feedback::{Feedback, FeedbackResult};
 use kensa_core::metrics::{self as m, CameraState, Label};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::BTreeMap;
@@ -182,6 +185,111 @@ struct AppState {
     health: Health,
     /// `publish.store_dir`, served under /evidence/.
     evidence: Option<Arc<std::path::PathBuf>>,
+    actions: Option<Arc<ActionGate>>,
+}
+
+/// An operator answer and where its result goes.
+pub type FeedbackRequest = (Feedback, tokio::sync::oneshot::Sender<FeedbackResult>);
+
+/// Actions on the listener: they change something, so they need the token whenever the
+/// listener is reachable beyond localhost (or whenever one is configured), and are rate-limited.
+#[derive(Clone)]
+pub struct Actions {
+    pub feedback: tokio::sync::mpsc::Sender<FeedbackRequest>,
+    pub token: Option<String>,
+    pub per_s: u32,
+}
+
+struct ActionGate {
+    actions: Actions,
+    /// The listener is bound to a loopback address only.
+    loopback: bool,
+    /// Token bucket: (tokens, last refill).
+    bucket: Mutex<(f64, std::time::Instant)>,
+}
+
+impl ActionGate {
+    /// None when allowed; else the refusal.
+    fn refuse(&self, headers: &axum::http::HeaderMap) -> Option<(StatusCode, String)> {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match (&self.actions.token, given) {
+            (Some(t), Some(g)) if constant_time_eq(t.as_bytes(), g.as_bytes()) => {}
+            (Some(_), _) => return Some((StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer <telemetry.token>)".into())),
+            (None, _) if !self.loopback => {
+                return Some((
+                    StatusCode::FORBIDDEN,
+                    "actions beyond localhost need telemetry.token in the config".into(),
+                ))
+            }
+            (None, _) => {}
+        }
+        let mut b = self.bucket.lock().expect("rate lock");
+        let rate = f64::from(self.actions.per_s.max(1));
+        let now = std::time::Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate);
+        b.1 = now;
+        if b.0 < 1.0 {
+            return Some((StatusCode::TOO_MANY_REQUESTS, format!("more than {rate} actions per second")));
+        }
+        b.0 -= 1.0;
+        None
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_error(code: StatusCode, msg: &str) -> axum::response::Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "error": msg }).to_string()).into_response()
+}
+
+/// `POST /v1/feedback` with a JSON [`Feedback`] (`{"event_id", "label": "normal"|"defect"}`):
+/// answers the [`FeedbackResult`] as JSON (200 changed or duplicate, 404 frame no longer held,
+/// 409 the product does not learn, 400 a bad body, 401/403 refused, 429 too many).
+async fn feedback(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let Some(gate) = s.actions.as_deref() else {
+        return json_error(StatusCode::NOT_FOUND, "no product learns from the line (products.<p>.learn)");
+    };
+    if let Some((code, msg)) = gate.refuse(&headers) {
+        metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "refused").increment(1);
+        return json_error(code, &msg);
+    }
+    let fb: Feedback = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "invalid").increment(1);
+            return json_error(StatusCode::BAD_REQUEST, &format!("expected {{\"event_id\", \"label\": \"normal\"|\"defect\"}}: {e}"));
+        }
+    };
+    if let Some(p) = fb.problem() {
+        metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "invalid").increment(1);
+        return json_error(StatusCode::BAD_REQUEST, &p);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if gate.actions.feedback.send((fb, tx)).await.is_err() {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "the learner has stopped");
+    }
+    let result = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+        Ok(Ok(r)) => r,
+        _ => return json_error(StatusCode::SERVICE_UNAVAILABLE, "no answer from the learner within 60 s"),
+    };
+    let code = match &result {
+        FeedbackResult::Changed { .. } | FeedbackResult::Duplicate => StatusCode::OK,
+        FeedbackResult::NotHeld => StatusCode::NOT_FOUND,
+        FeedbackResult::LearningOff { .. } => StatusCode::CONFLICT,
+        FeedbackResult::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&result).unwrap_or_default())
+        .into_response()
 }
 
 /// A stored snapshot, map or overlay: `/evidence/<camera>/<run>/<file>`. Each part must be a
@@ -238,6 +346,7 @@ pub async fn serve(
     handle: PrometheusHandle,
     health: Health,
     evidence_dir: Option<std::path::PathBuf>,
+    actions: Option<Actions>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -259,7 +368,20 @@ pub async fn serve(
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/evidence/{*path}", get(evidence))
-        .with_state(AppState { handle, health, evidence: evidence_dir.map(Arc::new) });
+        .route("/v1/feedback", axum::routing::post(feedback))
+        .with_state(AppState {
+            handle,
+            health,
+            evidence: evidence_dir.map(Arc::new),
+            actions: actions.map(|a| {
+                let burst = f64::from(a.per_s.max(1));
+                Arc::new(ActionGate {
+                    actions: a,
+                    loopback: local.ip().is_loopback(),
+                    bucket: Mutex::new((burst, std::time::Instant::now())),
+                })
+            }),
+        });
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
         let (served, ()) = tokio::join!(serve, upkeep);
