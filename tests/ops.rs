@@ -77,7 +77,7 @@ fn changeover_by_sighup_and_by_control_topic() {
     let other = other_bank(dir.path(), "gear", "11");
     let control = format!("{topic}.control");
     let mut c = base_config(&bank, &topic, &brokers(), &metrics);
-    c.products.insert("gear".into(), ProductConfig { bank: other, judge: None });
+    c.products.insert("gear".into(), ProductConfig { bank: other, judge: None, learn: Default::default() });
     c.kafka.control_topic = Some(control.clone());
     c.cameras.push(endless("cam"));
     let cfg = write_config(dir.path(), &c);

@@ -496,7 +496,7 @@ pub fn base_config(bank: &Path, topic: &str, brokers: &str, metrics: &str) -> Ke
     cfg.kafka.defects_topic = format!("{topic}.defects");
     cfg.kafka.connect_timeout_s = 10;
     cfg.telemetry.listen = metrics.to_string();
-    cfg.products.insert("disc".into(), ProductConfig { bank: bank.to_path_buf(), judge: None });
+    cfg.products.insert("disc".into(), ProductConfig { bank: bank.to_path_buf(), judge: None, learn: Default::default() });
     cfg
 }
 

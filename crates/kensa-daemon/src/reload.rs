@@ -287,7 +287,7 @@ pub async fn control_topic(kafka: kensa_core::config::KafkaConfig, topic: String
 }
 
 fn control_reader(kafka: &kensa_core::config::KafkaConfig, topic: &str, out: &mpsc::Sender<Result<Command, String>>) {
-    kensa_publish::feedback::follow(kafka, topic, "kensa-control", |m| {
+    kensa_publish::feedback::follow(kafka, topic, "kensa-control", "control commands", |m| {
         let parsed = match m {
             Ok([]) => return !out.is_closed(),
             Ok(bytes) => serde_json::from_slice::<Command>(bytes)

@@ -180,3 +180,46 @@ fn base_method(m: &str) -> &str {
 pub fn rows(bank: &Bank) -> i64 {
     bank.layers.iter().map(|t| t.size()[0]).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kensa_verdict::Calibration;
+
+    fn lineage(obs: &[(f32, Label)]) -> Lineage {
+        Lineage {
+            version: String::new(),
+            parent: String::new(),
+            change: Change::Enrolled,
+            changed_unix: 0,
+            enrolled_rows: vec![],
+            learned: vec![],
+            observations: obs
+                .iter()
+                .enumerate()
+                .map(|(i, &(score, label))| Observation { frame: i.to_string(), score, label, source: Source::Operator })
+                .collect(),
+            enrolled_threshold: 0.5,
+        }
+    }
+
+    #[test]
+    fn refit_lowers_the_decision_only_for_missed_defects_and_never_for_false_alarms() {
+        let mut cal = Calibration::fit_single(&[0.1, 0.2, 0.3], &[0.6, 0.7, 0.9]);
+        cal.image_threshold = 0.5;
+        cal.pixel_threshold = 0.55;
+        // False alarms answered normal (above the decision): the decision stays.
+        let r = refit(&cal, &lineage(&[(0.6, Label::Normal), (0.7, Label::Normal)]));
+        assert_eq!(r.image_threshold, 0.5);
+        // Defects above the decision: it stays too.
+        assert_eq!(refit(&cal, &lineage(&[(0.8, Label::Defect)])).image_threshold, 0.5);
+        // A confirmed defect the decision missed (0.4): midway between the highest normal
+        // below it (the synthetic 0.3, or a real 0.35) and it; the pixel level follows.
+        let r = refit(&cal, &lineage(&[(0.4, Label::Defect)]));
+        assert!((r.image_threshold - 0.35).abs() < 1e-6, "{}", r.image_threshold);
+        assert!((r.pixel_threshold - 0.40).abs() < 1e-6);
+        assert!(r.method.contains("1 confirmed defect"));
+        let r = refit(&cal, &lineage(&[(0.4, Label::Defect), (0.36, Label::Normal)]));
+        assert!((r.image_threshold - 0.38).abs() < 1e-6, "{}", r.image_threshold);
+    }
+}

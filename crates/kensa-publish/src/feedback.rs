@@ -11,10 +11,15 @@ use std::time::Duration;
 /// Largest inbound message read (bigger ones are refused, counted by the caller).
 pub const MAX_INBOUND_BYTES: usize = 64 << 10;
 
-/// Follows `topic` from its current end as consumer group `group`, on the calling thread,
+/// Follows `topic` (`what` it carries, for the log) from its current end as consumer group `group`, on the calling thread,
 /// handing each message's payload (or the error) to `on_message` until it returns false.
 /// Errors that stop the reader are logged; it returns then.
-pub fn follow(kafka: &KafkaConfig, topic: &str, group: &str, mut on_message: impl FnMut(Result<&[u8], String>) -> bool) {
+pub fn follow(
+    kafka: &KafkaConfig,
+    topic: &str,
+    group: &str,
+    what: &str,
+    mut on_message: impl FnMut(Result<&[u8], String>) -> bool) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let mut cc = crate::client_config(kafka);
@@ -49,7 +54,7 @@ pub fn follow(kafka: &KafkaConfig, topic: &str, group: &str, mut on_message: imp
         tracing::error!(topic, "cannot read the topic: {e}");
         return;
     }
-    tracing::info!(topic, "reading");
+    tracing::info!(topic, "reading {what}");
     loop {
         let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
             if !on_message(Ok(&[])) {
@@ -129,7 +134,7 @@ pub async fn consume(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Feedback, String>>(16);
     let t = topic.clone();
     let reader = std::thread::Builder::new().name("kensa-feedback".into()).spawn(move || {
-        follow(&kafka, &t, "kensa-feedback", |m| match m {
+        follow(&kafka, &t, "kensa-feedback", "operator feedback", |m| match m {
             Ok([]) => !tx.is_closed(),
             Ok(bytes) => tx.blocking_send(decode_feedback(bytes)).is_ok(),
             Err(e) => tx.blocking_send(Err(e)).is_ok(),
