@@ -35,12 +35,14 @@ fn every_field_round_trips_through_load() {
     c.judges.mode = JudgeMode::Both;
     c.judges.budget_per_s = 1000.0;
     c.products.get_mut("disc").unwrap().judge = Some(file("disc.judge.safetensors"));
-    c.products
-        .insert("gear".into(), ProductConfig {
+    c.products.insert(
+        "gear".into(),
+        ProductConfig {
             bank: file("gear.kbank"),
             judge: Some(file("gear.judge.safetensors")),
             learn: Default::default(),
-        });
+        },
+    );
     let mut cam = synthetic_camera("syn", 5, 8, 2.5, 0.4);
     cam.line = "L2".into();
     cam.station = "S7".into();

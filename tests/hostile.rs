@@ -143,7 +143,10 @@ fn a_control_topic_changeover_survives_a_restart() {
     let (dir, bank, topic, metrics) = rig("keepchange");
     let control = format!("{topic}.control");
     let mut cfg = base_config(&bank, &topic, &brokers(), &metrics);
-    cfg.products.insert("gear".into(), kensa_core::config::ProductConfig { bank: bank.clone(), judge: None, learn: Default::default() });
+    cfg.products.insert(
+        "gear".into(),
+        kensa_core::config::ProductConfig { bank: bank.clone(), judge: None, learn: Default::default() },
+    );
     cfg.kafka.control_topic = Some(control.clone());
     cfg.cameras.push(synthetic_camera("cam", 3, 0, 5.0, 0.2));
     let path = write_config(dir.path(), &cfg);

@@ -225,6 +225,25 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     Ok((status, body.to_string()))
 }
 
+/// A plain HTTP/1.0 POST of a JSON body, with `Authorization: Bearer TOKEN` when given;
+/// returns (status, body).
+pub fn http_post(addr: &str, path: &str, body: &str, token: Option<&str>) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(90)))?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let buf = String::from_utf8_lossy(&raw);
+    let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header")?;
+    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_string()))
+}
+
 /// The value of a Prometheus sample `name{labels}` whose labels include every `(k, v)` given;
 /// summed over matching series. None if no series matches.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -496,7 +515,8 @@ pub fn base_config(bank: &Path, topic: &str, brokers: &str, metrics: &str) -> Ke
     cfg.kafka.defects_topic = format!("{topic}.defects");
     cfg.kafka.connect_timeout_s = 10;
     cfg.telemetry.listen = metrics.to_string();
-    cfg.products.insert("disc".into(), ProductConfig { bank: bank.to_path_buf(), judge: None, learn: Default::default() });
+    cfg.products
+        .insert("disc".into(), ProductConfig { bank: bank.to_path_buf(), judge: None, learn: Default::default() });
     cfg
 }
 

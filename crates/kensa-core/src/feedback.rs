@@ -51,7 +51,10 @@ impl Feedback {
     pub fn problem(&self) -> Option<String> {
         let parts: Vec<&str> = self.event_id.split('/').collect();
         if self.event_id.len() > 200 || parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
-            return Some(format!("event_id `{}` is not <camera>/<run>/<seq>", self.event_id.chars().take(80).collect::<String>()));
+            return Some(format!(
+                "event_id `{}` is not <camera>/<run>/<seq>",
+                self.event_id.chars().take(80).collect::<String>()
+            ));
         }
         if self.who.len() > 200 || self.cells.len() > 9 {
             return Some("who (at most 200 bytes) or cells (at most 9)".into());

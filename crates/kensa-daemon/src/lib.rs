@@ -137,7 +137,11 @@ pub async fn run(
     let actions = learns.then(|| {
         let (tx, rx) = mpsc::channel::<kensa_telemetry::FeedbackRequest>(64);
         background.spawn(until(token.clone(), learning_answers(rx, model.clone())));
-        kensa_telemetry::Actions { feedback: tx, token: cfg.telemetry.token.clone(), per_s: cfg.telemetry.actions_per_s }
+        kensa_telemetry::Actions {
+            feedback: tx,
+            token: cfg.telemetry.token.clone(),
+            per_s: cfg.telemetry.actions_per_s,
+        }
     });
     if let (Some(a), Some(topic)) = (&actions, cfg.kafka.feedback_topic.clone()) {
         if cfg.kafka.create_topics {
@@ -145,7 +149,10 @@ pub async fn run(
                 tracing::error!("{e}");
             }
         }
-        background.spawn(until(token.clone(), kensa_publish::feedback::consume(cfg.kafka.clone(), topic, a.feedback.clone())));
+        background.spawn(until(
+            token.clone(),
+            kensa_publish::feedback::consume(cfg.kafka.clone(), topic, a.feedback.clone()),
+        ));
     }
     let (addr, http) =
         kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), evidence_dir, actions, token.clone())

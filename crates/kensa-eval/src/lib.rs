@@ -22,9 +22,9 @@
 //! `exit_code`s, to its exit status.
 
 pub mod eval;
+pub mod metrics;
 pub mod replay;
 pub mod stream;
-pub mod metrics;
 pub use kensa_verdict::overlay;
 pub mod score;
 

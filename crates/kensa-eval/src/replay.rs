@@ -56,7 +56,8 @@ pub fn read_operator(path: &Path) -> Result<HashMap<PathBuf, Label>> {
             continue;
         }
         let bad = |why: String| EvalError::Data { what: format!("{}:{}: {why}", path.display(), i + 1) };
-        let (p, l) = line.rsplit_once(char::is_whitespace).ok_or_else(|| bad("expected `PATH normal|defect`".into()))?;
+        let (p, l) =
+            line.rsplit_once(char::is_whitespace).ok_or_else(|| bad("expected `PATH normal|defect`".into()))?;
         let label: Label = l.parse().map_err(bad)?;
         out.insert(PathBuf::from(p.trim()), label);
     }
@@ -94,7 +95,13 @@ pub struct Stream<'a> {
 impl Stream<'_> {
     /// Scores `image` as frame `frame` at `tick`, then applies what learning does with it,
     /// with `operator`'s answer when the frame is flagged.
-    pub fn step(&mut self, frame: &str, image: Arc<image::RgbImage>, tick: u64, operator: Option<Label>) -> Result<Step> {
+    pub fn step(
+        &mut self,
+        frame: &str,
+        image: Arc<image::RgbImage>,
+        tick: u64,
+        operator: Option<Label>,
+    ) -> Result<Step> {
         let version = self.bank.meta.version();
         let map = self
             .engine
@@ -102,7 +109,9 @@ impl Stream<'_> {
             .pop()
             .ok_or_else(|| EvalError::Data { what: format!("{frame}: no map") })?;
         let (verdict, _) = kensa_verdict::judge(&map, &self.bank.meta.calibration);
-        if let Some(b) = self.learner.scored(self.engine, &self.bank, frame, image, verdict.score, tick).map_err(learn_err)? {
+        if let Some(b) =
+            self.learner.scored(self.engine, &self.bank, frame, image, verdict.score, tick).map_err(learn_err)?
+        {
             self.bank = b;
         }
         if let (true, Some(label)) = (verdict.anomalous, operator) {
@@ -177,6 +186,10 @@ pub fn run(a: &ReplayArgs) -> Result<ReplayOutcome> {
     }
     csv.flush().map_err(io_err("write", &csv_path))?;
     if let Some(path) = &a.save_bank {
+        // A new file starts from the bank replayed, so its versions reach back to it.
+        if !path.exists() && stream.bank.meta.version() != first_version {
+            std::fs::copy(&a.bank, path).map_err(io_err("write", path))?;
+        }
         kensa_model::versions::commit(&stream.bank, path, kensa_model::versions::DEFAULT_KEEP)?;
     }
     let out = ReplayOutcome {

@@ -92,9 +92,11 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
             }
             let mut stream: Vec<Frame> =
                 train[held_out..].iter().map(|p| Frame { path: p.clone(), anomalous: false, mask: None }).collect();
-            stream.extend(
-                test_images(&dir)?.into_iter().map(|t| Frame { path: t.path, anomalous: t.anomalous, mask: t.mask }),
-            );
+            stream.extend(test_images(&dir)?.into_iter().map(|t| Frame {
+                path: t.path,
+                anomalous: t.anomalous,
+                mask: t.mask,
+            }));
             stream.shuffle(&mut rng);
             let load = |p: &PathBuf| -> Result<(String, image::RgbImage)> {
                 Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), images::load_rgb(p)?))
@@ -113,7 +115,10 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
             ];
             for (label, mode, bank) in modes {
                 let t0 = std::time::Instant::now();
-                let bank = Bank { meta: bank.meta.clone(), layers: bank.layers.iter().map(tch::Tensor::shallow_clone).collect() };
+                let bank = Bank {
+                    meta: bank.meta.clone(),
+                    layers: bank.layers.iter().map(tch::Tensor::shallow_clone).collect(),
+                };
                 let mut s = Stream { engine: &engine, bank, learner: Learner::new(mode, Guards::default()) };
                 let (mut scores, mut labels, mut preds, mut maps, mut masks) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -126,7 +131,11 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
                     scores.push(step.verdict.score);
                     labels.push(f.anomalous);
                     preds.push(step.verdict.anomalous);
-                    let mask = if f.anomalous { load_mask(f.mask.as_ref(), w, h)? } else { Some(vec![false; (w * h) as usize]) };
+                    let mask = if f.anomalous {
+                        load_mask(f.mask.as_ref(), w, h)?
+                    } else {
+                        Some(vec![false; (w * h) as usize])
+                    };
                     if let Some(m) = mask {
                         let m: Vec<f32> = m.iter().map(|&b| f32::from(u8::from(b))).collect();
                         masks.push(small(&m, w, h).iter().map(|&v| v > 0.5).collect::<Vec<bool>>());
@@ -138,8 +147,12 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
                 }
                 let half = stream.len() / 2;
                 let keep = |from: usize| {
-                    let (m, k): (Vec<Vec<f32>>, Vec<Vec<bool>>) =
-                        maps[from..].iter().cloned().zip(masks[from..].iter().cloned()).filter(|(m, _)| !m.is_empty()).unzip();
+                    let (m, k): (Vec<Vec<f32>>, Vec<Vec<bool>>) = maps[from..]
+                        .iter()
+                        .cloned()
+                        .zip(masks[from..].iter().cloned())
+                        .filter(|(m, _)| !m.is_empty())
+                        .unzip();
                     slice(&scores[from..], &labels[from..], &preds[from..], &m, &k)
                 };
                 let r = StreamResult {

@@ -197,7 +197,12 @@ mod tests {
             observations: obs
                 .iter()
                 .enumerate()
-                .map(|(i, &(score, label))| Observation { frame: i.to_string(), score, label, source: Source::Operator })
+                .map(|(i, &(score, label))| Observation {
+                    frame: i.to_string(),
+                    score,
+                    label,
+                    source: Source::Operator,
+                })
                 .collect(),
             enrolled_threshold: 0.5,
         }

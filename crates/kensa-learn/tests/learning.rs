@@ -52,7 +52,11 @@ fn operator_answers_change_the_bank_once_and_the_last_answer_wins() {
     let mut l = Learner::new(LearnMode::Feedback, Guards { hold: 4, ..Guards::default() });
     let img = Arc::new(line().normal(5).image);
     let s = score(&e, &b0, &img);
-    assert_eq!(l.scored(&e, &b0, "f1", img.clone(), s, 0).unwrap().map(|_| ()), None, "feedback alone never self-enrolls");
+    assert_eq!(
+        l.scored(&e, &b0, "f1", img.clone(), s, 0).unwrap().map(|_| ()),
+        None,
+        "feedback alone never self-enrolls"
+    );
     // `normal`: the frame becomes a reference, its novel patches only, as a new version.
     let (a, b1) = l.answer(&e, &b0, "f1", Label::Normal).unwrap();
     let b1 = b1.expect("changed");
@@ -60,7 +64,10 @@ fn operator_answers_change_the_bank_once_and_the_last_answer_wins() {
     assert_ne!(b1.meta.version(), b0.meta.version());
     assert_eq!(b1.meta.references, 2);
     let added = rows(&b1) - rows(&b0);
-    assert!(added > 0 && added <= rows(&b0) / 2 + b0.layers.len() as i64, "about half of a reference's patches: {added}");
+    assert!(
+        added > 0 && added <= rows(&b0) / 2 + b0.layers.len() as i64,
+        "about half of a reference's patches: {added}"
+    );
     let lin = b1.meta.lineage.as_ref().unwrap();
     assert_eq!(lin.parent, b0.meta.version());
     assert!(matches!(lin.change, Change::Added { .. }));
@@ -89,7 +96,7 @@ fn self_enrollment_keeps_its_guards_and_a_defect_answer_takes_a_frame_out() {
     let Some(e) = engine() else { return };
     let b0 = bank(&e);
     let cal = &b0.meta.calibration;
-    let level = kensa_learn::learner::auto_level(cal, 1.0);
+    let level = kensa_learn::learner::auto_level(cal, Guards::default().normal_quantile);
     assert!(level < cal.image_threshold);
     let guards = Guards { min_spacing: 100, ..Guards::default() };
     let mut l = Learner::new(LearnMode::Auto, guards);
@@ -140,8 +147,15 @@ fn versions_are_kept_listed_and_rolled_back() {
     let b0 = bank(&e);
     b0.save(&path).unwrap();
     let enrolled = b0.meta.version();
-    let b1 = update::add_reference(&e, &b0, "n1", &line().normal(7).image, kensa_learn::Source::Operator, &Budget::default())
-        .unwrap();
+    let b1 = update::add_reference(
+        &e,
+        &b0,
+        "n1",
+        &line().normal(7).image,
+        kensa_learn::Source::Operator,
+        &Budget::default(),
+    )
+    .unwrap();
     let v1 = versions::commit(&b1, &path, 3).unwrap();
     let log = versions::log(&path).unwrap();
     assert_eq!(log.len(), 2, "the enrolled version is kept too");

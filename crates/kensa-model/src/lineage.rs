@@ -40,13 +40,24 @@ pub struct LearnedRef {
 pub enum Change {
     Enrolled,
     /// A frame became a reference.
-    Added { frame: String, source: Source },
+    Added {
+        frame: String,
+        source: Source,
+    },
     /// A learned reference was taken out (a `defect` answer, or the budget).
-    Removed { frame: String, reason: String },
+    Removed {
+        frame: String,
+        reason: String,
+    },
     /// A labelled observation re-fitted the calibration only.
-    Observed { frame: String, label: Label },
+    Observed {
+        frame: String,
+        label: Label,
+    },
     /// Copied back from an older version.
-    RolledBack { to: String },
+    RolledBack {
+        to: String,
+    },
 }
 
 impl std::fmt::Display for Change {

@@ -78,12 +78,12 @@ pub fn commit(bank: &Bank, path: &Path, keep: usize) -> Result<String> {
 fn prune(dir: &Path, keep: usize) {
     let Ok(rd) = std::fs::read_dir(dir) else { return };
     let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
-        .filter_map(|e| e.ok())
+        .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "kbank"))
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     for (_, p) in files.into_iter().skip(keep) {
         if let Err(e) = std::fs::remove_file(&p) {
             tracing::warn!(path = %p.display(), "cannot delete an old bank version: {e}");
@@ -112,7 +112,7 @@ pub fn log(path: &Path) -> Result<Vec<VersionInfo>> {
     let current = Bank::load_unchecked(path, tch::Device::Cpu)?.meta.version();
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir_of(path)) {
-        for p in rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "kbank")) {
+        for p in rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "kbank")) {
             match Bank::load_unchecked(&p, tch::Device::Cpu) {
                 Ok(b) => out.push(info(&b, &current, p)),
                 Err(e) => tracing::warn!("{e}"),

@@ -19,7 +19,8 @@ pub fn follow(
     topic: &str,
     group: &str,
     what: &str,
-    mut on_message: impl FnMut(Result<&[u8], String>) -> bool) {
+    mut on_message: impl FnMut(Result<&[u8], String>) -> bool,
+) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let mut cc = crate::client_config(kafka);

@@ -218,7 +218,12 @@ impl ActionGate {
             .map(str::trim);
         match (&self.actions.token, given) {
             (Some(t), Some(g)) if constant_time_eq(t.as_bytes(), g.as_bytes()) => {}
-            (Some(_), _) => return Some((StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer <telemetry.token>)".into())),
+            (Some(_), _) => {
+                return Some((
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong token (Authorization: Bearer <telemetry.token>)".into(),
+                ))
+            }
             (None, _) if !self.loopback => {
                 return Some((
                     StatusCode::FORBIDDEN,
@@ -245,7 +250,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn json_error(code: StatusCode, msg: &str) -> axum::response::Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "error": msg }).to_string()).into_response()
+    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "error": msg }).to_string())
+        .into_response()
 }
 
 /// `POST /v1/feedback` with a JSON [`Feedback`] (`{"event_id", "label": "normal"|"defect"}`):
@@ -267,7 +273,10 @@ async fn feedback(
         Ok(f) => f,
         Err(e) => {
             metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "invalid").increment(1);
-            return json_error(StatusCode::BAD_REQUEST, &format!("expected {{\"event_id\", \"label\": \"normal\"|\"defect\"}}: {e}"));
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"event_id\", \"label\": \"normal\"|\"defect\"}}: {e}"),
+            );
         }
     };
     if let Some(p) = fb.problem() {
@@ -278,9 +287,8 @@ async fn feedback(
     if gate.actions.feedback.send((fb, tx)).await.is_err() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "the learner has stopped");
     }
-    let result = match tokio::time::timeout(Duration::from_secs(60), rx).await {
-        Ok(Ok(r)) => r,
-        _ => return json_error(StatusCode::SERVICE_UNAVAILABLE, "no answer from the learner within 60 s"),
+    let Ok(Ok(result)) = tokio::time::timeout(Duration::from_secs(60), rx).await else {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "no answer from the learner within 60 s");
     };
     let code = match &result {
         FeedbackResult::Changed { .. } | FeedbackResult::Duplicate => StatusCode::OK,
