@@ -19,13 +19,12 @@ use tch::{Device, Kind};
 const TIE_MARGIN: f64 = 0.02;
 
 fn model_path() -> Option<PathBuf> {
-    let p = std::env::var("KENSA_SMOLLM2").map(PathBuf::from).unwrap_or_else(|_| {
-        let cache = std::env::var("KENSA_CACHE").map_or_else(
-            |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kensa"),
-            PathBuf::from,
-        );
-        cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let cache = std::env::var("KENSA_CACHE").map_or_else(
+        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kensa"),
+        PathBuf::from,
+    );
+    let default = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = std::env::var("KENSA_SMOLLM2").map_or(default, PathBuf::from);
     p.is_file().then_some(p)
 }
 
