@@ -34,6 +34,10 @@ pub struct GenerateArgs {
     /// Weights and activations: auto (fp32 on the CPU, bf16 on CUDA), fp32, fp16 or bf16.
     #[arg(long, default_value = "auto", value_parser = ["auto", "fp32", "fp16", "bf16"])]
     pub precision: String,
+    /// libtorch threads (0: libtorch's default). One token at a time is memory-bound: on a
+    /// small or busy CPU, 1 thread is often as fast as several.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Print one JSON object (prompt and output token ids, text, timings) instead of the text.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +105,9 @@ fn device_and_kind(device: &str, precision: &str) -> Result<(tch::Device, Kind)>
 
 /// `kensa lm generate`.
 pub fn run(a: &GenerateArgs) -> Result<()> {
+    if a.threads > 0 {
+        tch::set_num_threads(i32::try_from(a.threads).unwrap_or(i32::MAX));
+    }
     let (device, kind) = device_and_kind(&a.device, &a.precision)?;
     let t0 = Instant::now();
     let m = ChatModel::load_gguf(&a.model, device, kind)?;
@@ -126,6 +133,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
             "load_s": load_s,
             "generate_s": gen_s,
             "tokens_per_s": tps,
+            "threads": tch::get_num_threads(),
         });
         println!("{j}");
     } else {
