@@ -10,7 +10,7 @@
 
 use crate::answers::AnswerSet;
 use crate::model::{KvCache, Llama};
-use crate::tokenizer::{Tokenizer, BOS};
+use crate::tokenizer::{LmTokenizer, TextTokenizer};
 use crate::{LmError, Result};
 use kensa_core::grid::Cell;
 use std::path::Path;
@@ -75,7 +75,7 @@ pub struct JudgeInput {
 
 pub struct LmJudge {
     pub lm: Llama,
-    pub tok: Tokenizer,
+    pub tok: LmTokenizer,
     pub answers: AnswerSet,
     pub learner: PromptLearner,
     pre: Tensor,
@@ -89,18 +89,19 @@ pub struct LmJudge {
 impl LmJudge {
     /// A judge with a freshly initialised prompt learner; the initialisation is drawn from
     /// libtorch's global generator, so call `tch::manual_seed` first for a reproducible one.
-    pub fn new(lm: Llama, tok: Tokenizer, image_dim: i64, description: &str, scale: f64) -> Self {
+    pub fn new(lm: Llama, tok: LmTokenizer, image_dim: i64, description: &str, scale: f64) -> Self {
         let device = lm.device;
         let answers = AnswerSet::new(&tok);
         let learner = PromptLearner::new(device, lm.width(), image_dim);
-        let pre = lm.embed_tokens(&[&[BOS][..], &tok.encode("### Human: <Img>", false, false)].concat());
-        let mid = lm.embed_tokens(&tok.encode("</Img>", false, false));
+        let pre: Vec<i64> = tok.bos().into_iter().chain(tok.encode_piece("### Human: <Img>", true)).collect();
+        let pre = lm.embed_tokens(&pre);
+        let mid = lm.embed_tokens(&tok.encode_piece("</Img>", false));
         let question = if description.is_empty() {
             "Is there any anomaly in the image? ### Assistant:".to_string()
         } else {
             format!("{description} Is there any anomaly in the image? ### Assistant:")
         };
-        let post = lm.embed_tokens(&tok.encode(&question, false, false));
+        let post = lm.embed_tokens(&tok.encode_piece(&question, false));
         Self { lm, tok, answers, learner, pre, mid, post, scale: scale.max(1e-6) }
     }
 

@@ -12,17 +12,15 @@ use kensa_lm::generate::ChatModel;
 use kensa_lm::model::KvCache;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 /// Largest logit gap (Kensa's best minus Kensa's logit of the reference token) accepted at the
 /// first differing token.
 const TIE_MARGIN: f64 = 0.02;
 
 fn model_path() -> Option<PathBuf> {
-    let cache = std::env::var("KENSA_CACHE").map_or_else(
-        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kensa"),
-        PathBuf::from,
-    );
+    let cache = std::env::var("KENSA_CACHE")
+        .map_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kensa"), PathBuf::from);
     let default = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let p = std::env::var("KENSA_SMOLLM2").map_or(default, PathBuf::from);
     p.is_file().then_some(p)
@@ -159,4 +157,46 @@ fn incremental_greedy_decoding_matches_transformers() {
         );
         assert_eq!(got, c.output_ids[..n], "{:?} (chat: {})", c.prompt, c.chat);
     }
+}
+
+/// The judge on SmolLM2: all 512 answers of the grammar tokenize (with a leading space, as they
+/// follow "### Assistant:") to distinct ids that decode back to their sentences, and an untrained
+/// judge's constrained decoding gives a whole answer, the same twice. Prints the time per
+/// judgement (prefill of the whole prompt + the constrained answer tokens).
+#[test]
+fn judge_answers_along_the_grammar_on_smollm2() {
+    use kensa_core::grid::parse_answer;
+    use kensa_lm::answers::AnswerSet;
+    use kensa_lm::judge::{JudgeInput, LmJudge};
+    use kensa_lm::judging::load_lm;
+    use kensa_lm::tokenizer::TextTokenizer;
+    let Some(path) = model_path() else {
+        eprintln!(
+            "SKIP judge_answers_along_the_grammar_on_smollm2: the SmolLM2 GGUF is absent (scripts/setup.sh fetches it)"
+        );
+        return;
+    };
+    let (lm, tok) = load_lm(&path, None, Device::Cpu).unwrap();
+    assert_eq!(tok.bos(), None, "SmolLM2 adds no BOS");
+    let set = AnswerSet::new(&tok);
+    assert_eq!(set.answers.len(), 512);
+    let distinct: std::collections::HashSet<&Vec<i64>> = set.answers.iter().map(|a| &a.0).collect();
+    assert_eq!(distinct.len(), 512);
+    for (ids, cells) in &set.answers {
+        let text = tok.decode_ids(ids);
+        assert_eq!(parse_answer(text.trim()).as_deref(), Some(cells.as_slice()), "{text:?}");
+    }
+    tch::manual_seed(0);
+    let judge = LmJudge::new(lm, tok, 32, "", 1.0);
+    let x = JudgeInput {
+        map: Tensor::rand([48, 48], (Kind::Float, Device::Cpu)),
+        image: Tensor::zeros([32], (Kind::Float, Device::Cpu)),
+    };
+    let t = Instant::now();
+    let (a, conf) = judge.judge(&x).unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    let (b, _) = judge.judge(&x).unwrap();
+    assert_eq!(a, b);
+    assert!(conf > 0.0 && conf <= 1.0);
+    eprintln!("SmolLM2 judge: {} cells, confidence {conf:.3}, {dt:.2} s per judgement", a.len());
 }
