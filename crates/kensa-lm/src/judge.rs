@@ -115,7 +115,10 @@ impl LmJudge {
     }
 
     /// The answer (cells; empty = normal) and its confidence: the product of the chosen
-    /// tokens' probabilities among the allowed ones.
+    /// tokens' probabilities among the allowed ones. A token that is the only one the grammar
+    /// allows is taken without asking the model (its probability among the allowed is 1); such
+    /// forced tokens are fed to the model together, and only when a later choice needs the
+    /// logits after them, so "No, there is no anomaly ..." costs one choice after the prompt.
     pub fn judge(&self, x: &JudgeInput) -> Result<(Vec<Cell>, f32)> {
         let _g = tch::no_grad_guard();
         let prompt = self.prompt(x);
@@ -123,10 +126,23 @@ impl LmJudge {
         let mut cache = KvCache::new(&self.lm.config);
         let mut logits = self.lm.forward_embeds(&prompt, &mut cache)?;
         let mut out: Vec<i64> = Vec::new();
+        let mut pending: Vec<i64> = Vec::new();
         loop {
             let allowed = self.answers.allowed(&out);
             if allowed.is_empty() {
                 break;
+            }
+            if out.len() > self.answers.max_len() {
+                return Err(LmError::Decode("answer decoding did not terminate".into()));
+            }
+            if let [only] = allowed[..] {
+                out.push(only);
+                pending.push(only);
+                continue;
+            }
+            if !pending.is_empty() {
+                logits = self.lm.forward_tokens(&pending, &mut cache)?;
+                pending.clear();
             }
             let last = logits.get(logits.size()[0] - 1);
             let ids = Tensor::from_slice(&allowed).to_device(self.lm.device);
@@ -135,10 +151,7 @@ impl LmJudge {
             conf *= p.double_value(&[best]);
             let next = allowed[best as usize];
             out.push(next);
-            if out.len() > self.answers.max_len() {
-                return Err(LmError::Decode("answer decoding did not terminate".into()));
-            }
-            logits = self.lm.forward_tokens(&[next], &mut cache)?;
+            pending.push(next);
         }
         let cells = self.answers.parse(&out).ok_or_else(|| LmError::Decode("decoded ids are not an answer".into()))?;
         Ok((cells.to_vec(), conf as f32))
