@@ -105,7 +105,8 @@ impl LmJudge {
         Self { lm, tok, answers, learner, pre, mid, post, scale: scale.max(1e-6) }
     }
 
-    fn prompt(&self, x: &JudgeInput) -> Tensor {
+    /// The prompt embeddings `[T, W]` the judge feeds for `x`.
+    pub fn prompt(&self, x: &JudgeInput) -> Tensor {
         // In units of the decision level, bounded so a huge defect cannot blow up training.
         let map = (&x.map / self.scale).clamp(0.0, 4.0).to_device(self.lm.device).to_kind(Kind::Float);
         let img = self.learner.image(&x.image.to_device(self.lm.device).to_kind(Kind::Float));
