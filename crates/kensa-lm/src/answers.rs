@@ -3,7 +3,7 @@
 //! tokenized once; decoding may only follow a prefix of one of them, so its output is always a
 //! valid answer, and greedy decoding makes it deterministic.
 
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::TextTokenizer;
 use kensa_core::grid::{answer, Cell};
 use std::collections::{BTreeSet, HashMap};
 
@@ -16,13 +16,13 @@ pub struct AnswerSet {
 }
 
 impl AnswerSet {
-    pub fn new(tok: &Tokenizer) -> Self {
+    pub fn new(tok: &impl TextTokenizer) -> Self {
         let mut answers = Vec::with_capacity(512);
         for mask in 0u32..512 {
             let cells: Vec<Cell> =
                 Cell::ALL.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, c)| *c).collect();
             // A leading space, as the answer follows "### Assistant:" in the prompt.
-            let ids = tok.encode(&answer(&cells), false, false);
+            let ids = tok.encode_piece(&answer(&cells), false);
             answers.push((ids, cells));
         }
         let mut next: HashMap<Vec<i64>, BTreeSet<i64>> = HashMap::new();

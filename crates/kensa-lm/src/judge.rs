@@ -10,7 +10,7 @@
 
 use crate::answers::AnswerSet;
 use crate::model::{KvCache, Llama};
-use crate::tokenizer::{Tokenizer, BOS};
+use crate::tokenizer::{LmTokenizer, TextTokenizer};
 use crate::{LmError, Result};
 use kensa_core::grid::Cell;
 use std::path::Path;
@@ -75,7 +75,7 @@ pub struct JudgeInput {
 
 pub struct LmJudge {
     pub lm: Llama,
-    pub tok: Tokenizer,
+    pub tok: LmTokenizer,
     pub answers: AnswerSet,
     pub learner: PromptLearner,
     pre: Tensor,
@@ -89,22 +89,24 @@ pub struct LmJudge {
 impl LmJudge {
     /// A judge with a freshly initialised prompt learner; the initialisation is drawn from
     /// libtorch's global generator, so call `tch::manual_seed` first for a reproducible one.
-    pub fn new(lm: Llama, tok: Tokenizer, image_dim: i64, description: &str, scale: f64) -> Self {
+    pub fn new(lm: Llama, tok: LmTokenizer, image_dim: i64, description: &str, scale: f64) -> Self {
         let device = lm.device;
         let answers = AnswerSet::new(&tok);
         let learner = PromptLearner::new(device, lm.width(), image_dim);
-        let pre = lm.embed_tokens(&[&[BOS][..], &tok.encode("### Human: <Img>", false, false)].concat());
-        let mid = lm.embed_tokens(&tok.encode("</Img>", false, false));
+        let pre: Vec<i64> = tok.bos().into_iter().chain(tok.encode_piece("### Human: <Img>", true)).collect();
+        let pre = lm.embed_tokens(&pre);
+        let mid = lm.embed_tokens(&tok.encode_piece("</Img>", false));
         let question = if description.is_empty() {
             "Is there any anomaly in the image? ### Assistant:".to_string()
         } else {
             format!("{description} Is there any anomaly in the image? ### Assistant:")
         };
-        let post = lm.embed_tokens(&tok.encode(&question, false, false));
+        let post = lm.embed_tokens(&tok.encode_piece(&question, false));
         Self { lm, tok, answers, learner, pre, mid, post, scale: scale.max(1e-6) }
     }
 
-    fn prompt(&self, x: &JudgeInput) -> Tensor {
+    /// The prompt embeddings `[T, W]` the judge feeds for `x`.
+    pub fn prompt(&self, x: &JudgeInput) -> Tensor {
         // In units of the decision level, bounded so a huge defect cannot blow up training.
         let map = (&x.map / self.scale).clamp(0.0, 4.0).to_device(self.lm.device).to_kind(Kind::Float);
         let img = self.learner.image(&x.image.to_device(self.lm.device).to_kind(Kind::Float));
@@ -114,7 +116,10 @@ impl LmJudge {
     }
 
     /// The answer (cells; empty = normal) and its confidence: the product of the chosen
-    /// tokens' probabilities among the allowed ones.
+    /// tokens' probabilities among the allowed ones. A token that is the only one the grammar
+    /// allows is taken without asking the model (its probability among the allowed is 1); such
+    /// forced tokens are fed to the model together, and only when a later choice needs the
+    /// logits after them, so "No, there is no anomaly ..." costs one choice after the prompt.
     pub fn judge(&self, x: &JudgeInput) -> Result<(Vec<Cell>, f32)> {
         let _g = tch::no_grad_guard();
         let prompt = self.prompt(x);
@@ -122,10 +127,23 @@ impl LmJudge {
         let mut cache = KvCache::new(&self.lm.config);
         let mut logits = self.lm.forward_embeds(&prompt, &mut cache)?;
         let mut out: Vec<i64> = Vec::new();
+        let mut pending: Vec<i64> = Vec::new();
         loop {
             let allowed = self.answers.allowed(&out);
             if allowed.is_empty() {
                 break;
+            }
+            if out.len() > self.answers.max_len() {
+                return Err(LmError::Decode("answer decoding did not terminate".into()));
+            }
+            if let [only] = allowed[..] {
+                out.push(only);
+                pending.push(only);
+                continue;
+            }
+            if !pending.is_empty() {
+                logits = self.lm.forward_tokens(&pending, &mut cache)?;
+                pending.clear();
             }
             let last = logits.get(logits.size()[0] - 1);
             let ids = Tensor::from_slice(&allowed).to_device(self.lm.device);
@@ -134,10 +152,7 @@ impl LmJudge {
             conf *= p.double_value(&[best]);
             let next = allowed[best as usize];
             out.push(next);
-            if out.len() > self.answers.max_len() {
-                return Err(LmError::Decode("answer decoding did not terminate".into()));
-            }
-            logits = self.lm.forward_tokens(&[next], &mut cache)?;
+            pending.push(next);
         }
         let cells = self.answers.parse(&out).ok_or_else(|| LmError::Decode("decoded ids are not an answer".into()))?;
         Ok((cells.to_vec(), conf as f32))

@@ -5,7 +5,7 @@
 
 use crate::judge::{JudgeInput, LmJudge, MAP_SIDE};
 use crate::model::Llama;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{LmTokenizer, Tokenizer};
 use crate::{LmError, Result};
 use kensa_core::grid::Cell;
 use kensa_core::regions::mask_cells;
@@ -36,7 +36,8 @@ pub struct TrainJudgeArgs {
     /// Folder the bank was enrolled from (its reference images, by the names the bank records).
     #[arg(long)]
     pub images: PathBuf,
-    /// Language model: a llama2.c checkpoint (.bin; tokenizer from --tokenizer).
+    /// Language model: a GGUF file (.gguf, e.g. SmolLM2-135M-Instruct) or a llama2.c checkpoint
+    /// (.bin; tokenizer from --tokenizer).
     #[arg(long)]
     pub lm: PathBuf,
     /// llama2.c tokenizer (default: tok512.bin beside the checkpoint).
@@ -194,18 +195,27 @@ pub fn judge_input(engine: &Engine, bank: &Bank, img: &image::RgbImage) -> Resul
     Ok(input_from(&features))
 }
 
-/// A llama2.c checkpoint and its tokenizer (`tok512.bin` beside it unless given).
-pub fn load_lm(lm: &Path, tokenizer: Option<&Path>, device: tch::Device) -> Result<(Llama, Tokenizer)> {
+/// The judge's language model and its tokenizer: a GGUF file (`.gguf`: weights and tokenizer in
+/// one file, fp32 on the CPU, bf16 on CUDA) or a llama2.c checkpoint (`tok512.bin` beside it
+/// unless `tokenizer` names another).
+pub fn load_lm(lm: &Path, tokenizer: Option<&Path>, device: tch::Device) -> Result<(Llama, LmTokenizer)> {
     if lm.is_dir() {
         return Err(LmError::File {
             path: lm.to_path_buf(),
-            msg: "Hugging Face models load with kensa_lm::model::Llama::load_hf, but their tokenizer.json is not supported by the judge yet; use a llama2.c checkpoint".into(),
+            msg: "Hugging Face models load with kensa_lm::model::Llama::load_hf, but their tokenizer.json is not supported by the judge yet; use a GGUF file or a llama2.c checkpoint".into(),
         });
+    }
+    if lm.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let g = crate::gguf::Gguf::open(lm)?;
+        let tok = crate::bpe::BpeTokenizer::from_gguf(&g)?;
+        let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
+        let model = Llama::load_gguf(&g, device, kind)?;
+        return Ok((model, LmTokenizer::Bpe(tok)));
     }
     let model = Llama::load_llama2c(lm, device)?;
     let tp = tokenizer.map_or_else(|| lm.with_file_name("tok512.bin"), Path::to_path_buf);
     let tok = Tokenizer::load(&tp, model.config.vocab_size as usize)?;
-    Ok((model, tok))
+    Ok((model, LmTokenizer::Llama2c(tok)))
 }
 
 /// The unit the LM judge's prompt learner sees anomaly maps in: the highest pseudo-normal score

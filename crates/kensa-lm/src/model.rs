@@ -1,7 +1,8 @@
 //! The decoder. Weights are kept in the layout of `nn.Linear` (`[out, in]`); rotary embeddings
 //! rotate interleaved pairs `(2i, 2i+1)` of each head, as Meta's and llama2.c's checkpoints
 //! expect. Hugging Face checkpoints store `q_proj`/`k_proj` permuted for their "rotate half"
-//! formulation; [`Llama::load_hf`] undoes that permutation so one code path serves both.
+//! formulation; [`Llama::load_hf`] undoes that permutation so one code path serves both. GGUF
+//! files (llama.cpp) store them interleaved already ([`Llama::load_gguf`]).
 
 use crate::{LmError, Result};
 use serde::{Deserialize, Serialize};
@@ -225,6 +226,74 @@ impl Llama {
         let classifier = match get("lm_head.weight") {
             Ok(t) => t,
             Err(_) => embed.shallow_clone(), // tied embeddings
+        };
+        Ok(Self::assemble(config, embed, layers, norm, classifier, device, kind))
+    }
+
+    /// Loads a LLaMA-architecture GGUF file (llama.cpp's format: SmolLM2, TinyLlama, ...),
+    /// dequantizing every tensor and converting it to `kind` on `device`. llama.cpp's converter
+    /// stores `attn_q`/`attn_k` in Meta's interleaved-pair rotary layout (it permutes Hugging
+    /// Face's "rotate half" rows back), which is this decoder's own layout: no permutation is
+    /// needed. Without `output.weight` the classifier is the token embedding (tied).
+    pub fn load_gguf(g: &crate::gguf::Gguf, device: Device, kind: Kind) -> Result<Self> {
+        let err = |msg: String| LmError::File { path: g.path.clone(), msg: format!("GGUF: {msg}") };
+        let arch = g.str("general.architecture")?;
+        if arch != "llama" {
+            return Err(err(format!("general.architecture is {arch:?}; only \"llama\" is supported")));
+        }
+        let int = |k: &str| g.u64(&format!("llama.{k}")).map(|v| v as i64);
+        let float = |k: &str| g.get(&format!("llama.{k}")).and_then(crate::gguf::Value::as_f64);
+        let n_heads = int("attention.head_count")?;
+        let embd = g.info("token_embd.weight").ok_or_else(|| err("missing tensor token_embd.weight".into()))?;
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => embd.shape()[0],
+        };
+        let config = Config {
+            dim: int("embedding_length")?,
+            hidden_dim: int("feed_forward_length")?,
+            n_layers: int("block_count")?,
+            n_heads,
+            n_kv_heads: int("attention.head_count_kv").unwrap_or(n_heads),
+            vocab_size,
+            seq_len: int("context_length").unwrap_or(2048),
+            norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: float("rope.freq_base").unwrap_or(10000.0),
+        };
+        config.check().map_err(err)?;
+        if let Ok(rd) = int("rope.dimension_count") {
+            if rd != config.head_size() {
+                return Err(err(format!(
+                    "partial rotary embeddings ({rd} of {}) are not supported",
+                    config.head_size()
+                )));
+            }
+        }
+        if g.get("llama.rope.scaling.type").and_then(crate::gguf::Value::as_str).is_some_and(|t| t != "none") {
+            return Err(err("rotary scaling (llama.rope.scaling.type) is not supported".into()));
+        }
+        let (d, hd, v) = (config.dim, config.hidden_dim, config.vocab_size);
+        let kv = config.n_kv_heads * config.head_size();
+        let embed = g.tensor_shaped("token_embd.weight", &[v, d])?;
+        let mut layers = Vec::new();
+        for i in 0..config.n_layers {
+            let t = |name: &str, shape: &[i64]| g.tensor_shaped(&format!("blk.{i}.{name}.weight"), shape);
+            layers.push(Layer {
+                attn_norm: t("attn_norm", &[d])?,
+                wq: t("attn_q", &[d, d])?,
+                wk: t("attn_k", &[kv, d])?,
+                wv: t("attn_v", &[kv, d])?,
+                wo: t("attn_output", &[d, d])?,
+                ffn_norm: t("ffn_norm", &[d])?,
+                w1: t("ffn_gate", &[hd, d])?,
+                w2: t("ffn_down", &[d, hd])?,
+                w3: t("ffn_up", &[hd, d])?,
+            });
+        }
+        let norm = g.tensor_shaped("output_norm.weight", &[d])?;
+        let classifier = match g.info("output.weight") {
+            Some(_) => g.tensor_shaped("output.weight", &[v, d])?,
+            None => embed.shallow_clone(),
         };
         Ok(Self::assemble(config, embed, layers, norm, classifier, device, kind))
     }

@@ -113,3 +113,83 @@ impl Tokenizer {
         String::from_utf8_lossy(&out).into_owned()
     }
 }
+
+/// What the judge needs from a tokenizer: prompt pieces as ids, the BOS id to start with, and
+/// text back. Implemented by the llama2.c tokenizer, the byte-level BPE tokenizer of a GGUF
+/// file, and [`LmTokenizer`] (either).
+pub trait TextTokenizer {
+    /// Ids of `text` as a piece of a prompt: `first` when it starts the prompt, otherwise it
+    /// follows other text and begins with a word boundary (a space).
+    fn encode_piece(&self, text: &str, first: bool) -> Vec<i64>;
+    /// The id a prompt starts with, if the model wants one.
+    fn bos(&self) -> Option<i64>;
+    fn decode_ids(&self, ids: &[i64]) -> String;
+}
+
+impl TextTokenizer for Tokenizer {
+    /// llama2.c's SentencePiece convention: every piece gets the dummy-prefix space.
+    fn encode_piece(&self, text: &str, _first: bool) -> Vec<i64> {
+        self.encode(text, false, false)
+    }
+
+    fn bos(&self) -> Option<i64> {
+        Some(BOS)
+    }
+
+    fn decode_ids(&self, ids: &[i64]) -> String {
+        self.decode(ids)
+    }
+}
+
+impl TextTokenizer for crate::bpe::BpeTokenizer {
+    fn encode_piece(&self, text: &str, first: bool) -> Vec<i64> {
+        let text = if first { text.to_string() } else { format!(" {text}") };
+        // Without BOS (the prompt adds it once), special tokens matched whole.
+        let mut ids = self.encode(&text).unwrap_or_default();
+        if self.add_bos && !ids.is_empty() && Some(ids[0]) == self.bos {
+            ids.remove(0);
+        }
+        ids
+    }
+
+    fn bos(&self) -> Option<i64> {
+        if self.add_bos {
+            self.bos
+        } else {
+            None
+        }
+    }
+
+    fn decode_ids(&self, ids: &[i64]) -> String {
+        self.decode(ids, true)
+    }
+}
+
+/// A language model's tokenizer: llama2.c's, or a GGUF file's byte-level BPE.
+pub enum LmTokenizer {
+    Llama2c(Tokenizer),
+    Bpe(crate::bpe::BpeTokenizer),
+}
+
+impl TextTokenizer for LmTokenizer {
+    fn encode_piece(&self, text: &str, first: bool) -> Vec<i64> {
+        match self {
+            Self::Llama2c(t) => t.encode_piece(text, first),
+            Self::Bpe(t) => t.encode_piece(text, first),
+        }
+    }
+
+    fn bos(&self) -> Option<i64> {
+        match self {
+            Self::Llama2c(t) => t.bos(),
+            Self::Bpe(t) => t.bos(),
+        }
+    }
+
+    fn decode_ids(&self, ids: &[i64]) -> String {
+        match self {
+            Self::Llama2c(t) => t.decode_ids(ids),
+            Self::Bpe(t) => t.decode_ids(ids),
+        }
+    }
+}

@@ -143,3 +143,54 @@ fn decoding_follows_the_answer_grammar() {
     assert_eq!(a, run());
     assert_eq!(set.ids_of(&[Cell::TopLeft]), set.answers[1].0.as_slice());
 }
+
+/// The judge's decoding (grammar-forced tokens taken without the model, fed together) gives
+/// the answers and confidences of plain step-by-step constrained decoding.
+#[test]
+fn judge_decoding_matches_step_by_step_decoding() {
+    use kensa_lm::judge::{JudgeInput, LmJudge};
+    use kensa_lm::tokenizer::LmTokenizer;
+    let Some(dir) = model_dir() else {
+        eprintln!("SKIP judge_decoding_matches_step_by_step_decoding: ../shared/models/stories260K is absent");
+        return;
+    };
+    let m = Llama::load_llama2c(&dir.join("stories260K.bin"), Device::Cpu).unwrap();
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), m.config.vocab_size as usize).unwrap();
+    tch::manual_seed(3);
+    let judge = LmJudge::new(m, LmTokenizer::Llama2c(tok), 16, "", 1.0);
+    let mut answers = std::collections::HashSet::new();
+    for seed in 0..12 {
+        tch::manual_seed(seed);
+        let x = JudgeInput {
+            map: Tensor::rand([48, 48], (Kind::Float, Device::Cpu)) * (seed as f64),
+            // Large, varied image embeddings push the untrained judge to different answers.
+            image: Tensor::randn([16], (Kind::Float, Device::Cpu)) * (30.0 * seed as f64),
+        };
+        let (cells, conf) = judge.judge(&x).unwrap();
+        // Step by step: every token through the model, the choice among the allowed.
+        let _g = tch::no_grad_guard();
+        let mut cache = KvCache::new(&judge.lm.config);
+        let mut logits = judge.lm.forward_embeds(&judge.prompt(&x), &mut cache).unwrap();
+        let (mut out, mut want_conf) = (Vec::new(), 1.0f64);
+        loop {
+            let allowed = judge.answers.allowed(&out);
+            if allowed.is_empty() {
+                break;
+            }
+            let last = logits.get(logits.size()[0] - 1);
+            let p = last.index_select(0, &Tensor::from_slice(&allowed)).softmax(0, Kind::Float);
+            let best = p.argmax(0, false).int64_value(&[]);
+            want_conf *= p.double_value(&[best]);
+            out.push(allowed[best as usize]);
+            logits = judge.lm.forward_tokens(&[allowed[best as usize]], &mut cache).unwrap();
+        }
+        assert_eq!(judge.answers.parse(&out).unwrap(), cells.as_slice(), "seed {seed}");
+        assert!((f64::from(conf) - want_conf).abs() < 1e-4, "seed {seed}: {conf} vs {want_conf}");
+        answers.insert(cells);
+    }
+    eprintln!("{} distinct answers over 12 inputs", answers.len());
+    assert!(
+        answers.len() >= 2 && answers.iter().any(|c| !c.is_empty()),
+        "a \"Yes\" answer (branching) must be among them"
+    );
+}

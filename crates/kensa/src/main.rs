@@ -38,6 +38,9 @@ enum Cmd {
     Eval(kensa_eval::eval::EvalArgs),
     /// Train the language-model judge (prompt learner) on synthetic anomalies of a bank's references.
     TrainJudge(kensa_lm::judging::TrainJudgeArgs),
+    /// Language-model tools (GGUF models: SmolLM2, TinyLlama, ...).
+    #[command(subcommand)]
+    Lm(LmCmd),
     /// Print events from a Kafka topic as JSON lines.
     Tail(kensa_publish::tail::TailArgs),
     /// Validate a config file and parse every camera's pipeline, without running (with
@@ -54,6 +57,12 @@ enum Cmd {
         #[arg(long, default_value = "/livez")]
         path: String,
     },
+}
+
+#[derive(Subcommand)]
+enum LmCmd {
+    /// Print the greedy continuation of a prompt (or, with --chat, the model's reply to it).
+    Generate(kensa_lm::generate::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(&a),
         Cmd::Enroll(a) => commands::enroll(a),
         Cmd::TrainJudge(a) => kensa_lm::judging::train_judge(&a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Cmd::Lm(LmCmd::Generate(a)) => kensa_lm::generate::run(&a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Score(a) => kensa_eval::score::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Synth(a) => commands::synth(a),
         Cmd::Replay(a) => kensa_eval::replay::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
