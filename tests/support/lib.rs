@@ -216,9 +216,14 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    response(s)
+}
+
+/// Reads an HTTP/1.0 response to its end: (status, body). Bodies may be binary (evidence
+/// PNGs): lossy, so their magic reads "\u{fffd}PNG".
+fn response(mut s: TcpStream) -> Result<(u16, String)> {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    // Bodies may be binary (evidence PNGs): lossy, so their magic reads "\u{fffd}PNG".
     let buf = String::from_utf8_lossy(&raw);
     let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header")?;
     let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
@@ -236,12 +241,7 @@ pub fn http_post(addr: &str, path: &str, body: &str, token: Option<&str>) -> Res
         "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let buf = String::from_utf8_lossy(&raw);
-    let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header")?;
-    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
-    Ok((status, body.to_string()))
+    response(s)
 }
 
 /// The value of a Prometheus sample `name{labels}` whose labels include every `(k, v)` given;

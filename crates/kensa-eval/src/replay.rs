@@ -4,7 +4,7 @@
 //! writes (`<stem>.json` with the same keys plus `bank_version`, `<stem>_map.npy`,
 //! `summary.csv`) and, with `--save-bank`, the learned bank as a new version.
 
-use crate::score::{result_json, write_map};
+use crate::score::{engine_and_bank, expand, result_json, write_map};
 use crate::{io_err, EvalError, Result};
 use kensa_capture::images;
 use kensa_learn::learner::{Guards, Learner};
@@ -132,11 +132,7 @@ pub(crate) fn learn_err(e: kensa_learn::LearnError) -> EvalError {
 
 /// `kensa replay`.
 pub fn run(a: &ReplayArgs) -> Result<ReplayOutcome> {
-    let backbone = a.model.backbone()?;
-    let probe = Bank::load_unchecked(&a.bank, tch::Device::Cpu)?;
-    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)?.cast(backbone.kind);
-    drop(probe);
-    let engine = Engine::new(backbone, bank.meta.input_size);
+    let (engine, bank) = engine_and_bank(&a.model, &a.bank)?;
     let operator = match &a.operator {
         Some(p) => read_operator(p)?,
         None => HashMap::new(),
@@ -144,14 +140,7 @@ pub fn run(a: &ReplayArgs) -> Result<ReplayOutcome> {
     let by_name: HashMap<std::ffi::OsString, Label> =
         operator.iter().filter_map(|(p, l)| Some((p.file_name()?.to_os_string(), *l))).collect();
     std::fs::create_dir_all(&a.out).map_err(io_err("create", &a.out))?;
-    let mut files = Vec::new();
-    for p in &a.images {
-        if p.is_dir() {
-            files.extend(images::list_images(p)?);
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = expand(&a.images)?;
     let first_version = bank.meta.version();
     let mut stream = Stream { engine: &engine, bank, learner: Learner::new(a.learn, Guards::default()) };
     let csv_path = a.out.join("summary.csv");

@@ -73,20 +73,9 @@ impl ScoreOutcome {
 /// `kensa score`: scores every image of `a` (folders expanded, in name order) and writes its
 /// files under `a.out`; prints a summary line on stderr.
 pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
-    let backbone = a.model.backbone()?;
-    let probe = Bank::load_unchecked(&a.bank, tch::Device::Cpu)?;
-    let bank = Bank::load(&a.bank, &backbone.meta, probe.meta.input_size, backbone.device)?.cast(backbone.kind);
-    drop(probe);
-    let engine = Engine::new(backbone, bank.meta.input_size);
+    let (engine, bank) = engine_and_bank(&a.model, &a.bank)?;
     std::fs::create_dir_all(&a.out).map_err(io_err("create", &a.out))?;
-    let mut files = Vec::new();
-    for p in &a.images {
-        if p.is_dir() {
-            files.extend(images::list_images(p)?);
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = expand(&a.images)?;
     // Output names are <stem>; a stem seen twice in one call (same name in two folders) is
     // written as <parent>_<stem> instead of overwriting the first.
     let mut names = std::collections::HashMap::new();
@@ -214,4 +203,27 @@ pub(crate) fn write_map(np: &std::path::Path, map: &kensa_core::AnomalyMap) -> R
     let f = std::fs::File::create(np).map_err(io_err("write", np))?;
     kensa_core::npy::write_f32_2d(std::io::BufWriter::new(f), map.height as usize, map.width as usize, &map.data)
         .map_err(io_err("write", np))
+}
+
+/// The backbone `model` names and the bank at `path`, checked against it, in its precision;
+/// the engine scores at the bank's own input size.
+pub(crate) fn engine_and_bank(model: &ModelArgs, path: &std::path::Path) -> Result<(Engine, Bank)> {
+    let backbone = model.backbone()?;
+    let probe = Bank::load_unchecked(path, tch::Device::Cpu)?;
+    let bank = Bank::load(path, &backbone.meta, probe.meta.input_size, backbone.device)?.cast(backbone.kind);
+    drop(probe);
+    Ok((Engine::new(backbone, bank.meta.input_size), bank))
+}
+
+/// Images and folders of images (expanded in name order), in the order given.
+pub(crate) fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(images::list_images(p)?);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
 }
