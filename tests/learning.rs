@@ -138,8 +138,15 @@ fn answers_beyond_localhost_need_the_token() {
     assert_eq!(post_feedback(&local, "cam/x/1", "normal", None).0, 401);
     assert_eq!(post_feedback(&local, "cam/x/1", "normal", Some("wrong-token-wrong-token")).0, 401);
     assert_eq!(post_feedback(&local, "cam/x/1", "normal", Some(secret)).0, 404, "heard: that frame is not held");
-    // Rate-limited: a burst past actions_per_s is refused with 429.
-    let codes: Vec<u16> = (0..6).map(|_| post_feedback(&local, "cam/x/1", "normal", Some(secret)).0).collect();
+    // Rate-limited: a burst past actions_per_s (10 at once against 3 per second) is refused
+    // with 429.
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let local = local.clone();
+            std::thread::spawn(move || post_feedback(&local, "cam/x/1", "normal", Some(secret)).0)
+        })
+        .collect();
+    let codes: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(codes.contains(&429), "{codes:?}");
     assert!(!d.log_text().contains(secret), "the token never reaches the log");
     assert_eq!(d.terminate(Duration::from_secs(60)), Some(0));
