@@ -706,3 +706,145 @@ impl Drop for FakeGigeCamera {
         let _ = self.0.wait();
     }
 }
+
+/// A headless Chromium driven through chromedriver (WebDriver over HTTP): pages are loaded,
+/// read, clicked and photographed as a person would. Both come from Debian's `chromium` and
+/// `chromium-driver` (`scripts/setup.sh` installs them).
+pub struct Browser {
+    driver: Child,
+    addr: String,
+    session: String,
+}
+
+/// WebDriver's key for an element reference in its answers.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    /// Starts chromedriver on a free port and opens a session (a window of `w × h`).
+    pub fn start(w: u32, h: u32) -> Self {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian chromium-driver) is not installed: run scripts/setup.sh");
+        let addr = format!("127.0.0.1:{port}");
+        let ready = || webdriver(&addr, "GET", "/status", None).is_ok_and(|(c, _)| c == 200);
+        assert!(wait_for(Duration::from_secs(20), ready), "chromedriver did not start");
+        // As root, offline: no sandbox, and none of Chromium's background connections.
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            &format!("--window-size={w},{h}"),
+        ];
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}}}});
+        let (code, body) = webdriver(&addr, "POST", "/session", Some(&caps.to_string())).expect("new session");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let session =
+            v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session ({code}): {body}")).to_string();
+        Self { driver, addr, session }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let path = format!("/session/{}{path}", self.session);
+        let body = (method != "GET").then(|| body.unwrap_or_else(|| serde_json::json!({})).to_string());
+        let (code, text) = webdriver(&self.addr, method, &path, body.as_deref())
+            .unwrap_or_else(|e| panic!("chromedriver {path}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert_eq!(code, 200, "chromedriver {method} {path}: {text}");
+        v["value"].clone()
+    }
+
+    pub fn goto(&self, url: &str) {
+        self.call("POST", "/url", Some(serde_json::json!({ "url": url })));
+    }
+
+    /// Runs `script` (a function body; `return` gives the value) in the page.
+    pub fn script(&self, script: &str) -> serde_json::Value {
+        self.call("POST", "/execute/sync", Some(serde_json::json!({ "script": script, "args": [] })))
+    }
+
+    /// Waits until `script` returns true in the page.
+    pub fn wait_until(&self, within: Duration, script: &str) -> bool {
+        wait_for(within, || self.script(script) == serde_json::Value::Bool(true))
+    }
+
+    /// The first element matching a CSS selector.
+    pub fn find(&self, css: &str) -> String {
+        let v = self.call("POST", "/element", Some(serde_json::json!({ "using": "css selector", "value": css })));
+        v[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {v}")).to_string()
+    }
+
+    pub fn click(&self, css: &str) {
+        let el = self.find(css);
+        self.call("POST", &format!("/element/{el}/click"), None);
+    }
+
+    pub fn type_into(&self, css: &str, text: &str) {
+        let el = self.find(css);
+        self.call("POST", &format!("/element/{el}/value"), Some(serde_json::json!({ "text": text })));
+    }
+
+    /// The page's DOM as it is now (after its scripts ran).
+    pub fn source(&self) -> String {
+        self.call("GET", "/source", None).as_str().unwrap_or_default().to_string()
+    }
+
+    /// A PNG of the window, written to `path`.
+    pub fn screenshot(&self, path: &Path) {
+        use base64::Engine as _;
+        let b64 = self.call("GET", "/screenshot", None);
+        let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap_or_default()).expect("base64");
+        assert_eq!(&png[1..4], b"PNG");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Closing the session closes Chromium; then chromedriver goes.
+        let _ = webdriver(&self.addr, "DELETE", &format!("/session/{}", self.session), None);
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// One HTTP/1.1 request to chromedriver (which answers only HTTP/1.1 and keeps the connection
+/// open: the body is read by its Content-Length); returns (status, body).
+fn webdriver(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let body = body.unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf)?;
+        anyhow::ensure!(n > 0, "chromedriver closed the connection early");
+        raw.extend_from_slice(&buf[..n]);
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if raw.len() >= end + 4 + len {
+            let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+            return Ok((status, String::from_utf8_lossy(&raw[end + 4..end + 4 + len]).into_owned()));
+        }
+    }
+}

@@ -39,6 +39,8 @@ pub struct KensaConfig {
     pub control: ControlConfig,
     #[serde(default)]
     pub learn: LearnConfig,
+    #[serde(default)]
+    pub console: ConsoleConfig,
     /// Products by name: each has a memory bank made by `kensa enroll`.
     #[serde(default)]
     pub products: BTreeMap<String, ProductConfig>,
@@ -407,6 +409,27 @@ pub struct LearnConfig {
 impl Default for LearnConfig {
     fn default() -> Self {
         Self { hold: 64, max_learned: 32, max_auto: 16, min_spacing_s: 600, keep_versions: 20 }
+    }
+}
+
+/// The operator console (`/console` on the telemetry listener): what it holds and how often
+/// it pushes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// Latest frames held per camera (a ring): each holds its pixels and its anomaly map,
+    /// about 7 bytes per pixel.
+    pub frames_per_camera: usize,
+    /// Anomalous frames held for the gallery, across cameras (a ring, oldest out first).
+    pub defects: usize,
+    /// Most live updates per second sent to one viewer.
+    pub push_hz: f64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self { enabled: true, frames_per_camera: 2, defects: 32, push_hz: 2.0 }
     }
 }
 
@@ -881,6 +904,16 @@ impl KensaConfig {
         }
         if self.telemetry.actions_per_s == 0 {
             p.push("telemetry.actions_per_s: must be at least 1".into());
+        }
+        let c = &self.console;
+        if c.enabled && (c.frames_per_camera == 0 || c.frames_per_camera > 64 || c.defects > 1024) {
+            p.push(format!(
+                "console: frames_per_camera {} (1..=64) and defects {} (0..=1024)",
+                c.frames_per_camera, c.defects
+            ));
+        }
+        if c.enabled && !(c.push_hz > 0.0 && c.push_hz <= 30.0) {
+            p.push(format!("console.push_hz: {} is outside (0, 30]", c.push_hz));
         }
         let l = &self.learn;
         if l.hold == 0 || l.hold > 4096 || l.max_learned == 0 || l.keep_versions == 0 {

@@ -154,13 +154,26 @@ pub async fn run(
             kensa_publish::feedback::consume(cfg.kafka.clone(), topic, a.feedback.clone()),
         ));
     }
-    let (addr, http) =
-        kensa_telemetry::serve(&cfg.telemetry.listen, handle, health.clone(), evidence_dir, actions, token.clone())
-            .await?;
+    let board =
+        cfg.console.enabled.then(|| kensa_console::Board::new(cfg.cameras.iter().map(|c| c.id.as_str()), &cfg.console));
+    let console = board.clone().map(|b| console_routes(&cfg, b, &health, actions.is_some()));
+    let (addr, http) = kensa_telemetry::serve(
+        &cfg.telemetry.listen,
+        handle,
+        health.clone(),
+        evidence_dir,
+        actions,
+        console,
+        token.clone(),
+    )
+    .await?;
     if cfg.publish.store_dir.is_some() {
         background.spawn(until(token.clone(), evidence::retention(cfg.publish.clone(), Duration::from_secs(60))));
     }
     tracing::info!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
+    if board.is_some() {
+        tracing::info!("operator console on http://{addr}/console");
+    }
 
     // Capture.
     let (frame_tx, frame_rx) = mpsc::channel::<Frame>(cfg.batch.queue);
@@ -221,7 +234,7 @@ pub async fn run(
         capture_done.clone(),
     ));
     drop(model);
-    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges, health.clone());
+    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges, health.clone(), board);
     let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
     let stopping = CancellationToken::new();
@@ -353,6 +366,24 @@ pub async fn run(
         "stopped"
     );
     Ok(summary)
+}
+
+/// The operator console's routes: its products, and whether answers are taken on this
+/// listener (none beyond localhost without a token).
+fn console_routes(cfg: &KensaConfig, board: kensa_console::Board, health: &Health, learns: bool) -> axum::Router {
+    let products = cfg
+        .products
+        .iter()
+        .map(|(name, p)| kensa_console::Products {
+            name: name.clone(),
+            bank: p.bank.clone(),
+            learns: p.learn != kensa_core::config::LearnMode::Off,
+        })
+        .collect();
+    let loopback = cfg.telemetry.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+    let token = cfg.telemetry.token.is_some();
+    let actions = (learns && (loopback || token)).then_some(token);
+    kensa_console::router(board, health.clone(), products, actions, cfg.console.push_hz)
 }
 
 /// Keeps `/healthz`'s outbox backlog current.

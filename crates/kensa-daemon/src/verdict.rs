@@ -35,6 +35,8 @@ pub struct VerdictStage {
     pub evidence: Option<crate::evidence::Evidence>,
     /// Where cameras waiting for their product's bank are shown.
     pub health: kensa_telemetry::Health,
+    /// The operator console's frames (`console.enabled`).
+    pub console: Option<kensa_console::Board>,
 }
 
 impl VerdictStage {
@@ -44,6 +46,7 @@ impl VerdictStage {
         run_id: String,
         lm: HashMap<String, LmJudge>,
         health: kensa_telemetry::Health,
+        console: Option<kensa_console::Board>,
     ) -> Self {
         Self {
             model_id,
@@ -58,6 +61,7 @@ impl VerdictStage {
             judges: cfg.judges.clone(),
             lm,
             health,
+            console,
         }
     }
 
@@ -165,7 +169,28 @@ impl VerdictStage {
             evidence,
             stages: &stages,
         };
-        Scored { event: event::build(&origin, judgement), captured_at: f.captured_at }
+        let event = event::build(&origin, judgement);
+        if let Some(board) = &self.console {
+            let said: Vec<kensa_console::Said> = verdicts.iter().map(|v| kensa_console::Said::from(*v)).collect();
+            let cells = decided.locations.iter().map(|c| c.name().to_string()).collect();
+            let (captured_at, capture_ms) = (f.captured_at, event.capture_time_unix_nanos / 1_000_000);
+            let (decided, level) = (kensa_console::Said::from(decided), bank.calibration.pixel_threshold);
+            let ScoredFrame { frame, map, .. } = s;
+            if let Some(img) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) {
+                board.push(kensa_console::Shot::new(
+                    event.event_id.clone(),
+                    (frame.camera.to_string(), product.to_string()),
+                    (frame.seq, event.part_id.clone(), capture_ms),
+                    img,
+                    (map, level),
+                    (decided, said),
+                    cells,
+                    event.bank_version.clone(),
+                ));
+            }
+            return Scored { event, captured_at };
+        }
+        Scored { event, captured_at: f.captured_at }
     }
 
     /// The language-model judge's verdict on a frame, when the mode, the frame and the budget

@@ -68,14 +68,12 @@ pub fn add_reference(
     let mut meta = bank.meta.clone();
     meta.references += 1;
     meta.reference_files.push(frame.to_string());
+    meta.thumbnails.insert(frame.to_string(), kensa_model::bank::thumbnail(image));
     // Past the budget the oldest learned reference goes (its rows are the first learned ones).
     while lineage.learned.len() > budget.max_learned.max(1) {
         let gone = lineage.learned.remove(0);
         layers = drop_rows(&layers, &lineage.enrolled_rows, &gone.rows);
-        meta.references -= 1;
-        if let Some(i) = meta.reference_files.iter().position(|f| *f == gone.frame) {
-            meta.reference_files.remove(i);
-        }
+        forget(&mut meta, &gone.frame);
     }
     let mut out = Bank::new(meta, layers);
     stamp(&mut out, &bank.meta, Change::Added { frame: frame.to_string(), source }, lineage);
@@ -95,6 +93,15 @@ fn drop_rows(layers: &[Tensor], start: &[i64], len: &[i64]) -> Vec<Tensor> {
         .collect()
 }
 
+/// The metadata of a reference that leaves the bank: its count, file name and thumbnail.
+fn forget(meta: &mut BankMeta, frame: &str) {
+    meta.references -= 1;
+    if let Some(i) = meta.reference_files.iter().position(|f| f == frame) {
+        meta.reference_files.remove(i);
+    }
+    meta.thumbnails.remove(frame);
+}
+
 /// Takes the learned reference `frame` out of the bank; None when it is not one.
 pub fn remove_reference(bank: &Bank, frame: &str, reason: &str) -> Option<Bank> {
     let mut lineage = bank.meta.lineage.clone()?;
@@ -105,10 +112,7 @@ pub fn remove_reference(bank: &Bank, frame: &str, reason: &str) -> Option<Bank> 
     let gone = lineage.learned.remove(idx);
     let layers = drop_rows(&bank.layers, &starts, &gone.rows);
     let mut meta = bank.meta.clone();
-    meta.references -= 1;
-    if let Some(i) = meta.reference_files.iter().position(|f| f == frame) {
-        meta.reference_files.remove(i);
-    }
+    forget(&mut meta, frame);
     let mut out = Bank::new(meta, layers);
     stamp(&mut out, &bank.meta, Change::Removed { frame: frame.into(), reason: reason.into() }, lineage);
     Some(out)

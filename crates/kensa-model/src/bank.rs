@@ -63,6 +63,29 @@ pub struct BankMeta {
     /// enrolled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<crate::lineage::Lineage>,
+    /// Small JPEG thumbnails of the references (file or frame name → base64), for the operator
+    /// console. Banks from before them have none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub thumbnails: std::collections::BTreeMap<String, String>,
+}
+
+/// Longest side of a reference's thumbnail.
+pub const THUMBNAIL_SIDE: u32 = 96;
+
+/// A reference's thumbnail as stored in [`BankMeta::thumbnails`]: base64 of a JPEG whose longer
+/// side is [`THUMBNAIL_SIDE`].
+pub fn thumbnail(img: &image::RgbImage) -> String {
+    use base64::Engine as _;
+    let (w, h) = (img.width().max(1), img.height().max(1));
+    let side = THUMBNAIL_SIDE.min(w.max(h));
+    let (tw, th) = if w >= h { (side, (side * h / w).max(1)) } else { ((side * w / h).max(1), side) };
+    let small = image::imageops::thumbnail(img, tw, th);
+    let mut jpeg = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80);
+    if small.write_with_encoder(enc).is_err() {
+        return String::new();
+    }
+    base64::engine::general_purpose::STANDARD.encode(jpeg)
 }
 
 fn full_coreset() -> f64 {

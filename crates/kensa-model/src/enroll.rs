@@ -242,6 +242,7 @@ pub fn enroll(
         crop: opts.crop,
         self_match: engine.self_match,
         lineage: None,
+        thumbnails: refs.iter().map(|(n, img)| (n.clone(), crate::bank::thumbnail(img))).collect(),
     };
     Ok(Bank::new(meta, full))
 }

@@ -25,6 +25,7 @@ fn valid_bank() -> Vec<u8> {
         crop: None,
         self_match: true,
         lineage: None,
+        thumbnails: Default::default(),
     };
     let layers = vec![
         tch::Tensor::rand([10, 4], (tch::Kind::Float, tch::Device::Cpu)),

@@ -7,6 +7,8 @@
 //! - [`serve`]: the listener, until its cancellation token fires.
 //! - [`Actions`]: what may change something through it (`POST /v1/feedback`): where it goes,
 //!   the token it needs beyond localhost, and its rate limit.
+//!
+//! [`serve`] also serves the routes it is given (the operator console, `kensa-console`).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -167,7 +169,9 @@ impl Health {
         let status = CameraStatus { state: state.as_str(), detail: detail.into() };
         self.inner.lock().expect("health lock").cameras.insert(id.to_string(), status);
     }
-    pub fn snapshot(&self) -> serde_json::Value {
+    /// Each camera's state as `/healthz` shows it (an up camera without its bank yet is
+    /// `waiting_for_bank`).
+    pub fn cameras(&self) -> BTreeMap<String, CameraStatus> {
         let s = self.inner.lock().expect("health lock");
         let mut cameras = s.cameras.clone();
         for (id, c) in &mut cameras {
@@ -175,6 +179,11 @@ impl Health {
                 c.state = "waiting_for_bank";
             }
         }
+        cameras
+    }
+    pub fn snapshot(&self) -> serde_json::Value {
+        let cameras = self.cameras();
+        let s = self.inner.lock().expect("health lock");
         serde_json::json!({ "ready": s.ready && s.broker, "model_loaded": s.ready, "broker_reachable": s.broker, "outbox": s.outbox, "cameras": cameras })
     }
 }
@@ -265,6 +274,17 @@ async fn feedback(
     let Some(gate) = s.actions.as_deref() else {
         return json_error(StatusCode::NOT_FOUND, "no product learns from the line (products.<p>.learn)");
     };
+    // A JSON content type: a page on another site cannot post one without a preflight that
+    // this listener never grants, so a browser on the operator's machine cannot be used
+    // against the localhost listener.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    if !json {
+        metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "invalid").increment(1);
+        return json_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the answer as Content-Type: application/json");
+    }
     if let Some((code, msg)) = gate.refuse(&headers) {
         metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "refused").increment(1);
         return json_error(code, &msg);
@@ -355,6 +375,7 @@ pub async fn serve(
     health: Health,
     evidence_dir: Option<std::path::PathBuf>,
     actions: Option<Actions>,
+    extra: Option<Router>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -390,6 +411,10 @@ pub async fn serve(
                 })
             }),
         });
+    let app = match extra {
+        Some(more) => app.merge(more),
+        None => app,
+    };
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
         let (served, ()) = tokio::join!(serve, upkeep);

@@ -65,6 +65,19 @@ pub fn panel(img: &RgbImage, gt: Option<&[bool]>, map: &AnomalyMap, level: f32) 
     out
 }
 
+/// The map alone in heat colours (same scale as [`heat_overlay`]), regions at `level` outlined.
+pub fn heat_map(map: &AnomalyMap, level: f32) -> RgbImage {
+    let black = RgbImage::from_pixel(map.width, map.height, Rgb([0, 0, 0]));
+    let top = map.data.iter().copied().fold(2.0 * level, f32::max).max(1e-6);
+    let mut out = heat_overlay(&black, map, level);
+    for (px, v) in out.pixels_mut().zip(&map.data) {
+        if px.0 != [255, 255, 255] {
+            px.0 = heat(v / top);
+        }
+    }
+    out
+}
+
 /// PNG bytes of an image.
 pub fn png(img: &RgbImage) -> Vec<u8> {
     let mut v = Vec::new();

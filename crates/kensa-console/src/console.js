@@ -1,0 +1,109 @@
+// Kensa console: live tiles from the server's event stream, local times, and the answer
+// buttons. No libraries.
+"use strict";
+
+function localTimes(root) {
+  root.querySelectorAll("time.ts[data-ms]").forEach((t) => {
+    const ms = Number(t.dataset.ms);
+    if (ms > 0) t.textContent = new Date(ms).toLocaleString();
+  });
+}
+
+function tileFor(camera) {
+  for (const t of document.querySelectorAll("article.tile")) {
+    if (t.dataset.camera === camera) return t;
+  }
+  const t = document.createElement("article");
+  t.className = "tile none";
+  t.dataset.camera = camera;
+  t.innerHTML = '<h2></h2><div class="frame empty">no frame yet</div><p class="answer"></p>' +
+    '<p class="meta"><span class="conf"></span> · <span class="fps"></span> fps · <span class="frames"></span> frames</p>';
+  t.querySelector("h2").textContent = camera + " ";
+  const s = document.createElement("span");
+  t.querySelector("h2").appendChild(s);
+  s.className = "state";
+  document.getElementById("tiles").appendChild(t);
+  return t;
+}
+
+function showTile(tile) {
+  const t = tileFor(tile.camera);
+  const h2 = t.querySelector("h2");
+  let state = h2.querySelector(".state");
+  if (!state) { state = document.createElement("span"); h2.appendChild(state); }
+  state.className = "state s-" + tile.state;
+  state.textContent = tile.state;
+  state.title = tile.detail || "";
+  t.querySelector(".fps").textContent = tile.fps.toFixed(1);
+  t.querySelector(".frames").textContent = tile.frames;
+  const l = tile.latest;
+  if (!l) return;
+  t.className = "tile " + (l.decided.anomalous ? "bad" : "good");
+  t.querySelector(".answer").textContent = l.decided.answer;
+  t.querySelector(".conf").textContent = Math.round(l.decided.confidence * 100) + " %";
+  if (t.dataset.event !== l.event_id) {
+    t.dataset.event = l.event_id;
+    let img = t.querySelector("img.frame");
+    if (!img) {
+      img = document.createElement("img");
+      img.className = "frame";
+      img.alt = "latest frame of " + tile.camera;
+      t.querySelector(".frame").replaceWith(img);
+    }
+    img.src = "/console/picture?kind=tile&id=" + encodeURIComponent(l.event_id);
+    img.onclick = () => { location.href = "/console/defect?id=" + encodeURIComponent(l.event_id); };
+  }
+}
+
+function followLive() {
+  const es = new EventSource("/console/live");
+  es.addEventListener("tiles", (e) => {
+    JSON.parse(e.data).forEach(showTile);
+    document.body.dataset.live = "1";
+    document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+  });
+  es.onerror = () => { document.body.dataset.live = "0"; };
+}
+
+function answering() {
+  const box = document.getElementById("feedback");
+  if (!box) return;
+  const who = document.getElementById("who");
+  const token = document.getElementById("token");
+  const out = document.getElementById("feedback-result");
+  who.value = localStorage.getItem("kensa.who") || "";
+  if (token) token.value = sessionStorage.getItem("kensa.token") || "";
+  box.querySelectorAll("button[data-label]").forEach((b) => b.addEventListener("click", async () => {
+    localStorage.setItem("kensa.who", who.value);
+    const headers = { "Content-Type": "application/json" };
+    if (token && token.value) {
+      sessionStorage.setItem("kensa.token", token.value);
+      headers.Authorization = "Bearer " + token.value;
+    }
+    const body = JSON.stringify({ event_id: box.dataset.event, label: b.dataset.label, who: who.value || "console" });
+    out.className = "";
+    out.textContent = "sending…";
+    try {
+      const r = await fetch("/v1/feedback", { method: "POST", headers, body });
+      const j = await r.json().catch(() => ({}));
+      out.dataset.status = String(r.status);
+      out.dataset.result = j.result || "";
+      if (r.ok) {
+        out.className = "ok";
+        out.textContent = j.result === "changed"
+          ? "Thank you: learned as " + b.dataset.label + " (bank " + (j.bank_version || "") + ")."
+          : "Already answered (" + j.result + ").";
+      } else {
+        out.className = "err";
+        out.textContent = "Refused (" + r.status + "): " + (j.error || j.result || r.statusText);
+      }
+    } catch (e) {
+      out.className = "err";
+      out.textContent = "Cannot reach Kensa: " + e;
+    }
+  }));
+}
+
+localTimes(document);
+if (document.body.dataset.view === "Live") followLive();
+answering();

@@ -1,0 +1,138 @@
+//! The pictures of a held frame, made on request (never in the pipeline) and each encoded at
+//! most once per frame: the frame, the heat overlay with its regions outlined, the map alone,
+//! and small versions of the frame and overlay for tiles and the gallery.
+
+use crate::board::Shot;
+use crate::ConsoleError;
+use image::imageops::FilterType;
+use image::{ImageBuffer, Luma, RgbImage};
+use kensa_core::AnomalyMap;
+use std::sync::Arc;
+
+/// Longest side of tiles and gallery pictures.
+pub const SMALL_SIDE: u32 = 320;
+
+/// Which picture of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Picture {
+    /// The frame, small.
+    Thumb,
+    /// The heat overlay, small (live tiles and the gallery).
+    Tile,
+    /// The frame at full size.
+    Image,
+    /// The heat overlay at full size, regions outlined.
+    Overlay,
+    /// The map alone in heat colours.
+    Map,
+}
+
+impl std::str::FromStr for Picture {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "thumb" => Self::Thumb,
+            "tile" => Self::Tile,
+            "image" => Self::Image,
+            "overlay" => Self::Overlay,
+            "map" => Self::Map,
+            _ => return Err(format!("`{s}` is not a picture (thumb, tile, image, overlay, map)")),
+        })
+    }
+}
+
+/// JPEG bytes of one picture of `shot`, encoded once and then kept with the frame.
+pub fn picture(shot: &Shot, which: Picture) -> Result<Arc<Vec<u8>>, ConsoleError> {
+    let cached = |s: &Shot| s.pictures.lock().ok().and_then(|p| p.get(&which).cloned());
+    if let Some(p) = cached(shot) {
+        return Ok(p);
+    }
+    let img = match which {
+        Picture::Image => shot.image.clone(),
+        Picture::Thumb => small(&shot.image),
+        Picture::Overlay => overlay(&shot.image, &shot.map, shot.level),
+        Picture::Tile => {
+            let img = small(&shot.image);
+            overlay(&img, &resize_map(&shot.map, img.width(), img.height()), shot.level)
+        }
+        Picture::Map => kensa_verdict::overlay::heat_map(&shot.map, shot.level),
+    };
+    let bytes = Arc::new(jpeg(&img)?);
+    if let Ok(mut p) = shot.pictures.lock() {
+        p.insert(which, bytes.clone());
+    }
+    Ok(bytes)
+}
+
+/// The overlay, or the frame itself when the map has another size (it is scored at the
+/// frame's size, so only a broken frame gets here).
+fn overlay(img: &RgbImage, map: &AnomalyMap, level: f32) -> RgbImage {
+    if (map.width, map.height) == (img.width(), img.height()) {
+        kensa_verdict::overlay::heat_overlay(img, map, level)
+    } else {
+        img.clone()
+    }
+}
+
+/// The size of `(w, h)` with its longer side at most [`SMALL_SIDE`].
+pub fn small_size(w: u32, h: u32) -> (u32, u32) {
+    let (w, h) = (w.max(1), h.max(1));
+    if w.max(h) <= SMALL_SIDE {
+        return (w, h);
+    }
+    if w >= h {
+        (SMALL_SIDE, (SMALL_SIDE * h / w).max(1))
+    } else {
+        ((SMALL_SIDE * w / h).max(1), SMALL_SIDE)
+    }
+}
+
+fn small(img: &RgbImage) -> RgbImage {
+    let (w, h) = small_size(img.width(), img.height());
+    if (w, h) == img.dimensions() {
+        img.clone()
+    } else {
+        image::imageops::thumbnail(img, w, h)
+    }
+}
+
+/// The map resampled to `w × h` (bilinear), so a tile's outline follows the small frame.
+fn resize_map(map: &AnomalyMap, w: u32, h: u32) -> AnomalyMap {
+    if (map.width, map.height) == (w, h) {
+        return AnomalyMap::new(w, h, map.data.clone());
+    }
+    let Some(buf) = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(map.width, map.height, map.data.clone()) else {
+        return AnomalyMap::new(w, h, vec![0.0; (w * h) as usize]);
+    };
+    let r = image::imageops::resize(&buf, w, h, FilterType::Triangle);
+    AnomalyMap::new(w, h, r.into_raw())
+}
+
+fn jpeg(img: &RgbImage) -> Result<Vec<u8>, ConsoleError> {
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85);
+    img.write_with_encoder(enc).map_err(|e| ConsoleError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pictures_are_jpeg_small_when_asked_and_made_once() {
+        let mut s = crate::board::tests::shot("a", 1, true);
+        s.image = RgbImage::new(640, 480);
+        s.map = AnomalyMap::new(640, 480, vec![0.2; 640 * 480]);
+        let tile = picture(&s, Picture::Tile).unwrap();
+        let img = image::load_from_memory(&tile).unwrap();
+        assert_eq!((img.width(), img.height()), (320, 240));
+        assert_eq!(&tile[..2], &[0xFF, 0xD8], "JPEG");
+        let again = picture(&s, Picture::Tile).unwrap();
+        assert!(Arc::ptr_eq(&tile, &again), "encoded once, then kept");
+        let full = image::load_from_memory(&picture(&s, Picture::Overlay).unwrap()).unwrap();
+        assert_eq!(full.width(), 640);
+        assert!("tile".parse::<Picture>().is_ok() && "x".parse::<Picture>().is_err());
+        assert_eq!(small_size(100, 400), (80, 320));
+    }
+}
