@@ -5,7 +5,8 @@
 //!     scripts/bench.sh                               # everything (about 6 minutes on 2 cores)
 //!     KENSA_PERF=kernels,baseline scripts/bench.sh   # some sections only
 //!
-//! Environment: KENSA_PERF (sections: kernels, baseline, pipeline), KENSA_PERF_DEVICE (cpu or
+//! Environment: KENSA_PERF (sections: kernels, baseline, pipeline, console: the operator
+//! console's cost, off vs one viewer; KENSA_PERF_CONSOLE_CAMERAS, KENSA_PERF_ROUNDS), KENSA_PERF_DEVICE (cpu or
 //! cuda; default cpu), KENSA_PERF_SECONDS (measuring window per pipeline phase, 20),
 //! KENSA_PERF_CAMERAS (camera counts, "1,4,16"), KENSA_PERF_MODEL_THREADS (model.threads, 0),
 //! KENSA_PERF_MODERATE_BATCH (batch.max_size of the moderate and triggered phases; 0, the
@@ -384,8 +385,59 @@ fn sum_metric(text: &str, name: &str) -> f64 {
 /// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
 /// otherwise all in step (a common hardware trigger).
 fn run_phase(cams: usize, fps: f64, policy: FullPolicy, batch: usize, spread: bool, bank: &Path, secs: f64) -> Phase {
+    run_phase_with(cams, (fps, policy, batch, spread), bank, secs, Console::Shown)
+}
+
+/// The operator console during a phase.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Console {
+    /// `console.enabled = false`.
+    Off,
+    /// On (the default), nobody looking.
+    Shown,
+    /// On, with one viewer as a browser is one: it follows the live stream and fetches each
+    /// tile's new picture.
+    Viewed,
+}
+
+/// One viewer of `/console/live` until `stop`: returns (updates, pictures fetched).
+fn view_console(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (u64, u64) {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(&addr).expect("console");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /console/live HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut lines = std::io::BufReader::new(s).lines();
+    let (mut updates, mut fetched) = (0, 0);
+    let mut shown: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Some(Ok(line)) = lines.next() else { break };
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        updates += 1;
+        let tiles: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+        for t in tiles.as_array().into_iter().flatten() {
+            let (cam, id) = (t["camera"].as_str().unwrap_or_default(), t["latest"]["event_id"].as_str().unwrap_or_default());
+            if !id.is_empty() && shown.get(cam).map(String::as_str) != Some(id) {
+                shown.insert(cam.to_string(), id.to_string());
+                let path = format!("/console/picture?kind=tile&id={}", id.replace('/', "%2F"));
+                if matches!(http_get(&addr, &path), Ok((200, _))) {
+                    fetched += 1;
+                }
+            }
+        }
+    }
+    (updates, fetched)
+}
+
+fn run_phase_with(
+    cams: usize,
+    (fps, policy, batch, spread): (f64, FullPolicy, usize, bool),
+    bank: &Path,
+    secs: f64,
+    console: Console,
+) -> Phase {
     let (broker, dir, _, topic, metrics_addr) = own_broker_rig("perf");
     let mut c = base_config(bank, &topic, &broker.addr(), &metrics_addr);
+    c.console.enabled = console != Console::Off;
     c.model.device = env_str("KENSA_PERF_DEVICE", "cpu").parse().unwrap_or_else(|e| panic!("KENSA_PERF_DEVICE: {e}"));
     c.model.threads =
         env_str("KENSA_PERF_MODEL_THREADS", "0").parse().unwrap_or_else(|e| panic!("KENSA_PERF_MODEL_THREADS: {e}"));
@@ -404,6 +456,12 @@ fn run_phase(cams: usize, fps: f64, policy: FullPolicy, batch: usize, spread: bo
     // Warm up: wait for frames to flow, then 3 s more.
     wait_for(Duration::from_secs(60), || metric(&d.scrape(), "kensa_events_published_total", &[]).unwrap_or(0.0) > 0.0);
     std::thread::sleep(Duration::from_secs(3));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let viewer = (console == Console::Viewed).then(|| {
+        let (addr, stop) = (metrics_addr.clone(), stop.clone());
+        std::thread::spawn(move || view_console(addr, stop))
+    });
+    std::thread::sleep(Duration::from_secs(1));
     let broker_pid = broker.pid();
     let before = d.scrape();
     let (k0, b0) = (cpu_s(d.child.id()), cpu_s(broker_pid));
@@ -428,6 +486,11 @@ fn run_phase(cams: usize, fps: f64, policy: FullPolicy, batch: usize, spread: bo
     };
     let frames = (p.fps * dt).max(1.0);
     let p = Phase { kensa_cpu_ms: 1e3 * (k1 - k0) / frames, broker_cpu_ms: 1e3 * (b1 - b0) / frames, ..p };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(v) = viewer {
+        let (updates, fetched) = v.join().unwrap_or_default();
+        println!("{:>15} viewer: {updates} live updates, {fetched} tile pictures fetched", "");
+    }
     d.terminate(Duration::from_secs(30));
     drop(broker);
     p
@@ -554,6 +617,27 @@ fn pipeline(model_b1_ms: f64, model_b8: f64, bank: &Path) {
     }
 }
 
+/// The console's cost: capacity (block policy, batch 8) with the console off and with one
+/// viewer, alternated `rounds` times so drift hits both alike.
+fn console_cost(bank: &Path) {
+    let secs: f64 = env_str("KENSA_PERF_SECONDS", "20").parse().unwrap_or(20.0);
+    let cams: usize = env_str("KENSA_PERF_CONSOLE_CAMERAS", "4").parse().unwrap_or(4);
+    let rounds: usize = env_str("KENSA_PERF_ROUNDS", "3").parse().unwrap_or(3);
+    println!("\n== console: capacity of {cams} synthetic cameras (block policy, batch 8, {secs} s per run), console off vs on with one viewer, {rounds} rounds");
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        for (which, out) in [(Console::Off, &mut off), (Console::Viewed, &mut on)] {
+            let p = run_phase_with(cams, (0.0, FullPolicy::Block, 8, false), bank, secs, which);
+            let name = if which == Console::Off { "off" } else { "viewed" };
+            println!("round {r} {name:<7} {:>7.2} fps  kensa_cpu_ms/frame {:>6.2}  rss {:>5.0} MiB", p.fps, p.kensa_cpu_ms, p.rss_peak_mib);
+            out.push(p.fps);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (a, b) = (mean(&off), mean(&on));
+    println!("console cost at one viewer: 1 - {b:.2} / {a:.2} fps = {:.1} % (target < 2 %)", 100.0 * (1.0 - b / a));
+}
+
 fn main() {
     // The same allocator settings as the kensa binary, so the kernel numbers match it.
     kensa_model::tune_allocator();
@@ -580,5 +664,9 @@ fn main() {
         let bank = synthetic_bank_of(tmp.path(), "disc", 16);
         let (model_b1_ms, model_b8) = model_step(&tmp.path().join("refs/train/good"), &bank, device);
         pipeline(model_b1_ms, model_b8, &bank);
+    }
+    if sections.contains("console") {
+        let tmp = TempDir::new("perf-console");
+        console_cost(&synthetic_bank_of(tmp.path(), "disc", 16));
     }
 }
