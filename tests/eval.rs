@@ -58,8 +58,17 @@ fn eval_mvtec_bottle_one_shot_reaches_the_target() {
     }
 }
 
-/// `--report` writes one self-contained HTML page: the table, a ROC curve per class and shot
-/// count, and 3 false positives + 3 false negatives per section as embedded PNG panels;
+/// Sums the `data-n` counts of the elements of `class` in `html`.
+fn counts(html: &str, class: &str) -> usize {
+    html.split(&format!("class=\"{class}\" data-n=\""))
+        .skip(1)
+        .map(|x| x.split('"').next().unwrap().parse::<usize>().unwrap())
+        .sum()
+}
+
+/// `--report` writes one self-contained HTML page: the table and, per class and shot count (its
+/// first run), a ROC curve, a score histogram with the calibrated decision, the calibrated
+/// judge's confusion matrix and a gallery of every test image as embedded JPEG panels;
 /// `kensa score --overlay` writes an overlay PNG beside each map, hottest where the defect is.
 #[test]
 fn report_and_overlays() {
@@ -71,33 +80,67 @@ fn report_and_overlays() {
         kensa_eval(&data, &dir.path().join("eval.json"), &["--shots", "1,2", "--report", rep.to_str().unwrap()]);
     let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
     assert!(html.contains("<table") && html.contains("disc"), "no table");
-    assert_eq!(html.matches("<svg").count(), 2, "one ROC curve per shot count");
-    assert_eq!(html.matches("data:image/png;base64,").count(), 12, "3 FP + 3 FN panels per section");
+    assert_eq!(html.matches("<svg").count(), 4, "a ROC curve and a histogram per shot count");
+    assert_eq!(html.matches("data:image/jpeg;base64,").count(), 32, "every test image of both sections");
     assert!(!html.contains("src=\"/") && !html.contains("src=\"http"), "self-contained");
 
-    // Each panel's caption compares the image's score with the calibrated image decision of
-    // its section's (first) run, and says "worst" exactly where that decision was wrong.
-    let decisions: Vec<String> = runs["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["run"] == 0)
-        .map(|r| format!("{:.4}", r["calibration"]["image_threshold"].as_f64().unwrap()))
-        .collect();
-    assert_eq!(decisions.len(), 2, "one first run per shot count");
-    let captions: Vec<&str> =
-        html.split("<figcaption>").skip(1).map(|c| c.split("</figcaption>").next().unwrap()).collect();
-    assert_eq!(captions.len(), 12, "{captions:?}");
-    for (i, c) in captions.iter().enumerate() {
-        let num =
-            |key: &str| -> f64 { c.split(key).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap() };
-        let (score, decision) = (num("score "), num("vs decision "));
-        assert_eq!(format!("{decision:.4}"), decisions[i / 6], "caption {c}");
-        if (score - decision).abs() > 1e-4 {
-            let wrong = if c.contains("false positive") { score > decision } else { score < decision };
-            assert_eq!(c.starts_with("worst"), wrong, "caption {c}");
+    // Per section, against its (first) run in the JSON: the decision is the calibrated image
+    // threshold, the histogram and the confusion matrix count every image, the gallery shows
+    // each one once, highest score first, with its label, score and verdict.
+    let firsts: Vec<&serde_json::Value> = runs["runs"].as_array().unwrap().iter().filter(|r| r["run"] == 0).collect();
+    let sections: Vec<&str> = html.split("<h2>").skip(1).collect();
+    assert_eq!((firsts.len(), sections.len()), (2, 2), "one section per shot count");
+    for (r, sec) in firsts.iter().zip(&sections) {
+        let decision = r["calibration"]["image_threshold"].as_f64().unwrap();
+        assert!(sec.contains(&format!("class=\"decision\" data-threshold=\"{decision:.4}\"")), "decision line");
+        let scores: Vec<(String, f64, bool)> = r["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                let p = std::path::Path::new(x[0].as_str().unwrap());
+                let name = format!(
+                    "{}/{}",
+                    p.parent().unwrap().file_name().unwrap().to_string_lossy(),
+                    p.file_name().unwrap().to_string_lossy()
+                );
+                (name, x[1].as_f64().unwrap(), x[2].as_bool().unwrap())
+            })
+            .collect();
+        let anomalous = scores.iter().filter(|s| s.2).count();
+        let hist = sec.split("<svg class=\"hist\"").nth(1).expect("a histogram").split("</svg>").next().unwrap();
+        assert_eq!((counts(hist, "normal"), counts(hist, "anomalous")), (16 - anomalous, anomalous), "histogram");
+        let said = |s: f64| s >= decision;
+        let m = |p: bool, t: bool| scores.iter().filter(|s| said(s.1) == p && s.2 == t).count();
+        let matrix = ["tp", "fp", "fn", "tn"].map(|c| counts(sec, c));
+        assert_eq!(matrix, [m(true, true), m(true, false), m(false, true), m(false, false)], "confusion matrix");
+        assert!(sec.contains(&format!("accuracy {:.3}", r["verdict_accuracy"].as_f64().unwrap())), "accuracy");
+
+        let captions: Vec<&str> =
+            sec.split("<figcaption>").skip(1).map(|c| c.split("</figcaption>").next().unwrap()).collect();
+        assert_eq!(captions.len(), 16, "one gallery entry per test image");
+        let mut shown = Vec::new();
+        for c in &captions {
+            let f: Vec<&str> = c.split(" — ").collect();
+            let (name, label, score) = (f[0], f[1], f[2].strip_prefix("score ").unwrap().parse::<f64>().unwrap());
+            let (verdict, right) = (f[3].strip_prefix("verdict ").unwrap(), f[4]);
+            let truth = scores.iter().find(|s| s.0 == name).unwrap_or_else(|| panic!("unknown image {c}"));
+            assert_eq!(format!("{score:.4}"), format!("{:.4}", truth.1), "{c}");
+            assert_eq!(label, if truth.2 { "anomalous" } else { "normal" }, "{c}");
+            if (score - decision).abs() > 1e-4 {
+                assert_eq!(verdict == "anomalous", said(score), "{c}");
+            }
+            assert_eq!(right == "correct", (verdict == "anomalous") == truth.2, "{c}");
+            shown.push((name, score));
         }
+        assert!(shown.windows(2).all(|w| w[0].1 >= w[1].1), "highest score first");
+        shown.sort_by(|a, b| a.0.cmp(b.0));
+        shown.dedup_by(|a, b| a.0 == b.0);
+        assert_eq!(shown.len(), 16, "each image once");
+        let errors = captions.iter().filter(|c| c.ends_with("wrong")).count();
+        assert!(sec.contains(&format!("errors only ({errors})")), "the filter counts the errors");
     }
+    assert!(html.contains("function filt("), "the gallery filter");
 
     // Overlays: a defective image's overlay is reddest inside its ground-truth mask.
     let bank = dir.path().join("disc.kbank");

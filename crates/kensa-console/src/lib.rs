@@ -26,6 +26,4 @@ pub use routes::{router, Products};
 pub enum ConsoleError {
     #[error("product `{product}`: {msg}")]
     Bank { product: String, msg: String },
-    #[error("cannot encode a picture: {0}")]
-    Encode(String),
 }

@@ -3,7 +3,6 @@
 //! and small versions of the frame and overlay for tiles and the gallery.
 
 use crate::board::Shot;
-use crate::ConsoleError;
 use image::imageops::FilterType;
 use image::{ImageBuffer, Luma, RgbImage};
 use kensa_core::AnomalyMap;
@@ -42,10 +41,10 @@ impl std::str::FromStr for Picture {
 }
 
 /// JPEG bytes of one picture of `shot`, encoded once and then kept with the frame.
-pub fn picture(shot: &Shot, which: Picture) -> Result<Arc<Vec<u8>>, ConsoleError> {
+pub fn picture(shot: &Shot, which: Picture) -> Arc<Vec<u8>> {
     let cached = |s: &Shot| s.pictures.lock().ok().and_then(|p| p.get(&which).cloned());
     if let Some(p) = cached(shot) {
-        return Ok(p);
+        return p;
     }
     let img = match which {
         Picture::Image => shot.image.clone(),
@@ -57,11 +56,11 @@ pub fn picture(shot: &Shot, which: Picture) -> Result<Arc<Vec<u8>>, ConsoleError
         }
         Picture::Map => kensa_verdict::overlay::heat_map(&shot.map, shot.level),
     };
-    let bytes = Arc::new(jpeg(&img)?);
+    let bytes = Arc::new(kensa_verdict::overlay::jpeg(&img, 85));
     if let Ok(mut p) = shot.pictures.lock() {
         p.insert(which, bytes.clone());
     }
-    Ok(bytes)
+    bytes
 }
 
 /// The overlay, or the frame itself when the map has another size (it is scored at the
@@ -108,13 +107,6 @@ fn resize_map(map: &AnomalyMap, w: u32, h: u32) -> AnomalyMap {
     AnomalyMap::new(w, h, r.into_raw())
 }
 
-fn jpeg(img: &RgbImage) -> Result<Vec<u8>, ConsoleError> {
-    let mut out = Vec::new();
-    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85);
-    img.write_with_encoder(enc).map_err(|e| ConsoleError::Encode(e.to_string()))?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,13 +116,13 @@ mod tests {
         let mut s = crate::board::tests::shot("a", 1, true);
         s.image = RgbImage::new(640, 480);
         s.map = AnomalyMap::new(640, 480, vec![0.2; 640 * 480]);
-        let tile = picture(&s, Picture::Tile).unwrap();
+        let tile = picture(&s, Picture::Tile);
         let img = image::load_from_memory(&tile).unwrap();
         assert_eq!((img.width(), img.height()), (320, 240));
         assert_eq!(&tile[..2], &[0xFF, 0xD8], "JPEG");
-        let again = picture(&s, Picture::Tile).unwrap();
+        let again = picture(&s, Picture::Tile);
         assert!(Arc::ptr_eq(&tile, &again), "encoded once, then kept");
-        let full = image::load_from_memory(&picture(&s, Picture::Overlay).unwrap()).unwrap();
+        let full = image::load_from_memory(&picture(&s, Picture::Overlay)).unwrap();
         assert_eq!(full.width(), 640);
         assert!("tile".parse::<Picture>().is_ok() && "x".parse::<Picture>().is_err());
         assert_eq!(small_size(100, 400), (80, 320));

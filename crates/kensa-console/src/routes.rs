@@ -166,12 +166,11 @@ async fn picture(State(c): State<Ctx>, Query(q): Query<ShotQuery>) -> Response {
         return (StatusCode::NOT_FOUND, "no longer held\n").into_response();
     };
     match tokio::task::spawn_blocking(move || render::picture(&shot, which)).await {
-        Ok(Ok(bytes)) => (
+        Ok(bytes) => (
             [(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=3600")],
             bytes.as_ref().clone(),
         )
             .into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -10,7 +10,6 @@ use kensa_capture::mvtec::{classes, load_mask, test_images, TestImage};
 use kensa_core::regions::mask_cells;
 use kensa_lm::judging::{judge_input, load_lm, map_scale, synth_examples, TRAIN_EPOCHS, TRAIN_EXAMPLES, TRAIN_LR};
 use kensa_model::cli::{ModelArgs, RecipeArgs};
-use kensa_model::engine::Engine;
 use kensa_model::enroll::enroll;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -47,9 +46,10 @@ pub struct EvalArgs {
     /// Synthetic examples per LM-judge training.
     #[arg(long, default_value_t = TRAIN_EXAMPLES)]
     pub judge_examples: usize,
-    /// Write a self-contained HTML report here (DIR/report.html): the table, ROC curves per
-    /// class and shot count, and the worst false positives and negatives as
-    /// image | ground truth | heatmap overlay (from each shot count's first run).
+    /// Write a self-contained HTML report here (DIR/report.html): the table, and per class and
+    /// shot count (its first run) the ROC curve, a score histogram with the decision, the
+    /// confusion matrix and every test image as image | ground truth | heat overlay thumbnails
+    /// (filterable: all, errors, anomalous, normal).
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Images per model call (as `kensa score --batch`).
@@ -277,6 +277,8 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
             }
             None => None,
         };
+        let report_this = a.report.is_some() && run == 0;
+        let mut gallery = Vec::new();
         let mut calibrated = JudgeStats { judge: "calibrated".into(), ..Default::default() };
         let mut language = JudgeStats { judge: "language-model".into(), ..Default::default() };
         let (mut scores, mut labels, mut preds) = (Vec::new(), Vec::new(), Vec::new());
@@ -294,6 +296,9 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
                 labels.push(t.anomalous);
                 preds.push(v.anomalous);
                 let mask = load_mask(t.mask.as_ref(), map.width, map.height)?;
+                if report_this {
+                    gallery.push(entry(t, &v, img, mask.as_deref(), &map, &bank.meta.calibration));
+                }
                 let truth = mask
                     .as_ref()
                     .map(|m| mask_cells(m, map.width as usize, map.height as usize, 4))
@@ -313,8 +318,8 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
             bar.inc(chunk.len() as u64);
         }
         let secs = t0.elapsed().as_secs_f64();
-        if a.report.is_some() && run == 0 {
-            sections.push(section(&engine, &bank, &name, k, &tests, &scores, &preds)?);
+        if report_this {
+            sections.push(section(&name, k, &bank.meta.calibration, gallery, &scores, &labels));
         }
         let mref: Vec<&[f32]> = maps.iter().map(Vec::as_slice).collect();
         let kref: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
@@ -530,8 +535,49 @@ struct Section {
     /// ROC curve points (false positive rate, true positive rate).
     roc: Vec<(f64, f64)>,
     auroc: Option<f64>,
-    /// (caption, PNG) of the worst false positives, then the worst false negatives.
-    worst: Vec<(String, Vec<u8>)>,
+    /// The calibrated image decision (`image_threshold`): what the calibrated judge compares
+    /// each image score with.
+    decision: f32,
+    /// Every test image, highest score first.
+    gallery: Vec<Entry>,
+}
+
+/// One test image of the report's gallery.
+struct Entry {
+    /// `<defect type>/<file name>`.
+    name: String,
+    anomalous: bool,
+    score: f32,
+    /// The calibrated judge's verdict (anomalous or not).
+    verdict: bool,
+    /// JPEG thumbnail panel: image | ground truth (when there is one) | heat overlay.
+    jpeg: Vec<u8>,
+}
+
+/// Longest side, in pixels, of each part of a gallery thumbnail.
+const THUMB_SIDE: u32 = 160;
+
+/// Bins of the report's score histograms.
+const HIST_BINS: usize = 24;
+
+/// The gallery entry of test image `t` (`img`, its ground truth `gt`, its map and verdict `v`).
+/// The overlay outlines regions above the calibrated pixel level.
+fn entry(
+    t: &TestImage,
+    v: &kensa_verdict::Verdict,
+    img: &image::RgbImage,
+    gt: Option<&[bool]>,
+    map: &kensa_core::AnomalyMap,
+    cal: &kensa_verdict::Calibration,
+) -> Entry {
+    let pic = crate::overlay::small_panel(img, gt, map, cal.pixel_threshold, THUMB_SIDE);
+    Entry {
+        name: format!("{}/{}", t.kind, t.path.file_name().unwrap_or_default().to_string_lossy()),
+        anomalous: t.anomalous,
+        score: v.score,
+        verdict: v.anomalous,
+        jpeg: crate::overlay::jpeg(&pic, 80),
+    }
 }
 
 /// ROC points of scores against labels (descending thresholds, ties taken together).
@@ -555,50 +601,46 @@ fn roc(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
     pts
 }
 
-/// `preds[i]`: the calibrated judge's verdict on test image `i` (anomalous or not).
+/// The report section of one class and shot count: `scores[i]`/`labels[i]` of test image `i`,
+/// `gallery` its entries (any order).
 fn section(
-    engine: &Engine,
-    bank: &kensa_model::bank::Bank,
     class: &str,
     shots: usize,
-    tests: &[TestImage],
+    cal: &kensa_verdict::Calibration,
+    mut gallery: Vec<Entry>,
     scores: &[f32],
-    preds: &[bool],
-) -> Result<Section> {
-    let labels: Vec<bool> = tests.iter().map(|t| t.anomalous).collect();
-    // The overlay outlines regions above the pixel level; the caption names the image decision.
-    let (level, decision) = (bank.meta.calibration.pixel_threshold, bank.meta.calibration.image_threshold);
-    let mut normal: Vec<usize> = (0..tests.len()).filter(|&i| !labels[i]).collect();
-    normal.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let mut anomalous: Vec<usize> = (0..tests.len()).filter(|&i| labels[i]).collect();
-    anomalous.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let mut worst = Vec::new();
-    for (kind, list) in [("false positive", &normal), ("false negative", &anomalous)] {
-        for &i in list.iter().take(3) {
-            let t = &tests[i];
-            let img = images::load_rgb(&t.path)?;
-            let map = engine.score(&[(img.as_raw().as_slice(), img.width(), img.height())], bank)?.remove(0);
-            let gt = load_mask(t.mask.as_ref(), map.width, map.height)?;
-            let pic = crate::overlay::panel(&img, gt.as_deref(), &map, level);
-            let wrong = preds[i] != labels[i];
-            let caption = format!(
-                "{} {} — score {:.4} vs decision {:.4}{}",
-                if wrong { "worst" } else { "closest" },
-                kind,
-                scores[i],
-                decision,
-                format_args!(" — {}", t.path.display())
-            );
-            worst.push((caption, crate::overlay::png(&pic)));
-        }
-    }
-    Ok(Section {
+    labels: &[bool],
+) -> Section {
+    gallery.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Section {
         class: class.to_string(),
         shots,
-        roc: roc(scores, &labels),
-        auroc: metrics::auroc(scores, &labels),
-        worst,
-    })
+        roc: roc(scores, labels),
+        auroc: metrics::auroc(scores, labels),
+        decision: cal.image_threshold,
+        gallery,
+    }
+}
+
+/// The histogram's score range: all scores and the decision, with 5 % of the span (at least
+/// 1e-3) on either side.
+fn hist_range(scores: &[f32], decision: f32) -> (f32, f32) {
+    let lo = scores.iter().copied().fold(decision, f32::min);
+    let hi = scores.iter().copied().fold(decision, f32::max);
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    (lo - pad, hi + pad)
+}
+
+/// Per bin of `bins` equal bins over `lo..hi`: [normal, anomalous] counts of `scores` by
+/// `labels`. Scores outside the range go to the first or last bin.
+fn histogram(scores: &[f32], labels: &[bool], lo: f32, hi: f32, bins: usize) -> Vec<[usize; 2]> {
+    let mut h = vec![[0usize; 2]; bins.max(1)];
+    let last = h.len() - 1;
+    for (&s, &l) in scores.iter().zip(labels) {
+        let b = ((s - lo) / (hi - lo) * h.len() as f32).floor();
+        h[(b.max(0.0) as usize).min(last)][usize::from(l)] += 1;
+    }
+    h
 }
 
 fn esc(s: &str) -> String {
@@ -623,10 +665,118 @@ fn roc_svg(pts: &[(f64, f64)]) -> String {
     )
 }
 
-fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> String {
+/// Normal and anomalous image scores in two colours ([`HIST_BINS`] bins, side by side in each
+/// bin), with the decision as a dashed line. Each bar carries its count (`data-n`), the line its
+/// value (`data-threshold`).
+fn hist_svg(scores: &[f32], labels: &[bool], decision: f32) -> String {
+    const COLOURS: [(&str, &str); 2] = [("normal", "#3b6fb6"), ("anomalous", "#e67e22")];
+    let (w, h, m) = (440.0, 260.0, 34.0);
+    let (lo, hi) = hist_range(scores, decision);
+    let bins = histogram(scores, labels, lo, hi, HIST_BINS);
+    let top = bins.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
+    let x_of = |v: f64| m + (v - lo as f64) / (hi - lo) as f64 * (w - 2.0 * m);
+    let bw = (w - 2.0 * m) / bins.len() as f64;
+    let mut svg = format!(
+        r##"<svg class="hist" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg"><rect x="{m}" y="{m}" width="{}" height="{}" fill="#fff" stroke="#999"/>"##,
+        w - 2.0 * m,
+        h - 2.0 * m
+    );
+    for (i, b) in bins.iter().enumerate() {
+        for (j, (class, colour)) in COLOURS.iter().enumerate() {
+            if b[j] == 0 {
+                continue;
+            }
+            let bh = b[j] as f64 / top * (h - 2.0 * m - 10.0);
+            svg.push_str(&format!(
+                r#"<rect class="{class}" data-n="{}" x="{:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{colour}"><title>{} {class}</title></rect>"#,
+                b[j],
+                m + i as f64 * bw + j as f64 * bw / 2.0,
+                h - m - bh,
+                bw / 2.0,
+                b[j]
+            ));
+        }
+    }
+    let x = x_of(decision as f64);
+    let count = |l: bool| labels.iter().filter(|&&v| v == l).count();
+    svg.push_str(&format!(
+        r##"<line class="decision" data-threshold="{decision:.4}" x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#000" stroke-width="2" stroke-dasharray="5 3"/><text x="{x:.1}" y="{}" font-size="11" text-anchor="middle">decision {decision:.4}</text><text x="{m}" y="{}" font-size="10">{lo:.3}</text><text x="{}" y="{}" font-size="10" text-anchor="end">{hi:.3}</text><text x="{}" y="{}" font-size="11" text-anchor="middle">image score</text><text x="10" y="{}" font-size="11" transform="rotate(-90 10 {})" text-anchor="middle">images</text><rect x="{}" y="8" width="10" height="10" fill="{}"/><text x="{}" y="17" font-size="11">normal ({})</text><rect x="{}" y="8" width="10" height="10" fill="{}"/><text x="{}" y="17" font-size="11">anomalous ({})</text></svg>"##,
+        m - 4.0,
+        h - m,
+        m - 8.0,
+        h - m + 12.0,
+        w - m,
+        h - m + 12.0,
+        w / 2.0,
+        h - 6.0,
+        h / 2.0,
+        h / 2.0,
+        w - 250.0,
+        COLOURS[0].1,
+        w - 236.0,
+        count(false),
+        w - 140.0,
+        COLOURS[1].1,
+        w - 126.0,
+        count(true)
+    ));
+    svg
+}
+
+/// The calibrated judge's confusion matrix (rows: ground truth, columns: verdict), each cell with
+/// its count (`data-n`), and the accuracy.
+fn confusion_html(c: &metrics::Confusion) -> String {
+    format!(
+        r#"<table class="confusion"><caption>calibrated judge: accuracy {:.3}</caption><tr><th>truth \ verdict</th><th>anomalous</th><th>normal</th></tr><tr><th>anomalous</th><td class="tp" data-n="{tp}">TP {tp}</td><td class="fn" data-n="{fn_}">FN {fn_}</td></tr><tr><th>normal</th><td class="fp" data-n="{fp}">FP {fp}</td><td class="tn" data-n="{tn}">TN {tn}</td></tr></table>"#,
+        c.accuracy(),
+        tp = c.tp,
+        fp = c.fp,
+        fn_ = c.fn_,
+        tn = c.tn
+    )
+}
+
+/// Every test image of a section, highest score first, with the filter buttons (`id`: the
+/// gallery's element id).
+fn gallery_html(id: &str, entries: &[Entry]) -> String {
     use base64::Engine as _;
+    let count = |f: &dyn Fn(&Entry) -> bool| entries.iter().filter(|e| f(e)).count();
+    let mut html = format!(
+        r#"<div class="filter" data-gallery="{id}"><button class="on" onclick="filt(this,'all')">all ({})</button><button onclick="filt(this,'errors')">errors only ({})</button><button onclick="filt(this,'anomalous')">anomalous ({})</button><button onclick="filt(this,'normal')">normal ({})</button></div><div class="gallery" id="{id}">"#,
+        entries.len(),
+        count(&|e| e.verdict != e.anomalous),
+        count(&|e| e.anomalous),
+        count(&|e| !e.anomalous)
+    );
+    for e in entries {
+        let word = |anomalous: bool| if anomalous { "anomalous" } else { "normal" };
+        let (label, verdict) = (word(e.anomalous), word(e.verdict));
+        let right = e.verdict == e.anomalous;
+        let cap = format!(
+            "{} — {label} — score {:.4} — verdict {verdict} — {}",
+            e.name,
+            e.score,
+            if right { "correct" } else { "wrong" }
+        );
+        html.push_str(&format!(
+            r#"<figure class="shot{}" data-label="{label}" data-correct="{}"><img alt="{}" src="data:image/jpeg;base64,{}"><figcaption>{}</figcaption></figure>"#,
+            if right { "" } else { " wrong" },
+            if right { "yes" } else { "no" },
+            esc(&e.name),
+            base64::engine::general_purpose::STANDARD.encode(&e.jpeg),
+            esc(&cap)
+        ));
+    }
+    html.push_str("</div>");
+    html
+}
+
+/// Shows the figures of a gallery that pass the filter of the pressed button.
+const FILTER_JS: &str = "<script>function filt(b,f){var bar=b.parentNode;bar.querySelectorAll('button').forEach(function(x){x.classList.toggle('on',x===b)});document.getElementById(bar.dataset.gallery).querySelectorAll('figure').forEach(function(e){var d=e.dataset;e.style.display=(f==='all'||(f==='errors'&&d.correct==='no')||f===d.label)?'':'none'})}</script>";
+
+fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> String {
     let mut html = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Kensa evaluation</title><style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}figure{display:inline-block;margin:6px}figcaption{font-size:12px;max-width:780px}img{max-width:780px}</style></head><body>",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Kensa evaluation</title><style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}figure{display:inline-block;margin:6px}figcaption{font-size:12px;max-width:780px}img{max-width:780px}.charts{display:flex;flex-wrap:wrap;align-items:flex-start;gap:24px}.confusion caption{font-size:13px;padding:4px}.confusion td{text-align:center}.gallery{display:flex;flex-wrap:wrap;align-items:flex-start}.shot{margin:4px}.shot figcaption{font-size:11px;max-width:330px}.shot.wrong img{outline:3px solid #c0392b}.filter button{margin:0 4px 8px 0;padding:3px 10px;border:1px solid #999;background:#f4f4f4;cursor:pointer}.filter button.on{background:#333;color:#fff}</style></head><body>",
     );
     html.push_str(&format!(
         "<h1>Kensa evaluation</h1><p>data <code>{}</code>, shots {:?}, runs {}, seed {}, input {} px, aggregation {}, augmentation {}, coreset {}, self-match {}. Verdicts are thresholdless (calibrated from the references).</p>",
@@ -646,25 +796,26 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
         html.push_str(&format!("<tr>{cells}</tr>"));
     }
     html.push_str("</table>");
-    for s in sections {
+    for (i, s) in sections.iter().enumerate() {
+        let scores: Vec<f32> = s.gallery.iter().map(|e| e.score).collect();
+        let labels: Vec<bool> = s.gallery.iter().map(|e| e.anomalous).collect();
+        let preds: Vec<bool> = s.gallery.iter().map(|e| e.verdict).collect();
         html.push_str(&format!(
-            "<h2>{} — {} shot(s), run 1</h2><p>image AUROC {}</p>{}<div>",
+            "<h2>{} — {} shot(s), run 1</h2><p>image AUROC {}; the calibrated judge calls an image anomalous when its score reaches the decision {:.4}.</p><div class=\"charts\">{}{}{}</div><h3>All {} test images, highest score first</h3>{}",
             esc(&s.class),
             s.shots,
             fmt3(s.auroc),
-            roc_svg(&s.roc)
+            s.decision,
+            roc_svg(&s.roc),
+            hist_svg(&scores, &labels, s.decision),
+            confusion_html(&metrics::Confusion::new(&preds, &labels)),
+            s.gallery.len(),
+            gallery_html(&format!("gallery-{i}"), &s.gallery)
         ));
-        for (cap, png) in &s.worst {
-            html.push_str(&format!(
-                "<figure><img alt=\"{}\" src=\"data:image/png;base64,{}\"><figcaption>{}</figcaption></figure>",
-                esc(cap),
-                base64::engine::general_purpose::STANDARD.encode(png),
-                esc(cap)
-            ));
-        }
-        html.push_str("</div>");
     }
-    html.push_str("<p>Panels: image | ground truth | heat overlay (white outline: regions above the decision level).</p></body></html>\n");
+    html.push_str("<p>Panels: image | ground truth (defective images) | heat overlay (turbo colour map, dark blue = low, dark red = high; white outline: regions above the calibrated pixel level). Red frame: the calibrated judge was wrong.</p>");
+    html.push_str(FILTER_JS);
+    html.push_str("</body></html>\n");
     html
 }
 
@@ -679,6 +830,43 @@ mod tests {
         assert_eq!(pts, vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]);
         // Ties move together.
         assert_eq!(roc(&[0.5, 0.5], &[true, false]), vec![(0.0, 0.0), (1.0, 1.0)]);
+    }
+
+    #[test]
+    fn histogram_bins_by_label() {
+        // Four bins of 0.25 over 0..1: 0.1 (normal) | 0.3, 0.49 (normal, anomalous) | - | 0.75
+        // (anomalous, on the bin's lower edge), 1.0 (the upper end joins the last bin); out of
+        // range scores go to the end bins.
+        let h = histogram(
+            &[0.1, 0.3, 0.49, 0.75, 1.0, -2.0, 5.0],
+            &[false, false, true, true, true, false, true],
+            0.0,
+            1.0,
+            4,
+        );
+        assert_eq!(h, vec![[2, 0], [1, 1], [0, 0], [0, 3]]);
+        assert_eq!(h.iter().flatten().sum::<usize>(), 7);
+        // The range covers the scores and the decision, padded by 5 % of the span.
+        let (lo, hi) = hist_range(&[0.2, 0.6], 1.0);
+        assert!((lo - 0.16).abs() < 1e-6 && (hi - 1.04).abs() < 1e-6, "{lo} {hi}");
+        let (lo, hi) = hist_range(&[0.5, 0.5], 0.5);
+        assert!(hi > lo, "a single value still spans");
+    }
+
+    #[test]
+    fn report_charts_carry_their_counts() {
+        let svg = hist_svg(&[0.1, 0.2, 0.8, 0.9, 0.85], &[false, false, true, true, false], 0.5);
+        let n = |class: &str| -> usize {
+            svg.split(&format!("class=\"{class}\" data-n=\""))
+                .skip(1)
+                .map(|x| x.split('"').next().unwrap().parse::<usize>().unwrap())
+                .sum()
+        };
+        assert_eq!((n("normal"), n("anomalous")), (3, 2));
+        assert!(svg.contains("data-threshold=\"0.5000\""), "{svg}");
+        let c = confusion_html(&metrics::Confusion { tp: 2, fp: 1, fn_: 0, tn: 2 });
+        assert!(c.contains("class=\"tp\" data-n=\"2\"") && c.contains("class=\"fp\" data-n=\"1\""), "{c}");
+        assert!(c.contains("accuracy 0.800"), "{c}");
     }
 
     #[test]

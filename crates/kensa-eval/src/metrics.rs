@@ -129,14 +129,48 @@ pub fn pro(maps: &[&[f32]], masks: &[&[bool]], widths: &[usize], max_fpr: f64, b
     Some(area / max_fpr)
 }
 
+/// Verdicts against the ground truth (anomalous = positive): the confusion matrix.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Confusion {
+    pub tp: usize,
+    pub fp: usize,
+    pub fn_: usize,
+    pub tn: usize,
+}
+
+impl Confusion {
+    /// Counts of `pred[i]` against `truth[i]`.
+    pub fn new(pred: &[bool], truth: &[bool]) -> Self {
+        let mut c = Self::default();
+        for (&p, &t) in pred.iter().zip(truth) {
+            *match (p, t) {
+                (true, true) => &mut c.tp,
+                (true, false) => &mut c.fp,
+                (false, true) => &mut c.fn_,
+                (false, false) => &mut c.tn,
+            } += 1;
+        }
+        c
+    }
+
+    /// Fraction of verdicts that were right (0 when there were none).
+    pub fn accuracy(&self) -> f64 {
+        (self.tp + self.tn) as f64 / (self.tp + self.fp + self.fn_ + self.tn).max(1) as f64
+    }
+
+    /// F1 of the anomalous class (0 without true positives).
+    pub fn f1(&self) -> f64 {
+        if self.tp == 0 {
+            return 0.0;
+        }
+        2.0 * self.tp as f64 / (2 * self.tp + self.fp + self.fn_) as f64
+    }
+}
+
 /// Verdict accuracy and F1 (anomalous = positive).
 pub fn accuracy_f1(pred: &[bool], truth: &[bool]) -> (f64, f64) {
-    let tp = pred.iter().zip(truth).filter(|(p, t)| **p && **t).count() as f64;
-    let fp = pred.iter().zip(truth).filter(|(p, t)| **p && !**t).count() as f64;
-    let fn_ = pred.iter().zip(truth).filter(|(p, t)| !**p && **t).count() as f64;
-    let correct = pred.iter().zip(truth).filter(|(p, t)| p == t).count() as f64;
-    let f1 = if tp == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) };
-    (correct / pred.len().max(1) as f64, f1)
+    let c = Confusion::new(pred, truth);
+    (c.accuracy(), c.f1())
 }
 
 #[cfg(test)]
@@ -184,5 +218,9 @@ mod tests {
         let (a, f) = accuracy_f1(&[true, true, false, false], &[true, false, false, true]);
         assert_eq!(a, 0.5);
         assert!((f - 0.5).abs() < 1e-12);
+        let c = Confusion::new(&[true, true, false, false, false], &[true, false, false, true, false]);
+        assert_eq!(c, Confusion { tp: 1, fp: 1, fn_: 1, tn: 2 });
+        assert!((c.accuracy() - 0.6).abs() < 1e-12);
+        assert_eq!(Confusion::new(&[], &[]).accuracy(), 0.0);
     }
 }
