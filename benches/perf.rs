@@ -415,7 +415,8 @@ fn view_console(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool
         updates += 1;
         let tiles: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
         for t in tiles.as_array().into_iter().flatten() {
-            let (cam, id) = (t["camera"].as_str().unwrap_or_default(), t["latest"]["event_id"].as_str().unwrap_or_default());
+            let (cam, id) =
+                (t["camera"].as_str().unwrap_or_default(), t["latest"]["event_id"].as_str().unwrap_or_default());
             if !id.is_empty() && shown.get(cam).map(String::as_str) != Some(id) {
                 shown.insert(cam.to_string(), id.to_string());
                 let path = format!("/console/picture?kind=tile&id={}", id.replace('/', "%2F"));
@@ -629,7 +630,10 @@ fn console_cost(bank: &Path) {
         for (which, out) in [(Console::Off, &mut off), (Console::Viewed, &mut on)] {
             let p = run_phase_with(cams, (0.0, FullPolicy::Block, 8, false), bank, secs, which);
             let name = if which == Console::Off { "off" } else { "viewed" };
-            println!("round {r} {name:<7} {:>7.2} fps  kensa_cpu_ms/frame {:>6.2}  rss {:>5.0} MiB", p.fps, p.kensa_cpu_ms, p.rss_peak_mib);
+            println!(
+                "round {r} {name:<7} {:>7.2} fps  kensa_cpu_ms/frame {:>6.2}  rss {:>5.0} MiB",
+                p.fps, p.kensa_cpu_ms, p.rss_peak_mib
+            );
             out.push(p.fps);
         }
     }

@@ -2,7 +2,8 @@
 //! shows a tile per camera with its frame, the verdict sentence and its rate; a defect whose
 //! event is on the defects topic is in the gallery, and its detail page shows the frame, the
 //! overlay and the map; the answer buttons are refused without the token (the console listens
-//! beyond localhost) and teach the bank with it; the products view shows the new version.
+//! beyond localhost) and teach the bank with it; a question in the question box is answered
+//! in line with the verdict; the products view shows the new version.
 //! Screenshots go to `$CARGO_TARGET_TMPDIR/console/`.
 
 use kensa_core::config::LearnMode;
@@ -26,6 +27,7 @@ fn an_operator_sees_the_cameras_and_answers_a_defect_in_a_browser() {
     cfg.telemetry.token = Some(TOKEN.into());
     cfg.products.get_mut("disc").unwrap().learn = LearnMode::Feedback;
     cfg.learn.hold = 4096;
+    cfg.ask.model = Some(kensa_eval::ask::default_chat_model());
     cfg.console.defects = 64;
     cfg.cameras.push(synthetic_camera("cam-a", 5, 0, 3.0, 0.5));
     cfg.cameras.push(synthetic_camera("cam-b", 6, 0, 3.0, 0.5));
@@ -110,6 +112,20 @@ fn an_operator_sees_the_cameras_and_answers_a_defect_in_a_browser() {
         "{result}\n{}",
         daemon.log_text()
     );
+    // A question about it, in the question box: answered by the instruction model, in line
+    // with the verdict.
+    browser.type_into("#question", "Is the part fine?");
+    browser.click("#ask-form button");
+    let asked = r#"return document.getElementById("ask-status").dataset.status !== undefined;"#;
+    assert!(browser.wait_until(Duration::from_secs(90), asked), "{}", daemon.log_text());
+    let dialogue = browser.script(
+        r##"return [document.getElementById("ask-status").dataset.status,
+            [...document.querySelectorAll("#dialogue li .a")].map(a => a.textContent)];"##,
+    );
+    assert_eq!(dialogue[0], "200", "{dialogue}");
+    let answers = dialogue[1].as_array().unwrap();
+    assert_eq!(answers.len(), 2, "the verdict, then the answer: {dialogue}");
+    assert!(answers[1].as_str().unwrap().starts_with("No"), "a defect is not fine: {dialogue}");
     browser.screenshot(&out.join("answered.png"));
     let text = daemon.scrape();
     assert_eq!(metric(&text, "kensa_feedback_total", &[("source", "http"), ("result", "refused")]), Some(1.0));
@@ -128,8 +144,11 @@ fn an_operator_sees_the_cameras_and_answers_a_defect_in_a_browser() {
     let learned = result[2].as_str().unwrap();
     assert!(learned.contains(products["version"].as_str().unwrap()), "{learned} vs {products}");
     browser.screenshot(&out.join("products.png"));
-    drop(browser);
+    // A viewer on the live view does not hold the daemon up when it stops.
+    browser.goto(&format!("http://{local}/console"));
+    assert!(browser.wait_until(Duration::from_secs(30), r#"return document.body.dataset.live === "1";"#));
     assert_eq!(daemon.terminate(Duration::from_secs(60)), Some(0), "{}", daemon.log_text());
+    drop(browser);
 }
 
 #[test]

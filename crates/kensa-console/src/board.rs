@@ -54,6 +54,9 @@ pub struct Shot {
     /// Cells of the regions, strongest first.
     pub cells: Vec<String>,
     pub bank_version: String,
+    /// The deciding verdict's regions, and the image decision (for questions about the frame).
+    pub regions: Vec<kensa_verdict::Region>,
+    pub decision: f32,
     /// Pictures already encoded (each at most once per frame).
     pub(crate) pictures: Mutex<HashMap<crate::render::Picture, Arc<Vec<u8>>>>,
 }
@@ -85,6 +88,8 @@ impl Shot {
             judges,
             cells,
             bank_version,
+            regions: Vec::new(),
+            decision: 0.0,
             pictures: Mutex::new(HashMap::new()),
         }
     }

@@ -104,6 +104,55 @@ function answering() {
   }));
 }
 
+function asking() {
+  const box = document.getElementById("ask");
+  if (!box) return;
+  const form = document.getElementById("ask-form");
+  const input = document.getElementById("question");
+  const status = document.getElementById("ask-status");
+  const list = document.getElementById("dialogue");
+  const history = [];
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const question = input.value.trim();
+    if (!question) return;
+    const token = document.getElementById("token");
+    const headers = { "Content-Type": "application/json" };
+    if (token && token.value) {
+      sessionStorage.setItem("kensa.token", token.value);
+      headers.Authorization = "Bearer " + token.value;
+    }
+    status.className = "";
+    status.textContent = "thinking…";
+    delete status.dataset.status;
+    try {
+      const r = await fetch("/v1/frames/" + encodeURIComponent(box.dataset.event) + "/ask",
+        { method: "POST", headers, body: JSON.stringify({ question, history }) });
+      const j = await r.json().catch(() => ({}));
+      status.dataset.status = String(r.status);
+      if (r.ok) {
+        history.push({ question, answer: j.answer });
+        const li = document.createElement("li");
+        li.className = "turn";
+        li.dataset.source = j.source;
+        const q = document.createElement("p"); q.className = "q"; q.textContent = question;
+        const a = document.createElement("p"); a.className = "a"; a.textContent = j.answer;
+        li.append(q, a);
+        list.appendChild(li);
+        status.textContent = j.tokens + " tokens in " + j.seconds.toFixed(1) + " s" + (j.source === "facts" ? " (from the facts)" : "");
+        input.value = "";
+      } else {
+        status.className = "err";
+        status.textContent = "Refused (" + r.status + "): " + (j.error || j.result || r.statusText);
+      }
+    } catch (e) {
+      status.className = "err";
+      status.textContent = "Cannot reach Kensa: " + e;
+    }
+  });
+}
+
 localTimes(document);
 if (document.body.dataset.view === "Live") followLive();
 answering();
+asking();

@@ -10,8 +10,9 @@
 //! - [`routes`]: the `/console` routes merged into the telemetry listener, and the live
 //!   updates pushed to each viewer (Server-Sent Events, at most `console.push_hz`).
 //!
-//! Read-only views are open like `/metrics`; the feedback buttons post to `/v1/feedback`,
-//! which needs the token beyond localhost and is rate-limited (`kensa-telemetry`).
+//! Read-only views are open like `/metrics`; the feedback buttons post to `/v1/feedback` and
+//! the question box to `/v1/frames/{event_id}/ask`, which need the token beyond localhost and
+//! are rate-limited (`kensa-telemetry`).
 
 pub mod board;
 pub mod pages;
@@ -19,7 +20,7 @@ pub mod render;
 pub mod routes;
 
 pub use board::{Board, Said, Shot};
-pub use routes::{router, Products};
+pub use routes::{router, Access, Products};
 
 /// What the console could not do.
 #[derive(Debug, thiserror::Error)]

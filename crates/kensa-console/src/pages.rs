@@ -210,8 +210,9 @@ pub fn defects(shots: &[std::sync::Arc<Shot>], f: &Filter<'_>) -> String {
     layout("Defects", "Defects", &b)
 }
 
-/// One frame in full: frame, overlay and map, every judge, and the answer buttons.
-pub fn detail(s: &Shot, answering: &Answering) -> String {
+/// One frame in full: frame, overlay and map, every judge, the answer buttons, and the
+/// question box when `asking` (Some(token needed)).
+pub fn detail(s: &Shot, answering: &Answering, asking: Option<bool>) -> String {
     let mut b = format!(
         "<h1>{cam} #{seq}</h1><p class=\"answer big {class}\" id=\"answer\">{answer}</p>\
          <section class=\"full\"><figure><img alt=\"frame\" src=\"{image}\"><figcaption>frame</figcaption></figure>\
@@ -268,6 +269,23 @@ pub fn detail(s: &Shot, answering: &Answering) -> String {
                 id = esc(&s.event_id)
             );
         }
+    }
+    if let Some(token) = asking {
+        let token_field = if token && !matches!(answering, Answering::On { token: true }) {
+            "<label>token <input type=\"password\" id=\"token\" autocomplete=\"off\" placeholder=\"telemetry.token\"></label>"
+        } else {
+            ""
+        };
+        let _ = write!(
+            b,
+            "<section class=\"ask\" id=\"ask\" data-event=\"{id}\"><h2>Ask about this frame</h2>\
+             <ol id=\"dialogue\"><li class=\"turn\"><p class=\"q\">Is there any anomaly in the image?</p>\
+             <p class=\"a\">{answer}</p></li></ol>{token_field}\
+             <form id=\"ask-form\"><input id=\"question\" maxlength=\"500\" placeholder=\"Where is it? How large? What could it be?\">\
+             <button>ask</button></form><p id=\"ask-status\" role=\"status\"></p></section>",
+            id = esc(&s.event_id),
+            answer = esc(&s.decided.answer),
+        );
     }
     layout(&format!("{} #{}", s.camera, s.seq), "Defects", &b)
 }
@@ -361,11 +379,13 @@ mod tests {
         assert_eq!(enc("cam-1/run 2/3"), "cam-1%2Frun%202%2F3");
         let mut s = crate::board::tests::shot("<cam>", 3, true);
         s.decided.answer = "<script>alert(1)</script>".into();
-        let page = detail(&s, &Answering::On { token: true });
+        let page = detail(&s, &Answering::On { token: true }, Some(true));
         assert!(!page.contains("<script>alert"), "escaped");
         assert!(page.contains("id=\"token\""), "asks for the token");
         assert!(page.contains("data-label=\"normal\"") && page.contains("data-label=\"defect\""));
-        assert!(!detail(&s, &Answering::Off).contains("data-label"));
+        assert!(!detail(&s, &Answering::Off, None).contains("data-label"));
+        assert_eq!(page.matches("id=\"token\"").count(), 1, "one token field for both");
+        assert!(page.contains("id=\"ask-form\""));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The pictures of a held frame, made on request (never in the pipeline) and each encoded at
 //! most once per frame: the frame, the heat overlay with its regions outlined, the map alone,
-//! and small versions of the frame and overlay for tiles and the gallery.
+//! and small versions of the frame and overlay for tiles and the gallery. They are drawn by
+//! one [`Renderer`] thread at the idle scheduling class, so a viewer only ever spends CPU the
+//! inspection does not want.
 
 use crate::board::Shot;
 use image::imageops::FilterType;
@@ -37,6 +39,62 @@ impl std::str::FromStr for Picture {
             "map" => Self::Map,
             _ => return Err(format!("`{s}` is not a picture (thumb, tile, image, overlay, map)")),
         })
+    }
+}
+
+/// One thread that draws pictures at the idle scheduling class (Linux `SCHED_IDLE`: it runs
+/// when no inspection thread wants the CPU), with a short queue.
+#[derive(Clone)]
+pub struct Renderer {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+type Job = (Arc<Shot>, Picture, tokio::sync::oneshot::Sender<Arc<Vec<u8>>>);
+
+/// Why a picture is not drawn now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full: ask again.
+    Busy,
+    /// The renderer has stopped.
+    Stopped,
+}
+
+impl Renderer {
+    /// Starts the thread (its queue holds `queue` pictures).
+    pub fn start(queue: usize) -> Self {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(queue.max(1));
+        let spawned = std::thread::Builder::new().name("kensa-console-render".into()).spawn(move || {
+            use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+            let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+            if let Err(e) = thread_priority::set_thread_priority_and_policy(
+                thread_priority::thread_native_id(),
+                ThreadPriority::Min,
+                idle,
+            ) {
+                tracing::warn!("the console's pictures are drawn at normal priority ({e:?})");
+            }
+            for (shot, which, reply) in rx {
+                let _ = reply.send(picture(&shot, which));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the console's picture thread: {e}");
+        }
+        Self { jobs }
+    }
+
+    /// The picture: at once when already drawn, else drawn on the renderer's thread.
+    pub async fn draw(&self, shot: Arc<Shot>, which: Picture) -> Result<Arc<Vec<u8>>, Refused> {
+        if let Some(p) = shot.pictures.lock().ok().and_then(|p| p.get(&which).cloned()) {
+            return Ok(p);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs.try_send((shot, which, tx)).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => Refused::Busy,
+            std::sync::mpsc::TrySendError::Disconnected(_) => Refused::Stopped,
+        })?;
+        rx.await.map_err(|_| Refused::Stopped)
     }
 }
 
@@ -126,5 +184,15 @@ mod tests {
         assert_eq!(full.width(), 640);
         assert!("tile".parse::<Picture>().is_ok() && "x".parse::<Picture>().is_err());
         assert_eq!(small_size(100, 400), (80, 320));
+    }
+
+    #[test]
+    fn the_renderer_draws_on_its_thread_and_reuses_what_it_drew() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let r = Renderer::start(2);
+        let s = Arc::new(crate::board::tests::shot("a", 1, true));
+        let a = rt.block_on(r.draw(s.clone(), Picture::Map)).unwrap();
+        let b = rt.block_on(r.draw(s, Picture::Map)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
     }
 }

@@ -33,31 +33,44 @@ pub struct Products {
     pub learns: bool,
 }
 
+/// What the pages may offer on this listener.
+#[derive(Clone, Copy, Debug)]
+pub struct Access {
+    /// None: actions are refused here (it listens beyond localhost without a token); else
+    /// whether they need the token.
+    pub actions: Option<bool>,
+    /// Questions about frames are answered (`ask.model`).
+    pub asks: bool,
+}
+
 #[derive(Clone)]
 struct Ctx {
     board: Board,
     health: kensa_telemetry::Health,
     products: Arc<Vec<Products>>,
-    /// Answers on this listener: refused (beyond localhost, no token), or the token needed.
-    actions: Option<bool>,
+    access: Access,
     push_every: Duration,
+    renderer: render::Renderer,
+    /// Ends the live streams (the listener's graceful shutdown waits for open connections).
+    stop: tokio_util::sync::CancellationToken,
 }
 
-/// The console's routes. `actions`: None when the listener refuses actions (it listens beyond
-/// localhost and has no token); Some(token needed) otherwise.
+/// The console's routes; `stop` ends the live streams.
 pub fn router(
     board: Board,
     health: kensa_telemetry::Health,
     products: Vec<Products>,
-    actions: Option<bool>,
-    push_hz: f64,
+    (access, push_hz): (Access, f64),
+    stop: tokio_util::sync::CancellationToken,
 ) -> Router {
     let ctx = Ctx {
         board,
         health,
         products: Arc::new(products),
-        actions,
+        access,
         push_every: Duration::from_secs_f64(1.0 / push_hz.clamp(0.1, 30.0)),
+        stop,
+        renderer: render::Renderer::start(16),
     };
     Router::new()
         .route("/", get(|| async { Redirect::to("/console") }))
@@ -97,9 +110,14 @@ async fn live_stream(State(c): State<Ctx>) -> impl IntoResponse {
     let rx = c.board.subscribe();
     let stream = futures_util::stream::unfold((c, rx, true), |(c, mut rx, first)| async move {
         if !first {
-            tokio::time::sleep(c.push_every).await;
-            // A closed channel (the daemon is stopping) ends the stream after one last event.
-            let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+            let wait = async {
+                tokio::time::sleep(c.push_every).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+            };
+            tokio::select! {
+                () = c.stop.cancelled() => return None,
+                () = wait => {}
+            }
         }
         rx.borrow_and_update();
         let tiles = c.board.tiles(&states(&c.health));
@@ -149,12 +167,16 @@ fn gone(id: &str) -> Response {
 async fn detail(State(c): State<Ctx>, Query(q): Query<ShotQuery>) -> Response {
     let Some(shot) = c.board.find(&q.id) else { return gone(&q.id) };
     let learns = c.products.iter().any(|p| p.name == shot.product && p.learns);
-    let answering = match (learns, c.actions) {
+    let answering = match (learns, c.access.actions) {
         (false, _) => Answering::Off,
         (true, None) => Answering::Refused,
         (true, Some(token)) => Answering::On { token },
     };
-    html(pages::detail(&shot, &answering))
+    let asking = match c.access.actions {
+        Some(token) if c.access.asks => Some(token),
+        _ => None,
+    };
+    html(pages::detail(&shot, &answering, asking))
 }
 
 async fn picture(State(c): State<Ctx>, Query(q): Query<ShotQuery>) -> Response {
@@ -165,13 +187,17 @@ async fn picture(State(c): State<Ctx>, Query(q): Query<ShotQuery>) -> Response {
     let Some(shot) = c.board.find(&q.id) else {
         return (StatusCode::NOT_FOUND, "no longer held\n").into_response();
     };
-    match tokio::task::spawn_blocking(move || render::picture(&shot, which)).await {
-        Ok(bytes) => (
+    match tokio::time::timeout(Duration::from_secs(30), c.renderer.draw(shot, which)).await {
+        Ok(Ok(bytes)) => (
             [(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=3600")],
             bytes.as_ref().clone(),
         )
             .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Ok(Err(render::Refused::Busy)) | Err(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "the console is drawing other pictures\n")
+                .into_response()
+        }
+        Ok(Err(render::Refused::Stopped)) => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
     }
 }
 

@@ -41,6 +41,8 @@ pub struct KensaConfig {
     pub learn: LearnConfig,
     #[serde(default)]
     pub console: ConsoleConfig,
+    #[serde(default)]
+    pub ask: AskConfig,
     /// Products by name: each has a memory bank made by `kensa enroll`.
     #[serde(default)]
     pub products: BTreeMap<String, ProductConfig>,
@@ -431,6 +433,17 @@ impl Default for ConsoleConfig {
     fn default() -> Self {
         Self { enabled: true, frames_per_camera: 2, defects: 32, push_hz: 2.0 }
     }
+}
+
+/// Questions about held frames (`POST /v1/frames/{event_id}/ask`, the console's question box),
+/// answered by an instruction model from the facts the map gives.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AskConfig {
+    /// The instruction model (GGUF, e.g. SmolLM2-135M-Instruct.Q4_1.gguf). Unset: asking is off.
+    pub model: Option<PathBuf>,
+    /// Most tokens per answer (0: 48).
+    pub max_new_tokens: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -914,6 +927,17 @@ impl KensaConfig {
         }
         if c.enabled && !(c.push_hz > 0.0 && c.push_hz <= 30.0) {
             p.push(format!("console.push_hz: {} is outside (0, 30]", c.push_hz));
+        }
+        if let Some(m) = &self.ask.model {
+            if !m.is_file() {
+                p.push(format!("ask.model: {} is not a file (a GGUF instruction model)", m.display()));
+            }
+            if !self.console.enabled {
+                p.push("ask.model: questions are about the frames the console holds: set console.enabled".into());
+            }
+        }
+        if self.ask.max_new_tokens > 512 {
+            p.push(format!("ask.max_new_tokens: {} is outside 0..=512", self.ask.max_new_tokens));
         }
         let l = &self.learn;
         if l.hold == 0 || l.hold > 4096 || l.max_learned == 0 || l.keep_versions == 0 {

@@ -91,3 +91,43 @@ impl FeedbackResult {
         }
     }
 }
+
+/// A question about a held frame (`POST /v1/frames/{event_id}/ask`), after the earlier turns
+/// of the dialogue (the client keeps them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Question {
+    pub question: String,
+    #[serde(default)]
+    pub history: Vec<Exchange>,
+}
+
+/// One earlier question and its answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exchange {
+    pub question: String,
+    pub answer: String,
+}
+
+/// What became of a question.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AskResult {
+    /// `verdict`: the frame's verdict (the dialogue's first answer); `source`: `model`, or
+    /// `facts` when the model's answer would have contradicted them.
+    Answered {
+        event_id: String,
+        verdict: String,
+        question: String,
+        answer: String,
+        source: String,
+        tokens: usize,
+        seconds: f64,
+    },
+    /// The frame is no longer held by the console.
+    NotHeld,
+    /// Over the language-model budget (`judges.budget_per_s`), or a question is being answered.
+    Busy,
+    Failed {
+        reason: String,
+    },
+}

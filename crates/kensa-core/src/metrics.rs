@@ -38,6 +38,7 @@ pub const PRODUCER_REBUILDS: &str = "kensa_producer_rebuilds_total";
 pub const FEEDBACK: &str = "kensa_feedback_total";
 pub const LEARNED: &str = "kensa_bank_learning_total";
 pub const FRAMES_HELD: &str = "kensa_frames_held";
+pub const QUESTIONS: &str = "kensa_questions_total";
 
 /// A label value: one enum per label, rendered in snake case.
 pub trait Label: Copy {
@@ -253,6 +254,11 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "count",
     ),
     (LM_JUDGEMENTS, "Language-model judge runs by product and result (ran, over_budget, error).", "count"),
+    (
+        QUESTIONS,
+        "Questions about held frames by result (model, facts: the model's answer contradicted the verdict; not_held, busy, failed).",
+        "count",
+    ),
     (
         FEEDBACK,
         "Operator answers by source (http, kafka) and result (changed, duplicate, not_held, learning_off, invalid, failed).",

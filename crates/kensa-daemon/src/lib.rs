@@ -16,6 +16,7 @@
 //! ```
 //!
 //! - [`model`]: the model thread and its handle (score, swap a bank).
+//! - [`asking`]: questions about held frames, answered by the instruction model.
 //! - [`verdict`]: the verdict/events stage.
 //! - [`evidence`]: snapshots, maps and overlays on disk (names unique per run), and retention.
 //! - [`lineup`]: the one owner of camera → product assignments.
@@ -27,6 +28,7 @@
 //! drains → delivery waits for every acknowledgement (bounded by `publish.drain_timeout_s`) →
 //! background tasks are cancelled; the whole drain runs under one deadline.
 
+pub mod asking;
 pub mod evidence;
 pub mod learning;
 pub mod lineup;
@@ -134,29 +136,30 @@ pub async fn run(
     let evidence_dir = cfg.publish.store_dir.clone();
     // Operator answers (HTTP and the feedback topic) go to the learner on the model thread.
     let learns = cfg.products.values().any(|p| p.learn != kensa_core::config::LearnMode::Off);
-    let actions = learns.then(|| {
+    let feedback = learns.then(|| {
         let (tx, rx) = mpsc::channel::<kensa_telemetry::FeedbackRequest>(64);
         background.spawn(until(token.clone(), learning_answers(rx, model.clone())));
-        kensa_telemetry::Actions {
-            feedback: tx,
-            token: cfg.telemetry.token.clone(),
-            per_s: cfg.telemetry.actions_per_s,
-        }
+        tx
     });
-    if let (Some(a), Some(topic)) = (&actions, cfg.kafka.feedback_topic.clone()) {
+    // The console holds the frames that questions are about.
+    let board =
+        cfg.console.enabled.then(|| kensa_console::Board::new(cfg.cameras.iter().map(|c| c.id.as_str()), &cfg.console));
+    let ask = asking::start(&cfg, board.as_ref())?;
+    let actions = (feedback.is_some() || ask.is_some()).then(|| kensa_telemetry::Actions {
+        feedback: feedback.clone(),
+        ask: ask.clone(),
+        token: cfg.telemetry.token.clone(),
+        per_s: cfg.telemetry.actions_per_s,
+    });
+    if let (Some(fb), Some(topic)) = (&feedback, cfg.kafka.feedback_topic.clone()) {
         if cfg.kafka.create_topics {
             if let Err(e) = kensa_publish::ensure_topics(&cfg.kafka, &[&topic]).await {
                 tracing::error!("{e}");
             }
         }
-        background.spawn(until(
-            token.clone(),
-            kensa_publish::feedback::consume(cfg.kafka.clone(), topic, a.feedback.clone()),
-        ));
+        background.spawn(until(token.clone(), kensa_publish::feedback::consume(cfg.kafka.clone(), topic, fb.clone())));
     }
-    let board =
-        cfg.console.enabled.then(|| kensa_console::Board::new(cfg.cameras.iter().map(|c| c.id.as_str()), &cfg.console));
-    let console = board.clone().map(|b| console_routes(&cfg, b, &health, actions.is_some()));
+    let console = board.clone().map(|b| console_routes(&cfg, b, &health, ask.is_some(), token.clone()));
     let (addr, http) = kensa_telemetry::serve(
         &cfg.telemetry.listen,
         handle,
@@ -368,9 +371,15 @@ pub async fn run(
     Ok(summary)
 }
 
-/// The operator console's routes: its products, and whether answers are taken on this
-/// listener (none beyond localhost without a token).
-fn console_routes(cfg: &KensaConfig, board: kensa_console::Board, health: &Health, learns: bool) -> axum::Router {
+/// The operator console's routes: its products, whether actions (answers, questions) are
+/// taken on this listener (none beyond localhost without a token), and whether it asks.
+fn console_routes(
+    cfg: &KensaConfig,
+    board: kensa_console::Board,
+    health: &Health,
+    asks: bool,
+    stop: CancellationToken,
+) -> axum::Router {
     let products = cfg
         .products
         .iter()
@@ -382,8 +391,9 @@ fn console_routes(cfg: &KensaConfig, board: kensa_console::Board, health: &Healt
         .collect();
     let loopback = cfg.telemetry.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
     let token = cfg.telemetry.token.is_some();
-    let actions = (learns && (loopback || token)).then_some(token);
-    kensa_console::router(board, health.clone(), products, actions, cfg.console.push_hz)
+    let actions = (loopback || token).then_some(token);
+    let access = kensa_console::Access { actions, asks };
+    kensa_console::router(board, health.clone(), products, (access, cfg.console.push_hz), stop)
 }
 
 /// Keeps `/healthz`'s outbox backlog current.

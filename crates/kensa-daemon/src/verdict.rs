@@ -173,11 +173,13 @@ impl VerdictStage {
         if let Some(board) = &self.console {
             let said: Vec<kensa_console::Said> = verdicts.iter().map(|v| kensa_console::Said::from(*v)).collect();
             let cells = decided.locations.iter().map(|c| c.name().to_string()).collect();
+            let decided_regions = decided.regions.clone();
             let (captured_at, capture_ms) = (f.captured_at, event.capture_time_unix_nanos / 1_000_000);
             let (decided, level) = (kensa_console::Said::from(decided), bank.calibration.pixel_threshold);
             let ScoredFrame { frame, map, .. } = s;
+            let (regions, decision) = (decided_regions, bank.calibration.image_threshold);
             if let Some(img) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) {
-                board.push(kensa_console::Shot::new(
+                let mut shot = kensa_console::Shot::new(
                     event.event_id.clone(),
                     (frame.camera.to_string(), product.to_string()),
                     (frame.seq, event.part_id.clone(), capture_ms),
@@ -186,7 +188,9 @@ impl VerdictStage {
                     (decided, said),
                     cells,
                     event.bank_version.clone(),
-                ));
+                );
+                (shot.regions, shot.decision) = (regions, decision);
+                board.push(shot);
             }
             return Scored { event, captured_at };
         }
@@ -238,19 +242,19 @@ impl VerdictStage {
     }
 }
 
-/// Token bucket for language-model judgements.
-struct Budget {
+/// Token bucket for the language model (judgements, and questions on their own bucket).
+pub(crate) struct Budget {
     tokens: f64,
     rate: f64,
     last: Instant,
 }
 
 impl Budget {
-    fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
         Self { tokens: rate.max(1.0), rate, last: Instant::now() }
     }
 
-    fn take(&mut self) -> bool {
+    pub(crate) fn take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate.max(1.0));
         self.last = now;

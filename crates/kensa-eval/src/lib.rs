@@ -10,6 +10,8 @@
 //!   `--json` file and the `--report` HTML page.
 //! - [`score`]: `kensa score` — its options ([`ScoreArgs`]) and the scorer that writes
 //!   `<stem>.json`, `<stem>_map.npy` and, with `--overlay`, `<stem>_overlay.png` per image.
+//! - [`ask`]: `kensa ask` — the verdict on an image, then questions about it answered by the
+//!   instruction model (`kensa_lm::ask`).
 //! - [`replay`]: `kensa replay` — images as one camera's stream with the daemon's learning
 //!   (`kensa_learn`), each frame scored before what it teaches.
 //! - [`stream`]: `kensa eval --stream` — the prequential protocol: learning off, feedback and
@@ -21,6 +23,7 @@
 //! Every failure is an [`EvalError`]; the binary maps it, and the outcomes'
 //! `exit_code`s, to its exit status.
 
+pub mod ask;
 pub mod eval;
 pub mod metrics;
 pub mod replay;

@@ -11,6 +11,8 @@
 //! - [`bpe`]: byte-level BPE tokenizers (`tokenizers` crate) built from a GGUF's metadata, and
 //!   the model's chat template (Jinja, rendered with `minijinja`).
 //! - [`generate`]: `kensa lm generate`: greedy continuation of a prompt or a one-turn chat.
+//! - [`ask`]: asking about a frame: the verdict first, then follow-ups answered by an
+//!   instruction model from the map's facts, never contradicting the verdict.
 //! - [`judging`]: the judge of a bank: its `Judge` impl over the engine's features, the
 //!   labelling rules and training of its prompt learner, its sidecar file.
 //! - [`tokenizer`]: the llama2.c tokenizer format (`tok*.bin`: SentencePiece pieces and scores),
@@ -22,6 +24,7 @@
 //! (`tests/gguf_conformance.rs`, reference from `tools/lm_reference.py`).
 
 pub mod answers;
+pub mod ask;
 pub mod bpe;
 pub mod generate;
 pub mod gguf;

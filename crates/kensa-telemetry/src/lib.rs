@@ -5,8 +5,9 @@
 //! - [`install_recorder`]: the process's Prometheus recorder, buckets and descriptions.
 //! - [`Health`]: what the probes report (model loaded, broker reachable, each camera's state).
 //! - [`serve`]: the listener, until its cancellation token fires.
-//! - [`Actions`]: what may change something through it (`POST /v1/feedback`): where it goes,
-//!   the token it needs beyond localhost, and its rate limit.
+//! - [`Actions`]: what may change something or spend the language model through it (`POST
+//!   /v1/feedback`, `POST /v1/frames/{event_id}/ask`): where each goes, the token they need
+//!   beyond localhost, and their rate limit.
 //!
 //! [`serve`] also serves the routes it is given (the operator console, `kensa-console`).
 
@@ -15,7 +16,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use kensa_core::feedback::{Feedback, FeedbackResult};
+use kensa_core::feedback::{AskResult, Feedback, FeedbackResult, Question};
 use kensa_core::metrics::{self as m, CameraState, Label};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::BTreeMap;
@@ -200,11 +201,16 @@ struct AppState {
 /// An operator answer and where its result goes.
 pub type FeedbackRequest = (Feedback, tokio::sync::oneshot::Sender<FeedbackResult>);
 
-/// Actions on the listener: they change something, so they need the token whenever the
-/// listener is reachable beyond localhost (or whenever one is configured), and are rate-limited.
+/// A question about a held frame (its event id) and where the answer goes.
+pub type AskRequest = (String, Question, tokio::sync::oneshot::Sender<AskResult>);
+
+/// Actions on the listener: they change something or spend the language model, so they need
+/// the token whenever the listener is reachable beyond localhost (or whenever one is
+/// configured), and are rate-limited. None of a kind: that action is off (404).
 #[derive(Clone)]
 pub struct Actions {
-    pub feedback: tokio::sync::mpsc::Sender<FeedbackRequest>,
+    pub feedback: Option<tokio::sync::mpsc::Sender<FeedbackRequest>>,
+    pub ask: Option<tokio::sync::mpsc::Sender<AskRequest>>,
     pub token: Option<String>,
     pub per_s: u32,
 }
@@ -218,6 +224,23 @@ struct ActionGate {
 }
 
 impl ActionGate {
+    /// None when allowed; else the refusal: a body that is not JSON (a page on another site
+    /// cannot post JSON without a preflight, which this listener never grants, so an operator's
+    /// browser cannot be used against the localhost listener), the token, the rate.
+    fn check(&self, headers: &axum::http::HeaderMap) -> Option<(StatusCode, String)> {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+        if !json {
+            return Some((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body as Content-Type: application/json".into(),
+            ));
+        }
+        self.refuse(headers)
+    }
+
     /// None when allowed; else the refusal.
     fn refuse(&self, headers: &axum::http::HeaderMap) -> Option<(StatusCode, String)> {
         let given = headers
@@ -271,22 +294,12 @@ async fn feedback(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
-    let Some(gate) = s.actions.as_deref() else {
+    let Some((gate, tx)) = s.actions.as_deref().and_then(|g| Some((g, g.actions.feedback.as_ref()?))) else {
         return json_error(StatusCode::NOT_FOUND, "no product learns from the line (products.<p>.learn)");
     };
-    // A JSON content type: a page on another site cannot post one without a preflight that
-    // this listener never grants, so a browser on the operator's machine cannot be used
-    // against the localhost listener.
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
-    if !json {
-        metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "invalid").increment(1);
-        return json_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the answer as Content-Type: application/json");
-    }
-    if let Some((code, msg)) = gate.refuse(&headers) {
-        metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "refused").increment(1);
+    if let Some((code, msg)) = gate.check(&headers) {
+        let result = if code == StatusCode::UNSUPPORTED_MEDIA_TYPE { "invalid" } else { "refused" };
+        metrics::counter!(m::FEEDBACK, "source" => "http", "result" => result).increment(1);
         return json_error(code, &msg);
     }
     let fb: Feedback = match serde_json::from_slice(&body) {
@@ -303,8 +316,8 @@ async fn feedback(
         metrics::counter!(m::FEEDBACK, "source" => "http", "result" => "invalid").increment(1);
         return json_error(StatusCode::BAD_REQUEST, &p);
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if gate.actions.feedback.send((fb, tx)).await.is_err() {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if tx.send((fb, reply)).await.is_err() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "the learner has stopped");
     }
     let Ok(Ok(result)) = tokio::time::timeout(Duration::from_secs(60), rx).await else {
@@ -315,6 +328,48 @@ async fn feedback(
         FeedbackResult::NotHeld => StatusCode::NOT_FOUND,
         FeedbackResult::LearningOff { .. } => StatusCode::CONFLICT,
         FeedbackResult::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&result).unwrap_or_default())
+        .into_response()
+}
+
+/// `POST /v1/frames/{event_id}/ask` with a JSON [`Question`]: answers the [`AskResult`] as JSON
+/// (200 answered, 404 frame no longer held or asking off, 429 over the rate or the language
+/// model's budget, 400 a bad body, 401/403 refused).
+async fn ask(
+    State(s): State<AppState>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let Some(event_id) = path.strip_suffix("/ask").filter(|e| !e.is_empty()) else {
+        return json_error(StatusCode::NOT_FOUND, "expected POST /v1/frames/<event id>/ask");
+    };
+    let Some((gate, tx)) = s.actions.as_deref().and_then(|g| Some((g, g.actions.ask.as_ref()?))) else {
+        return json_error(StatusCode::NOT_FOUND, "asking is off (ask.model in the config)");
+    };
+    if let Some((code, msg)) = gate.check(&headers) {
+        return json_error(code, &msg);
+    }
+    let q: Question = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("expected {{\"question\", \"history\"?}}: {e}")),
+    };
+    if q.question.trim().is_empty() || q.question.len() > 500 {
+        return json_error(StatusCode::BAD_REQUEST, "a question of 1 to 500 characters");
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if tx.try_send((event_id.to_string(), q, reply)).is_err() {
+        return json_error(StatusCode::TOO_MANY_REQUESTS, "questions are queued already: ask again shortly");
+    }
+    let Ok(Ok(result)) = tokio::time::timeout(Duration::from_secs(120), rx).await else {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "no answer within 120 s");
+    };
+    let code = match &result {
+        AskResult::Answered { .. } => StatusCode::OK,
+        AskResult::NotHeld => StatusCode::NOT_FOUND,
+        AskResult::Busy => StatusCode::TOO_MANY_REQUESTS,
+        AskResult::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&result).unwrap_or_default())
         .into_response()
@@ -398,6 +453,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/evidence/{*path}", get(evidence))
         .route("/v1/feedback", axum::routing::post(feedback))
+        .route("/v1/frames/{*path}", axum::routing::post(ask))
         .with_state(AppState {
             handle,
             health,

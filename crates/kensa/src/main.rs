@@ -27,6 +27,9 @@ enum Cmd {
     Enroll(commands::EnrollArgs),
     /// Score still images against a bank; writes <stem>.json and <stem>_map.npy per image.
     Score(kensa_eval::score::ScoreArgs),
+    /// Ask about an image: the verdict first, then each --question answered by the instruction
+    /// model from the facts the anomaly map gives.
+    Ask(kensa_eval::ask::AskArgs),
     /// Score images in order as one camera's stream, with the daemon's learning from the line.
     Replay(kensa_eval::replay::ReplayArgs),
     /// A bank's versions: list them, or make an older one current again.
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Cmd::Lm(LmCmd::Generate(a)) => kensa_lm::generate::run(&a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Score(a) => kensa_eval::score::run(&a).map(|o| ExitCode::from(o.exit_code())).map_err(Into::into),
         Cmd::Synth(a) => commands::synth(a),
+        Cmd::Ask(a) => kensa_eval::ask::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Replay(a) => kensa_eval::replay::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Bank(c) => commands::bank(&c),
         Cmd::Tail(a) => kensa_publish::tail::run(&a).map(|_| ExitCode::SUCCESS).map_err(Into::into),
