@@ -65,6 +65,23 @@ function followLive() {
   es.onerror = () => { document.body.dataset.live = "0"; };
 }
 
+// Headers of an action: JSON, and the token when the page asks for one (kept for the tab).
+function jsonHeaders() {
+  const token = document.getElementById("token");
+  const headers = { "Content-Type": "application/json" };
+  if (token && token.value) {
+    sessionStorage.setItem("kensa.token", token.value);
+    headers.Authorization = "Bearer " + token.value;
+  }
+  return headers;
+}
+
+// Shows why an action did not go through: the listener's refusal, or no connection.
+function refused(el, r, j) {
+  el.className = "err";
+  el.textContent = r ? "Refused (" + r.status + "): " + (j.error || j.result || r.statusText) : "Cannot reach Kensa: " + j;
+}
+
 function answering() {
   const box = document.getElementById("feedback");
   if (!box) return;
@@ -75,11 +92,7 @@ function answering() {
   if (token) token.value = sessionStorage.getItem("kensa.token") || "";
   box.querySelectorAll("button[data-label]").forEach((b) => b.addEventListener("click", async () => {
     localStorage.setItem("kensa.who", who.value);
-    const headers = { "Content-Type": "application/json" };
-    if (token && token.value) {
-      sessionStorage.setItem("kensa.token", token.value);
-      headers.Authorization = "Bearer " + token.value;
-    }
+    const headers = jsonHeaders();
     const body = JSON.stringify({ event_id: box.dataset.event, label: b.dataset.label, who: who.value || "console" });
     out.className = "";
     out.textContent = "sending…";
@@ -94,12 +107,10 @@ function answering() {
           ? "Thank you: learned as " + b.dataset.label + " (bank " + (j.bank_version || "") + ")."
           : "Already answered (" + j.result + ").";
       } else {
-        out.className = "err";
-        out.textContent = "Refused (" + r.status + "): " + (j.error || j.result || r.statusText);
+        refused(out, r, j);
       }
     } catch (e) {
-      out.className = "err";
-      out.textContent = "Cannot reach Kensa: " + e;
+      refused(out, null, e);
     }
   }));
 }
@@ -116,12 +127,7 @@ function asking() {
     ev.preventDefault();
     const question = input.value.trim();
     if (!question) return;
-    const token = document.getElementById("token");
-    const headers = { "Content-Type": "application/json" };
-    if (token && token.value) {
-      sessionStorage.setItem("kensa.token", token.value);
-      headers.Authorization = "Bearer " + token.value;
-    }
+    const headers = jsonHeaders();
     status.className = "";
     status.textContent = "thinking…";
     delete status.dataset.status;
@@ -142,12 +148,10 @@ function asking() {
         status.textContent = j.tokens + " tokens in " + j.seconds.toFixed(1) + " s" + (j.source === "facts" ? " (from the facts)" : "");
         input.value = "";
       } else {
-        status.className = "err";
-        status.textContent = "Refused (" + r.status + "): " + (j.error || j.result || r.statusText);
+        refused(status, r, j);
       }
     } catch (e) {
-      status.className = "err";
-      status.textContent = "Cannot reach Kensa: " + e;
+      refused(status, null, e);
     }
   });
 }
