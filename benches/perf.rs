@@ -392,7 +392,8 @@ fn view_console(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool
     use std::io::{BufRead, Write};
     use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
     let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    let _ = thread_priority::set_thread_priority_and_policy(thread_priority::thread_native_id(), ThreadPriority::Min, idle);
+    let _ =
+        thread_priority::set_thread_priority_and_policy(thread_priority::thread_native_id(), ThreadPriority::Min, idle);
     let mut s = std::net::TcpStream::connect(&addr).expect("console");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(s, "GET /console/live HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
@@ -620,16 +621,25 @@ fn console_cost(bank: &Path) {
             std::thread::spawn(move || view_console(addr, stop))
         });
         std::thread::sleep(Duration::from_secs(1));
-        let (p0, k0, t0) = (sum_metric(&d.scrape(), "kensa_events_published_total"), cpu_s(d.child.id()), Instant::now());
+        let (p0, k0, t0) =
+            (sum_metric(&d.scrape(), "kensa_events_published_total"), cpu_s(d.child.id()), Instant::now());
         std::thread::sleep(Duration::from_secs_f64(secs));
-        let (p1, k1, dt) = (sum_metric(&d.scrape(), "kensa_events_published_total"), cpu_s(d.child.id()), t0.elapsed().as_secs_f64());
+        let (p1, k1, dt) =
+            (sum_metric(&d.scrape(), "kensa_events_published_total"), cpu_s(d.child.id()), t0.elapsed().as_secs_f64());
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let seen = viewer.map(|v| v.join().unwrap_or_default());
         let fps = (p1 - p0) / dt;
         let cpu_ms = 1e3 * (k1 - k0) / (p1 - p0).max(1.0);
         let viewer = seen.map(|(u, f)| format!("  viewer: {u} live updates, {f} tile pictures")).unwrap_or_default();
-        println!("window {w} {:<10} {fps:>7.2} fps  kensa_cpu_ms/frame {cpu_ms:>6.2}{viewer}", if viewed { "viewed" } else { "no viewer" });
-        if viewed { on.push(fps) } else { off.push(fps) }
+        println!(
+            "window {w} {:<10} {fps:>7.2} fps  kensa_cpu_ms/frame {cpu_ms:>6.2}{viewer}",
+            if viewed { "viewed" } else { "no viewer" }
+        );
+        if viewed {
+            on.push(fps)
+        } else {
+            off.push(fps)
+        }
     }
     println!("rss peak {:.0} MiB", proc_status_kib(d.child.id(), "VmHWM") / 1024.0);
     d.terminate(Duration::from_secs(30));

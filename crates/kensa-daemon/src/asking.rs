@@ -1,6 +1,6 @@
 //! Questions about the frames the console holds (`POST /v1/frames/{event_id}/ask`): one OS
 //! thread owns the instruction model (`ask.model`) and answers them in turn, within the
-//! language-model budget (`judges.budget_per_s`); the frame's verdict, regions and size come
+//! language-model budget (`judges.budget_per_s`, the bucket the judge draws on too); the frame's verdict, regions and size come
 //! from the console's board.
 
 use crate::DaemonError;
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 pub fn start(
     cfg: &KensaConfig,
     board: Option<&kensa_console::Board>,
+    budget: crate::verdict::Budget,
 ) -> Result<Option<mpsc::Sender<AskRequest>>, DaemonError> {
     let (Some(path), Some(board)) = (cfg.ask.model.clone(), board.cloned()) else { return Ok(None) };
     let chat = kensa_lm::generate::ChatModel::load_gguf(&path, tch::Device::Cpu, tch::Kind::Float)
@@ -22,13 +23,11 @@ pub fn start(
     tracing::info!(model = %path.display(), "questions about held frames: POST /v1/frames/<event id>/ask");
     let asker = Asker { chat, max_new_tokens: if cfg.ask.max_new_tokens == 0 { 48 } else { cfg.ask.max_new_tokens } };
     let (tx, mut rx) = mpsc::channel::<AskRequest>(4);
-    let rate = cfg.judges.budget_per_s;
     std::thread::Builder::new()
         .name("kensa-ask".into())
         .spawn(move || {
-            let mut budget = crate::verdict::Budget::new(rate);
             while let Some((event_id, q, reply)) = rx.blocking_recv() {
-                let result = answer(&asker, &board, &mut budget, &event_id, &q);
+                let result = answer(&asker, &board, &budget, &event_id, &q);
                 let label = match &result {
                     AskResult::Answered { source, .. } => source.clone(),
                     AskResult::NotHeld => "not_held".into(),
@@ -46,7 +45,7 @@ pub fn start(
 fn answer(
     asker: &Asker,
     board: &kensa_console::Board,
-    budget: &mut crate::verdict::Budget,
+    budget: &crate::verdict::Budget,
     event_id: &str,
     q: &kensa_core::feedback::Question,
 ) -> AskResult {

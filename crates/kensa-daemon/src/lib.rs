@@ -144,7 +144,8 @@ pub async fn run(
     // The console holds the frames that questions are about.
     let board =
         cfg.console.enabled.then(|| kensa_console::Board::new(cfg.cameras.iter().map(|c| c.id.as_str()), &cfg.console));
-    let ask = asking::start(&cfg, board.as_ref())?;
+    let lm_budget = verdict::Budget::new(cfg.judges.budget_per_s);
+    let ask = asking::start(&cfg, board.as_ref(), lm_budget.clone())?;
     let actions = (feedback.is_some() || ask.is_some()).then(|| kensa_telemetry::Actions {
         feedback: feedback.clone(),
         ask: ask.clone(),
@@ -237,7 +238,7 @@ pub async fn run(
         capture_done.clone(),
     ));
     drop(model);
-    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges, health.clone(), board);
+    let stage = VerdictStage::new(&cfg, info.model_id.clone(), run_id, judges, health.clone(), (board, lm_budget));
     let mut verdicts = tokio::task::spawn_blocking(move || stage.run(scored_rx, &events_tx));
     let settings = delivery::Settings::from_config(&cfg.kafka, &cfg.publish);
     let stopping = CancellationToken::new();

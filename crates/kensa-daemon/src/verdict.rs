@@ -37,6 +37,8 @@ pub struct VerdictStage {
     pub health: kensa_telemetry::Health,
     /// The operator console's frames (`console.enabled`).
     pub console: Option<kensa_console::Board>,
+    /// The language model's budget, shared with the questions about frames.
+    pub budget: Budget,
 }
 
 impl VerdictStage {
@@ -46,7 +48,7 @@ impl VerdictStage {
         run_id: String,
         lm: HashMap<String, LmJudge>,
         health: kensa_telemetry::Health,
-        console: Option<kensa_console::Board>,
+        (console, budget): (Option<kensa_console::Board>, Budget),
     ) -> Self {
         Self {
             model_id,
@@ -62,12 +64,12 @@ impl VerdictStage {
             lm,
             health,
             console,
+            budget,
         }
     }
 
     /// Runs until `input` closes or `out` is gone.
     pub fn run(self, mut input: mpsc::Receiver<ScoredBatch>, out: &mpsc::Sender<Scored>) {
-        let mut budget = Budget::new(self.judges.budget_per_s);
         // Cameras shown as waiting for their bank: /healthz is told only when this changes,
         // not once per frame.
         let mut waiting: std::collections::HashSet<std::sync::Arc<str>> = std::collections::HashSet::new();
@@ -96,7 +98,7 @@ impl VerdictStage {
                         for s in frames {
                             mark(&s.frame.camera, false);
                             let queue_s = batch.formed_at.saturating_duration_since(s.frame.captured_at).as_secs_f64();
-                            let scored = self.judge(&product, &bank, s, &mut budget, (queue_s, model_s));
+                            let scored = self.judge(&product, &bank, s, (queue_s, model_s));
                             if out.blocking_send(scored).is_err() {
                                 return;
                             }
@@ -107,18 +109,11 @@ impl VerdictStage {
         }
     }
 
-    fn judge(
-        &self,
-        product: &str,
-        bank: &BankView,
-        s: ScoredFrame,
-        budget: &mut Budget,
-        (queue_s, model_s): (f64, f64),
-    ) -> Scored {
+    fn judge(&self, product: &str, bank: &BankView, s: ScoredFrame, (queue_s, model_s): (f64, f64)) -> Scored {
         let t = Instant::now();
         let (f, map) = (&s.frame, &s.map);
         let (calibrated, mask) = kensa_verdict::judge(map, &bank.calibration);
-        let lm = self.language_model(product, bank, &s, &calibrated, budget);
+        let lm = self.language_model(product, bank, &s, &calibrated);
         let lm_decides =
             lm.is_some() && matches!(self.judges.mode, JudgeMode::LanguageModel | JudgeMode::LanguageModelOnUncertain);
         let decided = match (&lm, lm_decides) {
@@ -199,14 +194,7 @@ impl VerdictStage {
 
     /// The language-model judge's verdict on a frame, when the mode, the frame and the budget
     /// call for one; `None` otherwise (and on a judge error, which is logged and counted).
-    fn language_model(
-        &self,
-        product: &str,
-        bank: &BankView,
-        s: &ScoredFrame,
-        calibrated: &Verdict,
-        budget: &mut Budget,
-    ) -> Option<Verdict> {
+    fn language_model(&self, product: &str, bank: &BankView, s: &ScoredFrame, calibrated: &Verdict) -> Option<Verdict> {
         let lm = self.lm.get(product)?;
         let features = s.features.as_ref()?;
         let wanted = match self.judges.mode {
@@ -222,7 +210,7 @@ impl VerdictStage {
         let count = |r: LmResult| {
             metrics::counter!(m::LM_JUDGEMENTS, "product" => product.to_string(), "result" => r.as_str()).increment(1);
         };
-        if !budget.take() {
+        if !self.budget.take() {
             count(LmResult::OverBudget);
             return None;
         }
@@ -242,24 +230,30 @@ impl VerdictStage {
     }
 }
 
-/// Token bucket for the language model (judgements, and questions on their own bucket).
-pub(crate) struct Budget {
+/// The language model's budget (`judges.budget_per_s`): one token bucket that the judge's
+/// runs and the questions about frames both draw on; cheap to clone (one shared bucket).
+#[derive(Clone)]
+pub struct Budget(std::sync::Arc<std::sync::Mutex<Bucket>>);
+
+struct Bucket {
     tokens: f64,
     rate: f64,
     last: Instant,
 }
 
 impl Budget {
-    pub(crate) fn new(rate: f64) -> Self {
-        Self { tokens: rate.max(1.0), rate, last: Instant::now() }
+    pub fn new(rate: f64) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Bucket { tokens: rate.max(1.0), rate, last: Instant::now() })))
     }
 
-    pub(crate) fn take(&mut self) -> bool {
+    /// Takes one run if the bucket has one.
+    pub fn take(&self) -> bool {
+        let mut b = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate.max(1.0));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * b.rate).min(b.rate.max(1.0));
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
             true
         } else {
             false
@@ -305,7 +299,7 @@ mod tests {
 
     #[test]
     fn the_budget_refills_at_its_rate() {
-        let mut b = Budget::new(2.0);
+        let b = Budget::new(2.0);
         assert!(b.take() && b.take());
         assert!(!b.take(), "two tokens a second, both spent");
     }
