@@ -382,8 +382,6 @@ fn sum_metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
-/// otherwise all in step (a common hardware trigger).
 /// One viewer of `/console/live` until `stop`, as a browser is one: it follows the live
 /// stream and fetches each tile's new picture. Returns (updates, pictures fetched). It runs at
 /// the idle scheduling class, so that what is measured is the daemon's cost, not this
@@ -420,6 +418,8 @@ fn view_console(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool
     (updates, fetched)
 }
 
+/// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
+/// otherwise all in step (a common hardware trigger).
 fn run_phase(cams: usize, fps: f64, policy: FullPolicy, batch: usize, spread: bool, bank: &Path, secs: f64) -> Phase {
     let (broker, dir, _, topic, metrics_addr) = own_broker_rig("perf");
     let mut c = base_config(bank, &topic, &broker.addr(), &metrics_addr);

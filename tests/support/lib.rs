@@ -716,6 +716,18 @@ pub struct Browser {
     session: String,
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// WebDriver's key for an element reference in its answers.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -729,6 +741,8 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (Debian chromium-driver) is not installed: run scripts/setup.sh");
+        // Killed whatever happens next (a failed start must not leave it running).
+        let mut guard = KillOnDrop(Some(driver));
         let addr = format!("127.0.0.1:{port}");
         let ready = || webdriver(&addr, "GET", "/status", None).is_ok_and(|(c, _)| c == 200);
         assert!(wait_for(Duration::from_secs(20), ready), "chromedriver did not start");
@@ -750,7 +764,7 @@ impl Browser {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let session =
             v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session ({code}): {body}")).to_string();
-        Self { driver, addr, session }
+        Self { driver: guard.0.take().expect("chromedriver"), addr, session }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {

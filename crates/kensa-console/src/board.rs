@@ -9,7 +9,7 @@ use kensa_core::AnomalyMap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// One judge's say on a frame.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -142,15 +142,20 @@ struct Live {
 }
 
 impl Live {
+    /// Frames a second over the last frames held (up to 32): 0 once the newest is older than
+    /// three mean intervals (and 5 s), so a slow or triggered line still shows its rate.
     fn fps(&self, now: Instant) -> f64 {
-        const WINDOW: Duration = Duration::from_secs(5);
-        let recent: Vec<&Instant> = self.times.iter().filter(|t| now.duration_since(**t) <= WINDOW).collect();
-        match (recent.first(), recent.last()) {
-            (Some(a), Some(b)) if recent.len() >= 2 && *b > *a => {
-                (recent.len() - 1) as f64 / b.duration_since(**a).as_secs_f64()
-            }
-            _ => 0.0,
+        let (Some(first), Some(last)) = (self.times.front(), self.times.back()) else { return 0.0 };
+        let n = self.times.len();
+        let span = last.duration_since(*first).as_secs_f64();
+        if n < 2 || span <= 0.0 {
+            return 0.0;
         }
+        let mean = span / (n - 1) as f64;
+        if now.duration_since(*last).as_secs_f64() > (3.0 * mean).max(5.0) {
+            return 0.0;
+        }
+        (n - 1) as f64 / span
     }
 }
 

@@ -45,13 +45,15 @@ function showTile(tile) {
     t.dataset.event = l.event_id;
     let img = t.querySelector("img.frame");
     if (!img) {
+      const a = document.createElement("a");
       img = document.createElement("img");
       img.className = "frame";
       img.alt = "latest frame of " + tile.camera;
-      t.querySelector(".frame").replaceWith(img);
+      a.appendChild(img);
+      t.querySelector(".frame").replaceWith(a);
     }
     img.src = "/console/picture?kind=tile&id=" + encodeURIComponent(l.event_id);
-    img.onclick = () => { location.href = "/console/defect?id=" + encodeURIComponent(l.event_id); };
+    img.parentElement.href = "/console/defect?id=" + encodeURIComponent(l.event_id);
   }
 }
 
@@ -86,10 +88,8 @@ function answering() {
   const box = document.getElementById("feedback");
   if (!box) return;
   const who = document.getElementById("who");
-  const token = document.getElementById("token");
   const out = document.getElementById("feedback-result");
   who.value = localStorage.getItem("kensa.who") || "";
-  if (token) token.value = sessionStorage.getItem("kensa.token") || "";
   box.querySelectorAll("button[data-label]").forEach((b) => b.addEventListener("click", async () => {
     localStorage.setItem("kensa.who", who.value);
     const headers = jsonHeaders();
@@ -156,7 +156,24 @@ function asking() {
   });
 }
 
+// Pictures the console was too busy to draw (503) are asked for again, a few times.
+function retryPictures() {
+  document.querySelectorAll("img").forEach((img) => {
+    img.addEventListener("error", () => {
+      const tries = Number(img.dataset.tries || 0);
+      if (tries < 5 && img.src.includes("/console/picture")) {
+        img.dataset.tries = String(tries + 1);
+        setTimeout(() => { img.src = img.src.split("&retry=")[0] + "&retry=" + (tries + 1); }, 1000 * (tries + 1));
+      }
+    });
+  });
+}
+
+// The token, once given in this tab, fills the page's token field.
+const tokenField = document.getElementById("token");
+if (tokenField) tokenField.value = sessionStorage.getItem("kensa.token") || "";
 localTimes(document);
+retryPictures();
 if (document.body.dataset.view === "Live") followLive();
 answering();
 asking();

@@ -91,9 +91,10 @@ pub fn live(tiles: &[Tile]) -> String {
         let (img, answer, class, conf, id) = match &t.latest {
             Some(l) => (
                 format!(
-                    "<img class=\"frame\" alt=\"latest frame of {0}\" src=\"{1}\">",
+                    "<a href=\"/console/defect?id={2}\"><img class=\"frame\" alt=\"latest frame of {0}\" src=\"{1}\"></a>",
                     esc(&t.camera),
-                    picture_url(&l.event_id, "tile")
+                    picture_url(&l.event_id, "tile"),
+                    enc(&l.event_id)
                 ),
                 esc(&l.decided.answer),
                 verdict_class(&l.decided),
@@ -356,7 +357,7 @@ pub fn products(list: &[ProductView]) -> String {
                     ver = esc(&v.version),
                     mark = if v.current { " (current)" } else { "" },
                     change = esc(&v.change),
-                    when = when(i64::try_from(v.changed_unix).unwrap_or(0) * 1000),
+                    when = when(i64::try_from(v.changed_unix).unwrap_or(0).saturating_mul(1000)),
                     refs = v.references,
                     learned = v.learned,
                     it = v.image_threshold,

@@ -58,6 +58,8 @@ pub enum Refused {
     Busy,
     /// The renderer has stopped.
     Stopped,
+    /// This picture could not be drawn (logged).
+    Failed,
 }
 
 impl Renderer {
@@ -75,7 +77,13 @@ impl Renderer {
                 tracing::warn!("the console's pictures are drawn at normal priority ({e:?})");
             }
             for (shot, which, reply) in rx {
-                let _ = reply.send(picture(&shot, which));
+                // A picture that cannot be drawn (a panic in an encoder) fails alone.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| picture(&shot, which))) {
+                    Ok(p) => {
+                        let _ = reply.send(p);
+                    }
+                    Err(_) => tracing::error!(event = %shot.event_id, ?which, "cannot draw this picture"),
+                }
             }
         });
         if let Err(e) = spawned {
@@ -94,7 +102,7 @@ impl Renderer {
             std::sync::mpsc::TrySendError::Full(_) => Refused::Busy,
             std::sync::mpsc::TrySendError::Disconnected(_) => Refused::Stopped,
         })?;
-        rx.await.map_err(|_| Refused::Stopped)
+        rx.await.map_err(|_| Refused::Failed)
     }
 }
 

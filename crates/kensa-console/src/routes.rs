@@ -51,6 +51,9 @@ struct Ctx {
     access: Access,
     push_every: Duration,
     renderer: render::Renderer,
+    /// The products view, kept while no bank file or version folder changes; one reads them
+    /// at a time (a bank can be large: every request must not load every bank again).
+    products_view: Arc<tokio::sync::Mutex<Option<(Vec<Option<std::time::SystemTime>>, Arc<Vec<ProductView>>)>>>,
     /// Ends the live streams (the listener's graceful shutdown waits for open connections).
     stop: tokio_util::sync::CancellationToken,
 }
@@ -71,6 +74,7 @@ pub fn router(
         push_every: Duration::from_secs_f64(1.0 / push_hz.clamp(0.1, 30.0)),
         stop,
         renderer: render::Renderer::start(16),
+        products_view: Arc::new(tokio::sync::Mutex::new(None)),
     };
     Router::new()
         .route("/", get(|| async { Redirect::to("/console") }))
@@ -92,8 +96,21 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "max-age=300")], body).into_response()
 }
 
+/// A page: never cached, never framed by another site (no clickjacking of the buttons), and
+/// loading nothing but the console's own assets and pictures.
 fn html(page: String) -> Response {
-    ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response()
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+            ),
+        ],
+        Html(page),
+    )
+        .into_response()
 }
 
 fn states(health: &kensa_telemetry::Health) -> BTreeMap<String, (String, String)> {
@@ -197,17 +214,44 @@ async fn picture(State(c): State<Ctx>, Query(q): Query<ShotQuery>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "the console is drawing other pictures\n")
                 .into_response()
         }
-        Ok(Err(render::Refused::Stopped)) => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+        Ok(Err(render::Refused::Failed)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "this picture cannot be drawn (see the log)\n").into_response()
+        }
+        Ok(Err(render::Refused::Stopped)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "the console's picture thread has stopped (see the log)\n")
+                .into_response()
+        }
     }
 }
 
 async fn products_page(State(c): State<Ctx>) -> Response {
+    // One reader at a time; the others wait for its result.
+    let mut cached = c.products_view.lock().await;
     let list = c.products.clone();
-    let views = tokio::task::spawn_blocking(move || list.iter().map(product_view).collect::<Vec<_>>()).await;
-    match views {
-        Ok(v) => html(pages::products(&v)),
+    let stamps = tokio::task::spawn_blocking(move || list.iter().flat_map(stamps_of).collect::<Vec<_>>()).await;
+    let Ok(stamps) = stamps else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "cannot read the bank files\n").into_response();
+    };
+    if let Some((at, views)) = cached.as_ref() {
+        if *at == stamps {
+            return html(pages::products(views));
+        }
+    }
+    let list = c.products.clone();
+    match tokio::task::spawn_blocking(move || list.iter().map(product_view).collect::<Vec<_>>()).await {
+        Ok(v) => {
+            let v = Arc::new(v);
+            *cached = Some((stamps, v.clone()));
+            html(pages::products(&v))
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// When a product's bank file and its versions folder last changed (None: absent).
+fn stamps_of(p: &Products) -> [Option<std::time::SystemTime>; 2] {
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    [modified(&p.bank), modified(&kensa_model::versions::dir_of(&p.bank))]
 }
 
 /// A product's bank metadata and versions, read from its file now (a missing or unreadable

@@ -101,6 +101,28 @@ pub struct Question {
     pub history: Vec<Exchange>,
 }
 
+impl Question {
+    /// Longest question or earlier answer, in characters, and most earlier turns.
+    pub const MAX_CHARS: usize = 500;
+    pub const MAX_HISTORY: usize = 6;
+
+    /// What is wrong with it, if anything (a bounded prompt: the model's time and memory grow
+    /// with it).
+    pub fn problem(&self) -> Option<String> {
+        let long = |t: &str| t.chars().count() > Self::MAX_CHARS;
+        if self.question.trim().is_empty() || long(&self.question) {
+            return Some(format!("a question of 1 to {} characters", Self::MAX_CHARS));
+        }
+        if self.history.len() > Self::MAX_HISTORY {
+            return Some(format!("at most {} earlier turns in history", Self::MAX_HISTORY));
+        }
+        self.history
+            .iter()
+            .any(|e| long(&e.question) || long(&e.answer))
+            .then(|| format!("history: each question and answer at most {} characters", Self::MAX_CHARS))
+    }
+}
+
 /// One earlier question and its answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exchange {

@@ -145,7 +145,13 @@ pub async fn run(
     let board =
         cfg.console.enabled.then(|| kensa_console::Board::new(cfg.cameras.iter().map(|c| c.id.as_str()), &cfg.console));
     let lm_budget = verdict::Budget::new(cfg.judges.budget_per_s);
-    let ask = asking::start(&cfg, board.as_ref(), lm_budget.clone())?;
+    // The chat model loads off the runtime (reading and dequantizing a GGUF takes seconds).
+    let ask = {
+        let (c, b, budget) = (cfg.clone(), board.clone(), lm_budget.clone());
+        tokio::task::spawn_blocking(move || asking::start(&c, b.as_ref(), budget))
+            .await
+            .map_err(|e| DaemonError::Stage { stage: "ask", msg: e.to_string() })??
+    };
     let actions = (feedback.is_some() || ask.is_some()).then(|| kensa_telemetry::Actions {
         feedback: feedback.clone(),
         ask: ask.clone(),
@@ -341,7 +347,8 @@ pub async fn run(
     };
     token.cancel();
     while background.join_next().await.is_some() {}
-    let _ = http.await;
+    // The listener waits for requests in flight (a question, a picture): not beyond a few seconds.
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
     if let Some(e) = failure {
         return Err(e);

@@ -76,11 +76,14 @@ impl Facts {
     }
 
     /// The cells that hold a region.
+    /// The cells that hold a region, and those the verdict names (the language-model judge
+    /// may name a place where the map found no region).
     pub fn cells(&self) -> Vec<Cell> {
         let mut c: Vec<Cell> = Vec::new();
-        for r in &self.regions {
-            if !c.contains(&r.cell) {
-                c.push(r.cell);
+        let named = kensa_core::grid::parse_answer(&self.verdict).unwrap_or_default();
+        for cell in self.regions.iter().map(|r| r.cell).chain(named) {
+            if !c.contains(&cell) {
+                c.push(cell);
             }
         }
         c
@@ -132,7 +135,10 @@ impl Facts {
                 r.area_pct,
                 r.peak_ratio
             ),
-            _ => format!("{} Its score {:.3} is below the decision level {:.3}.", self.verdict, self.score, self.decision),
+            _ if self.score < self.decision => {
+                format!("{} Its score {:.3} is below the decision level {:.3}.", self.verdict, self.score, self.decision)
+            }
+            _ => self.verdict.clone(),
         }
     }
 }
@@ -188,7 +194,9 @@ fn words(s: &str) -> Vec<String> {
 pub fn classify(question: &str) -> Asks {
     let w = words(question);
     let Some(first) = w.first() else { return Asks::Other };
-    if !AUX.contains(&first.as_str()) {
+    // A negated question ("Is it not defective?", "Isn't it fine?") is left to the model.
+    let negated = w.iter().any(|x| x == "not" || x == "never") || question.to_lowercase().contains("n't");
+    if !AUX.contains(&first.as_str()) || negated {
         return Asks::Other;
     }
     let has = |list: &[&str]| w.iter().any(|x| list.iter().any(|k| x.starts_with(k)));
@@ -269,8 +277,8 @@ const CLAIMS_DEFECT: [&str; 16] = [
 
 /// Why an answer contradicts the facts, if it does.
 pub fn contradiction(facts: &Facts, answer: &str) -> Option<String> {
-    let a = words(answer).join(" ");
-    let says = |list: &[&str]| list.iter().find(|p| a.contains(*p)).map(|p| (*p).to_string());
+    let a = format!(" {} ", words(answer).join(" "));
+    let says = |list: &[&str]| list.iter().find(|p| a.contains(&format!(" {p} "))).map(|p| (*p).to_string());
     if facts.anomalous {
         if let Some(p) = says(&DENIES_DEFECT) {
             return Some(format!("says `{p}` of an anomalous part"));
@@ -282,6 +290,9 @@ pub fn contradiction(facts: &Facts, answer: &str) -> Option<String> {
     let wrong: Vec<&str> = cells_named(answer).into_iter().filter(|c| !cells.contains(c)).map(Cell::name).collect();
     (!wrong.is_empty()).then(|| format!("names {} where no region is", wrong.join(", ")))
 }
+
+/// The longest prompt an answer starts from (facts, turns and question), in tokens.
+pub const MAX_PROMPT_TOKENS: usize = 1024;
 
 /// An instruction model that answers questions about frames.
 pub struct Asker {
@@ -305,28 +316,30 @@ impl Asker {
     /// Answers `question` after the earlier `turns` (the verdict first, when given).
     pub fn ask(&self, facts: &Facts, turns: &[Turn], question: &str) -> Result<Turn> {
         let question = question.trim();
-        if question.is_empty() || question.len() > 500 {
+        if question.is_empty() || question.chars().count() > 500 {
             return Err(LmError::Decode("a question of 1 to 500 characters".into()));
         }
         let t0 = Instant::now();
-        let mut messages = vec![crate::bpe::Message::new("system", &facts.prompt())];
-        for t in turns.iter().rev().take(6).rev() {
-            messages.push(crate::bpe::Message::new("user", &t.question));
-            messages.push(crate::bpe::Message::new("assistant", &t.answer));
-        }
-        messages.push(crate::bpe::Message::new("user", question));
-        let mut prompt = self.chat.tokenizer.encode_chat(&messages, true)?;
-        // A yes/no question about the part's state starts with the verdict's word.
-        let lead = match classify(question) {
-            Asks::State { normal } => {
-                if facts.anomalous != normal {
-                    "Yes,"
-                } else {
-                    "No,"
-                }
+        // The facts, the last turns (fewer while the prompt is over its bound) and the question.
+        let mut keep = turns.len().min(6);
+        let mut prompt = loop {
+            let mut messages = vec![crate::bpe::Message::new("system", &facts.prompt())];
+            for t in &turns[turns.len() - keep..] {
+                messages.push(crate::bpe::Message::new("user", &t.question));
+                messages.push(crate::bpe::Message::new("assistant", &t.answer));
             }
-            Asks::Other => "",
+            messages.push(crate::bpe::Message::new("user", question));
+            let ids = self.chat.tokenizer.encode_chat(&messages, true)?;
+            if ids.len() <= MAX_PROMPT_TOKENS || keep == 0 {
+                break ids;
+            }
+            keep -= 1;
         };
+        if prompt.len() > MAX_PROMPT_TOKENS {
+            return Err(LmError::Decode(format!("the prompt is {} tokens, over {MAX_PROMPT_TOKENS}", prompt.len())));
+        }
+        // A yes/no question about the part's state starts with the verdict's word.
+        let lead = lead(facts, question);
         prompt.extend(self.chat.tokenizer.encode(lead)?);
         let out = self.chat.generate(&prompt, self.max_new_tokens)?;
         let ids: &[i64] = match out.last() {
@@ -350,6 +363,24 @@ impl Asker {
             tokens: out.len(),
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// The first word of the answer, when the verdict gives it: a yes/no question about the part's
+/// state; one that asks about a place is "No," where no region is there.
+fn lead(facts: &Facts, question: &str) -> &'static str {
+    match classify(question) {
+        Asks::State { normal } => {
+            let places = cells_named(question);
+            let there = places.is_empty() || places.iter().any(|c| facts.cells().contains(c));
+            let defect_there = facts.anomalous && there;
+            if defect_there != normal {
+                "Yes,"
+            } else {
+                "No,"
+            }
+        }
+        Asks::Other => "",
     }
 }
 
@@ -408,6 +439,9 @@ mod tests {
         assert_eq!(classify("Where is it?"), Asks::Other);
         assert_eq!(classify("What kind of defect could it be?"), Asks::Other, "not a yes/no question");
         assert_eq!(classify("Is it large?"), Asks::Other);
+        assert_eq!(classify("Is it not defective?"), Asks::Other, "negated: left to the model");
+        assert_eq!(classify("Isn't it fine?"), Asks::Other);
+        assert_eq!(classify("Is a defect present?"), Asks::State { normal: false });
     }
 
     #[test]
@@ -435,6 +469,12 @@ mod tests {
         assert!(good.summary().starts_with("No, there is no anomaly"));
         assert!(bad.summary().contains("top left") && bad.summary().contains("50 x 30 pixels"));
         assert_eq!(with_lead("No,", &good.summary()).matches("No,").count(), 1);
+        assert!(contradiction(&good, "This goodness is plain.").is_none(), "words, not parts of words");
+        assert_eq!(lead(&bad, "Is there a defect at the top left?"), "Yes,");
+        assert_eq!(lead(&bad, "Is there a defect at the bottom right?"), "No,", "no region there");
+        assert_eq!(lead(&bad, "Is the part fine?"), "No,");
+        assert_eq!(lead(&good, "Is there a scratch?"), "No,");
+        assert_eq!(lead(&good, "Where is it?"), "");
     }
 
     #[test]

@@ -238,6 +238,21 @@ impl ActionGate {
                 "send the body as Content-Type: application/json".into(),
             ));
         }
+        // On a localhost listener without a token, a page whose name was rebound to 127.0.0.1
+        // would be same-origin: the request must name a local host, and a browser's Origin
+        // must be that host.
+        if self.loopback && self.actions.token.is_none() {
+            let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            if !local_host(host) {
+                return Some((StatusCode::FORBIDDEN, format!("host `{host}` is not this machine's loopback name")));
+            }
+            if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+                let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
+                if origin_host != host {
+                    return Some((StatusCode::FORBIDDEN, format!("origin `{origin}` is not this listener")));
+                }
+            }
+        }
         self.refuse(headers)
     }
 
@@ -275,6 +290,16 @@ impl ActionGate {
         b.0 -= 1.0;
         None
     }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn local_host(host: &str) -> bool {
+    let name = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -355,12 +380,18 @@ async fn ask(
         Ok(q) => q,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("expected {{\"question\", \"history\"?}}: {e}")),
     };
-    if q.question.trim().is_empty() || q.question.len() > 500 {
-        return json_error(StatusCode::BAD_REQUEST, "a question of 1 to 500 characters");
+    if let Some(problem) = q.problem() {
+        return json_error(StatusCode::BAD_REQUEST, &problem);
     }
     let (reply, rx) = tokio::sync::oneshot::channel();
-    if tx.try_send((event_id.to_string(), q, reply)).is_err() {
-        return json_error(StatusCode::TOO_MANY_REQUESTS, "questions are queued already: ask again shortly");
+    match tx.try_send((event_id.to_string(), q, reply)) {
+        Ok(()) => {}
+        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+            return json_error(StatusCode::TOO_MANY_REQUESTS, "questions are queued already: ask again shortly")
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+            return json_error(StatusCode::SERVICE_UNAVAILABLE, "the asker has stopped (see the log)")
+        }
     }
     let Ok(Ok(result)) = tokio::time::timeout(Duration::from_secs(120), rx).await else {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "no answer within 120 s");
@@ -479,4 +510,19 @@ pub async fn serve(
         }
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_host;
+
+    #[test]
+    fn only_loopback_names_are_local() {
+        for h in ["localhost:9898", "127.0.0.1:9898", "127.0.0.1", "[::1]:9898", "LOCALHOST"] {
+            assert!(local_host(h), "{h}");
+        }
+        for h in ["evil.example:9898", "10.0.0.5:9898", "", "localhost.evil.example"] {
+            assert!(!local_host(h), "{h}");
+        }
+    }
 }
