@@ -172,6 +172,8 @@ function retryPictures() {
 // The token, once given in this tab, fills the page's token field.
 const tokenField = document.getElementById("token");
 if (tokenField) tokenField.value = sessionStorage.getItem("kensa.token") || "";
+// The gallery's filters apply as soon as one is chosen.
+document.querySelectorAll("form.filter select").forEach((sel) => sel.addEventListener("change", () => sel.form.submit()));
 localTimes(document);
 retryPictures();
 if (document.body.dataset.view === "Live") followLive();

@@ -164,7 +164,7 @@ pub struct Filter<'a> {
 
 fn select(name: &str, all: &[String], chosen: Option<&str>) -> String {
     let mut s = format!(
-        "<label>{name} <select name=\"{name}\" onchange=\"this.form.submit()\"><option value=\"\">all</option>"
+        "<label>{name} <select name=\"{name}\"><option value=\"\">all</option>"
     );
     for v in all {
         let sel = if Some(v.as_str()) == chosen { " selected" } else { "" };
