@@ -163,9 +163,7 @@ pub struct Filter<'a> {
 }
 
 fn select(name: &str, all: &[String], chosen: Option<&str>) -> String {
-    let mut s = format!(
-        "<label>{name} <select name=\"{name}\"><option value=\"\">all</option>"
-    );
+    let mut s = format!("<label>{name} <select name=\"{name}\"><option value=\"\">all</option>");
     for v in all {
         let sel = if Some(v.as_str()) == chosen { " selected" } else { "" };
         let _ = write!(s, "<option value=\"{0}\"{sel}>{0}</option>", esc(v));
