@@ -6,7 +6,8 @@
 //!     KENSA_PERF=kernels,baseline scripts/bench.sh   # some sections only
 //!
 //! Environment: KENSA_PERF (sections: kernels, baseline, pipeline, console: the operator
-//! console's cost, off vs one viewer; KENSA_PERF_CONSOLE_CAMERAS, KENSA_PERF_ROUNDS), KENSA_PERF_DEVICE (cpu or
+//! console's cost, off vs one viewer; learning: learn off vs auto at capacity;
+//! KENSA_PERF_CONSOLE_CAMERAS, KENSA_PERF_ROUNDS), KENSA_PERF_DEVICE (cpu or
 //! cuda; default cpu), KENSA_PERF_SECONDS (measuring window per pipeline phase, 20),
 //! KENSA_PERF_CAMERAS (camera counts, "1,4,16"), KENSA_PERF_MODEL_THREADS (model.threads, 0),
 //! KENSA_PERF_MODERATE_BATCH (batch.max_size of the moderate and triggered phases; 0, the
@@ -15,7 +16,7 @@
 //! KENSA_BACKBONE_BF16 (adds a bf16 row to the baseline table when the file exists).
 //! Images: ../shared/data/mvtec-bottle when present, synthetic discs otherwise.
 
-use kensa_core::config::{FullPolicy, SourceConfig};
+use kensa_core::config::{FullPolicy, LearnMode, SourceConfig};
 use kensa_model::backbone::{images_to_batch, Backbone};
 use kensa_model::bank::Bank;
 use kensa_model::engine::{to_map, Engine};
@@ -421,8 +422,20 @@ fn view_console(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool
 /// One daemon run. `spread`: cameras free-running, first frames spread evenly over a period;
 /// otherwise all in step (a common hardware trigger).
 fn run_phase(cams: usize, fps: f64, policy: FullPolicy, batch: usize, spread: bool, bank: &Path, secs: f64) -> Phase {
+    run_phase_with(cams, (fps, policy, batch, spread), bank, secs, LearnMode::Off)
+}
+
+/// [`run_phase`] with the product's learning mode.
+fn run_phase_with(
+    cams: usize,
+    (fps, policy, batch, spread): (f64, FullPolicy, usize, bool),
+    bank: &Path,
+    secs: f64,
+    learn: LearnMode,
+) -> Phase {
     let (broker, dir, _, topic, metrics_addr) = own_broker_rig("perf");
     let mut c = base_config(bank, &topic, &broker.addr(), &metrics_addr);
+    c.products.get_mut("disc").expect("product disc").learn = learn;
     c.model.device = env_str("KENSA_PERF_DEVICE", "cpu").parse().unwrap_or_else(|e| panic!("KENSA_PERF_DEVICE: {e}"));
     c.model.threads =
         env_str("KENSA_PERF_MODEL_THREADS", "0").parse().unwrap_or_else(|e| panic!("KENSA_PERF_MODEL_THREADS: {e}"));
@@ -649,6 +662,29 @@ fn console_cost(bank: &Path) {
     println!("console cost at one viewer: 1 - {b:.2} / {a:.2} fps = {:.1} % (target < 2 %)", 100.0 * (1.0 - b / a));
 }
 
+/// Learning's cost: capacity (block policy, batch 8) with `learn = "off"` and `"auto"` (every
+/// frame held, confident normals joining the bank within `[learn]`'s bounds), alternated.
+fn learning_cost(bank: &Path) {
+    let secs: f64 = env_str("KENSA_PERF_SECONDS", "20").parse().unwrap_or(20.0);
+    let cams: usize = env_str("KENSA_PERF_CONSOLE_CAMERAS", "4").parse().unwrap_or(4);
+    let rounds: usize = env_str("KENSA_PERF_ROUNDS", "2").parse().unwrap_or(2);
+    println!("\n== learning: capacity of {cams} synthetic cameras (block policy, batch 8, {secs} s per run), learn off vs auto, {rounds} rounds");
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        for (learn, out) in [(LearnMode::Off, &mut off), (LearnMode::Auto, &mut on)] {
+            let p = run_phase_with(cams, (0.0, FullPolicy::Block, 8, false), bank, secs, learn);
+            println!(
+                "round {r} {learn:<5?} {:>7.2} fps  kensa_cpu_ms/frame {:>6.2}  rss {:>5.0} MiB",
+                p.fps, p.kensa_cpu_ms, p.rss_peak_mib
+            );
+            out.push(p.fps);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (a, b) = (mean(&off), mean(&on));
+    println!("learning's cost: 1 - {b:.2} / {a:.2} fps = {:.1} % (target < 10 %)", 100.0 * (1.0 - b / a));
+}
+
 fn main() {
     // The same allocator settings as the kensa binary, so the kernel numbers match it.
     kensa_model::tune_allocator();
@@ -675,6 +711,10 @@ fn main() {
         let bank = synthetic_bank_of(tmp.path(), "disc", 16);
         let (model_b1_ms, model_b8) = model_step(&tmp.path().join("refs/train/good"), &bank, device);
         pipeline(model_b1_ms, model_b8, &bank);
+    }
+    if sections.contains("learning") {
+        let tmp = TempDir::new("perf-learning");
+        learning_cost(&synthetic_bank_of(tmp.path(), "disc", 16));
     }
     if sections.contains("console") {
         let tmp = TempDir::new("perf-console");
