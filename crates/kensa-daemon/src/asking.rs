@@ -74,10 +74,7 @@ fn answer(
             verdict: facts.verdict,
             question: t.question,
             answer: t.answer,
-            source: serde_json::to_value(t.source)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            source: t.source.as_str().to_string(),
             tokens: t.tokens,
             seconds: t.seconds,
         },

@@ -165,31 +165,11 @@ impl VerdictStage {
             stages: &stages,
         };
         let event = event::build(&origin, judgement);
+        let captured_at = f.captured_at;
         if let Some(board) = &self.console {
-            let said: Vec<kensa_console::Said> = verdicts.iter().map(|v| kensa_console::Said::from(*v)).collect();
-            let cells = decided.locations.iter().map(|c| c.name().to_string()).collect();
-            let decided_regions = decided.regions.clone();
-            let (captured_at, capture_ms) = (f.captured_at, event.capture_time_unix_nanos / 1_000_000);
-            let (decided, level) = (kensa_console::Said::from(decided), bank.calibration.pixel_threshold);
-            let ScoredFrame { frame, map, .. } = s;
-            let (regions, decision) = (decided_regions, bank.calibration.image_threshold);
-            if let Some(img) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) {
-                let mut shot = kensa_console::Shot::new(
-                    event.event_id.clone(),
-                    (frame.camera.to_string(), product.to_string()),
-                    (frame.seq, event.part_id.clone(), capture_ms),
-                    img,
-                    (map, level),
-                    (decided, said),
-                    cells,
-                    event.bank_version.clone(),
-                );
-                (shot.regions, shot.decision) = (regions, decision);
-                board.push(shot);
-            }
-            return Scored { event, captured_at };
+            hold_for_console(board, &event, (product, bank), (decided, &verdicts), s);
         }
-        Scored { event, captured_at: f.captured_at }
+        Scored { event, captured_at }
     }
 
     /// The language-model judge's verdict on a frame, when the mode, the frame and the budget
@@ -228,6 +208,30 @@ impl VerdictStage {
             }
         }
     }
+}
+
+/// Hands a judged frame to the operator console: its pixels and map are moved, not copied.
+fn hold_for_console(
+    board: &kensa_console::Board,
+    event: &kensa_publish::InspectionEvent,
+    (product, bank): (&str, &BankView),
+    (decided, verdicts): (&Verdict, &[&Verdict]),
+    s: ScoredFrame,
+) {
+    let ScoredFrame { frame, map, .. } = s;
+    let Some(img) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) else { return };
+    let mut shot = kensa_console::Shot::new(
+        event.event_id.clone(),
+        (frame.camera.to_string(), product.to_string()),
+        (frame.seq, event.part_id.clone(), event.capture_time_unix_nanos / 1_000_000),
+        img,
+        (map, bank.calibration.pixel_threshold),
+        (kensa_console::Said::from(decided), verdicts.iter().map(|v| kensa_console::Said::from(*v)).collect()),
+        decided.locations.iter().map(|c| c.name().to_string()).collect(),
+        event.bank_version.clone(),
+    );
+    (shot.regions, shot.decision) = (decided.regions.clone(), bank.calibration.image_threshold);
+    board.push(shot);
 }
 
 /// The language model's budget (`judges.budget_per_s`): one token bucket that the judge's

@@ -155,6 +155,16 @@ pub enum Source {
     Facts,
 }
 
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Verdict => "verdict",
+            Source::Model => "model",
+            Source::Facts => "facts",
+        }
+    }
+}
+
 /// One question and its answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Turn {
