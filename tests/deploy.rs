@@ -302,6 +302,13 @@ fn compose_and_image_healthchecks_use_kensa_healthcheck() {
 }
 
 #[test]
+fn the_image_runtime_has_the_kerberos_plugin_for_sasl_gssapi() {
+    let dockerfile = read("deploy/Dockerfile");
+    let runtime = dockerfile.rsplit_once("FROM runtime-").expect("no final runtime stage").1;
+    assert!(runtime.contains("libsasl2-modules-gssapi-mit"), "GSSAPI needs cyrus-sasl's Kerberos plugin at run time");
+}
+
+#[test]
 fn prometheus_scrapes_kensa_and_loads_the_mounted_rules() {
     let compose = compose();
     let prom = yaml("deploy/prometheus/prometheus.yml");
@@ -464,6 +471,43 @@ fn k8s_statefulset_gives_each_replica_its_own_config_and_cameras() {
         for (vol, path) in container_mounts(main) {
             if c.outbox.dir.starts_with(&path) {
                 assert!(templates.contains(&vol.as_str()), "{key}: outbox on {vol}, not a per-replica volume");
+            }
+        }
+    }
+}
+
+/// The `job` label prometheus-operator gives the targets of `monitor` found through `service`:
+/// the value of the Service's label named by `jobLabel`, or else the Service's name.
+fn operator_job(monitor: &Value, service: &Value) -> String {
+    let from_label = monitor["spec"]["jobLabel"]
+        .as_str()
+        .and_then(|l| service["metadata"]["labels"][l].as_str())
+        .filter(|v| !v.is_empty());
+    from_label.or(service["metadata"]["name"].as_str()).unwrap().to_string()
+}
+
+#[test]
+fn every_service_monitor_yields_job_kensa_as_the_alert_rules_expect() {
+    let rules = read("deploy/prometheus/alerts.yml");
+    assert!(rules.contains(r#"up{job="kensa"}"#), "KensaDown no longer looks for job=\"kensa\"");
+    for path in ["deploy/k8s/kensa.yaml", "deploy/k8s/kensa-statefulset.yaml"] {
+        let docs = yaml_docs(path);
+        let monitors = of_kind(&docs, "ServiceMonitor");
+        assert!(!monitors.is_empty(), "{path}: no ServiceMonitor");
+        for m in monitors {
+            let wanted = m["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels");
+            let selected: Vec<&Value> = of_kind(&docs, "Service")
+                .into_iter()
+                .filter(|s| wanted.iter().all(|(k, v)| &s["metadata"]["labels"][k] == v))
+                .collect();
+            assert!(!selected.is_empty(), "{path}: the ServiceMonitor selects no Service");
+            for svc in selected {
+                let job = operator_job(m, svc);
+                assert_eq!(job, "kensa", "{path}: Service {} is scraped as job={job:?}", svc["metadata"]["name"]);
+                let ports: Vec<&Value> = array(&svc["spec"]["ports"]).iter().map(|p| &p["name"]).collect();
+                for e in array(&m["spec"]["endpoints"]) {
+                    assert!(ports.contains(&&e["port"]), "{path}: endpoint port {} not on the Service", e["port"]);
+                }
             }
         }
     }
