@@ -59,10 +59,18 @@ if [ -f "$backbone" ]; then
 fi
 rm -rf "$prefix/share/kensa/pipelines"
 cp -r pipelines "$prefix/share/kensa/pipelines"
-cp config/kensa.example.toml "$prefix/share/kensa/kensa.example.toml"
-sed -e "s#/opt/kensa/bin/kensa#$prefix/bin/kensa#g" \
-    -e "s#KENSA_BACKBONE=/opt/kensa/models/#KENSA_BACKBONE=$prefix/share/kensa/models/#g" \
-    deploy/systemd/kensa.service > "$prefix/share/kensa/kensa.service"
+# The example for /etc/kensa/kensa.toml: the unit's file system is read-only but for its
+# StateDirectory, /var/lib/kensa, so the outbox and the banks (learning writes versions beside
+# them) go there, not beside the config (relative paths resolve against the config's folder).
+sed -e 's#^dir = "kensa-outbox"#dir = "/var/lib/kensa/outbox"#' \
+    -e 's#^bank = "banks/#bank = "/var/lib/kensa/banks/#' \
+    config/kensa.example.toml > "$prefix/share/kensa/kensa.example.toml"
+grep -q '^dir = "/var/lib/kensa/outbox"' "$prefix/share/kensa/kensa.example.toml" \
+  || { echo "install.sh: config/kensa.example.toml has no outbox dir to place under /var/lib/kensa" >&2; exit 1; }
+# Every /opt/kensa/ path of the unit (ExecStart, KENSA_BACKBONE) moves to the prefix.
+sed -e "s#/opt/kensa/#${prefix%/}/#g" deploy/systemd/kensa.service > "$prefix/share/kensa/kensa.service"
 chmod -R a+rX "$prefix"
 echo "installed kensa $("$prefix/bin/kensa" --version | awk '{print $2}') into $prefix ($n libraries from $(echo $dirs | wc -w) folders, $mode)"
-echo "next: useradd --system kensa; cp $prefix/share/kensa/kensa.service /etc/systemd/system/; systemctl enable --now kensa"
+echo "next: useradd --system kensa; install -Dm644 $prefix/share/kensa/kensa.example.toml /etc/kensa/kensa.toml and edit it"
+echo "      (keep [outbox] dir = \"/var/lib/kensa/outbox\", and publish.store_dir and banks under /var/lib/kensa:"
+echo "      the unit can write nowhere else); cp $prefix/share/kensa/kensa.service /etc/systemd/system/; systemctl enable --now kensa"

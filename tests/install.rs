@@ -1,6 +1,8 @@
 //! `scripts/install.sh --prefix DIR` (issue #20): the installed binary runs for another user,
 //! with a clean environment (no LD_LIBRARY_PATH, no access to the builder's cache), finding
-//! libtorch beside it: it enrolls a bank and scores an image with the installed backbone.
+//! libtorch beside it: it enrolls a bank with the installed backbone. The installed systemd
+//! unit names the prefix everywhere, and the installed example config keeps its state (outbox,
+//! banks) under the unit's StateDirectory, /var/lib/kensa.
 
 use kensa_tests::*;
 use std::process::Command;
@@ -35,6 +37,16 @@ fn the_installed_binary_runs_as_another_user_with_its_own_libraries() {
     }
     let unit = std::fs::read_to_string(prefix.join("share/kensa/kensa.service")).unwrap();
     assert!(unit.contains(&format!("ExecStart={}/bin/kensa run", prefix.display())), "{unit}");
+    let backbone = format!("KENSA_BACKBONE={}/share/kensa/models/efficientnet-lite0.pt", prefix.display());
+    assert!(unit.lines().any(|l| l == format!("Environment={backbone}")), "{unit}");
+    assert!(!unit.contains("/opt/kensa/"), "a path of the unit still points at /opt/kensa: {unit}");
+    assert!(unit.contains("StateDirectory=kensa") && unit.contains("ProtectSystem=strict"), "{unit}");
+    // The example config, as installed, writes only under the unit's StateDirectory.
+    let example = prefix.join("share/kensa/kensa.example.toml");
+    let c = kensa_core::config::KensaConfig::from_toml_str(&std::fs::read_to_string(&example).unwrap()).unwrap();
+    assert_eq!(c.outbox.dir, std::path::Path::new("/var/lib/kensa/outbox"));
+    assert!(c.products.values().all(|p| p.bank.starts_with("/var/lib/kensa/")), "{:?}", c.products);
+    assert!(said.contains("/var/lib/kensa/outbox"), "the next steps name the outbox: {said}");
     run_cmd(&["chmod", "-R", "a+rwX", work.to_str().unwrap()]);
     for d in [root.to_path_buf(), root.parent().unwrap().to_path_buf()] {
         run_cmd(&["chmod", "a+rx", d.to_str().unwrap()]);
