@@ -143,3 +143,39 @@ fn cli_errors_are_json_with_log_format_json_and_the_default_config_path_is_named
     assert!(help.contains("[possible values: auto, cpu, cuda]"), "{help}");
     assert!(help.contains("[possible values: auto, fp32, fp16, bf16]"), "{help}");
 }
+
+#[test]
+fn kensa_config_names_the_file_that_check_and_run_read() {
+    let dir = TempDir::new("kensa-config-env");
+    let bank = dir.path().join("banks/missing.kbank");
+    let mut c = base_config(&bank, "env", "127.0.0.1:1", &local_addr());
+    c.cameras.push(synthetic_camera("cam", 1, 3, 0.0, 0.2));
+    let good = write_config(dir.path(), &c);
+    let text = std::fs::read_to_string(&good).unwrap();
+    let with_env = |args: &[&str], file: &std::path::Path| {
+        let out = std::process::Command::new(kensa_bin()).args(args).env("KENSA_CONFIG", file).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A valid file whose bank does not exist yet: read from KENSA_CONFIG, the bank reported.
+    let (code, err) = with_env(&["check"], &good);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("{}: ok", good.display())), "{err}");
+    assert!(err.contains(&format!("waiting for bank {}", bank.display())), "{err}");
+    // A bad key, and a camera naming a product the file does not have: errors naming the file.
+    let bad_key = dir.path().join("bad-key.toml");
+    std::fs::write(&bad_key, format!("no_such_key = 1\n{text}")).unwrap();
+    let bad_product = dir.path().join("bad-product.toml");
+    std::fs::write(&bad_product, text.replace(r#"product = "disc""#, r#"product = "gear""#)).unwrap();
+    assert_ne!(std::fs::read_to_string(&bad_product).unwrap(), text);
+    for (file, what) in [(&bad_key, "no_such_key"), (&bad_product, "gear")] {
+        for cmd in ["check", "run"] {
+            let (code, err) = with_env(&[cmd], file);
+            assert_eq!(code, Some(1), "kensa {cmd} with KENSA_CONFIG={}: {err}", file.display());
+            assert!(err.contains(&file.display().to_string()), "kensa {cmd}: the error names the file: {err}");
+            assert!(err.contains(what), "kensa {cmd}: the error names {what}: {err}");
+        }
+    }
+    // --config wins over KENSA_CONFIG.
+    let (code, err) = with_env(&["check", "--config", good.to_str().unwrap()], &bad_key);
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -741,7 +741,8 @@ pub struct GigeSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gain_db: Option<f64>,
     /// Hardware trigger source (`Line1`, `Software`, ...): TriggerMode=On with that source, so
-    /// a frame is taken per part; unset: free running (TriggerMode=Off).
+    /// a frame is taken per part; unset: Kensa sets no trigger feature, the camera's trigger
+    /// settings stay as they are (free running only if the camera is set so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
     /// More GenICam feature assignments, space separated (`BinningHorizontal=2`).
