@@ -124,9 +124,24 @@ fn liveness_readiness_follow_the_broker() {
         d.log_text()
     );
     assert_eq!(http_get(&metrics, "/livez").unwrap().0, 200);
+    // `kensa healthcheck` (the Docker HEALTHCHECK) agrees: exit 0 on 200, non-zero otherwise.
+    let healthcheck = |args: &[&str]| {
+        let out = kensa(&[&["healthcheck", "--addr"][..], args].concat());
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = healthcheck(&[&metrics]);
+    assert_eq!(code, Some(0), "/livez of a serving daemon: {err}");
+    assert_eq!(healthcheck(&[&metrics, "--path", "/readyz"]).0, Some(0));
+    let (code, err) = healthcheck(&[&local_addr()]);
+    assert_eq!(code, Some(1), "a dead port: {err}");
+    assert!(err.contains("/livez"), "the error names what it probed: {err}");
     broker.down();
     assert!(wait_for(Duration::from_secs(30), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 503)));
     assert_eq!(http_get(&metrics, "/livez").unwrap().0, 200, "alive while the broker is away");
+    let (code, err) = healthcheck(&[&metrics, "--path", "/readyz"]);
+    assert_eq!(code, Some(1), "/readyz while the broker is away: {err}");
+    assert!(err.contains("503"), "{err}");
+    assert_eq!(healthcheck(&[&metrics]).0, Some(0), "/livez while the broker is away");
     broker.up();
     assert!(wait_for(Duration::from_secs(30), || http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 200)));
     assert_eq!(d.terminate(Duration::from_secs(40)), Some(0), "{}", d.log_text());
