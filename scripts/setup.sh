@@ -24,7 +24,7 @@ PKGS=(pkg-config g++ cmake protobuf-compiler python3-venv curl
       libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
       gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-tools
       gstreamer1.0-plugins-ugly python3-gi gir1.2-gst-rtsp-server-1.0 aravis-tools
-      libcurl4-openssl-dev libsasl2-dev zlib1g-dev libssl-dev openssl stunnel4 prometheus
+      libcurl4-openssl-dev libsasl2-dev zlib1g-dev libssl-dev openssl stunnel4 socat prometheus
       chromium chromium-driver fonts-dejavu-core)
 missing=()
 for p in "${PKGS[@]}"; do

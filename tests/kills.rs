@@ -50,12 +50,19 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
     // Event ids found spooled and unacknowledged after each kill: each must arrive.
     let mut spooled_at_kill: BTreeSet<String> = BTreeSet::new();
     let mut torn = 0;
+    let (mut torn_planted, mut torn_counted) = (false, false);
     for k in 0..KILLS {
         let mut d = Daemon::start(&cfg, &[], &metrics);
         let running = wait_for(Duration::from_secs(90), || {
             metric(&d.scrape(), "kensa_outbox_appended_total", &[]).unwrap_or(0.0) >= 1.0
         });
         assert!(running, "run {k} never spooled anything\n{}", d.log_text());
+        if std::mem::take(&mut torn_planted) {
+            let m = d.scrape();
+            let n = metric(&m, "kensa_outbox_discarded_total", &[("reason", "torn_tail")]).unwrap_or(0.0);
+            assert!(n >= 1.0, "the planted torn record is truncated and counted at start\n{m}\n{}", d.log_text());
+            torn_counted = true;
+        }
         let paused = k % 2 == 0;
         if paused {
             signal(broker.child.id(), "STOP");
@@ -69,13 +76,33 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
             signal(broker.child.id(), "CONT");
         }
         // What the next start will find: the records on disk, read as Kensa reads them (a
-        // torn last record, a kill during an append, is truncated away: the segments shrink).
-        let before = segment_sizes(&spool);
-        let mut ob = Outbox::open(&spool, c.outbox.max_bytes).expect("the outbox opens after a kill");
+        // torn last record, a kill during an append, is truncated away: the segments shrink),
+        // from a copy, so the daemon's own recovery meets the folder exactly as the kill left it.
+        let copy = dir.path().join("spool-copy");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for e in std::fs::read_dir(&spool).unwrap().filter_map(Result::ok) {
+            if e.path().is_file() && e.file_name() != "lock" {
+                std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+            }
+        }
+        let before = segment_sizes(&copy);
+        let mut ob = Outbox::open(&copy, c.outbox.max_bytes).expect("the outbox opens after a kill");
         let pending = ob.take(usize::MAX, usize::MAX);
         drop(ob);
-        let after = segment_sizes(&spool);
+        let after = segment_sizes(&copy);
         torn += after.iter().filter(|(p, len)| before.get(*p).is_some_and(|b| b > *len)).count();
+        // Halfway through, a kill inside an append for certain: half a record after the last
+        // whole one of the newest segment. The next start must truncate it, count it and lose
+        // nothing else.
+        if k == KILLS / 2 {
+            let (seg, _) =
+                segment_sizes(&spool).into_iter().filter(|(_, len)| *len >= 64).max().expect("a segment with records");
+            let bytes = std::fs::read(&seg).unwrap();
+            let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+            std::io::Write::write_all(&mut f, &bytes[..bytes.len().min(64)]).unwrap();
+            torn_planted = true;
+        }
         eprintln!(
             "kill {k}: {} ms after the first append{}, {} events waiting in the outbox ({:?} to read them)",
             wait.as_millis(),
@@ -115,6 +142,7 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
             runs.entry(run).or_default().push(r.event.frame_seq);
         }
     }
+    assert!(torn_counted, "the run after the planted torn record checked it");
     assert_eq!(runs.len(), KILLS + 1, "{:?}", runs.keys().collect::<Vec<_>>());
     for (run, seqs) in &runs {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "run {run}: out of order: {seqs:?}");

@@ -607,22 +607,80 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 /// A tansu broker of this test's own on the memory engine (its state survives SIGSTOP/SIGCONT).
 pub struct MemoryBroker {
     pub child: std::process::Child,
+    /// Where clients reach it (its advertised address).
     pub addr: String,
+    /// Where it listens.
+    pub listen: String,
 }
 
 impl MemoryBroker {
     pub fn start() -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
-        let url = format!("tcp://{addr}");
+        Self::spawn(addr.clone(), addr)
+    }
+
+    /// Listens on a port of its own but advertises `port` (where a [`Forwarder`] to it
+    /// listens), so every client connection goes through the forwarder.
+    pub fn start_advertising(port: u16) -> Self {
+        Self::spawn(format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{port}"))
+    }
+
+    fn spawn(listen: String, addr: String) -> Self {
         let child = std::process::Command::new(Broker::tansu())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &format!("tcp://{listen}")])
+            .args(["--advertised-listener-url", &format!("tcp://{addr}")])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start tansu");
-        assert!(wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok()));
-        Self { child, addr }
+        assert!(wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(&listen).is_ok()));
+        Self { child, addr, listen }
+    }
+}
+
+/// A TCP forwarder (`socat`, in a process group of its own) from a local port to a broker:
+/// [`Forwarder::cut`] kills the group (every open connection is reset, new ones are refused:
+/// the network is cut), [`Forwarder::restore`] starts it again on the same port.
+pub struct Forwarder {
+    child: Option<Child>,
+    port: u16,
+    to: String,
+}
+
+impl Forwarder {
+    pub fn start(port: u16, to: &str) -> Self {
+        let mut f = Self { child: None, port, to: to.to_string() };
+        f.restore();
+        f
+    }
+
+    pub fn restore(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("socat")
+            .arg(format!("TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr", self.port))
+            .arg(format!("TCP:{}", self.to))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat (Debian package socat)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        assert!(wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok()), "socat listens");
+    }
+
+    pub fn cut(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", c.id())]).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cut();
     }
 }
 

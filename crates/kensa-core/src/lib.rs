@@ -4,6 +4,7 @@
 //! - [`config`]: the daemon's configuration (serde, `deny_unknown_fields`), layered loading
 //!   (defaults → file → `KENSA__SECTION__KEY` environment) and validation that reports every
 //!   problem at once.
+//! - [`fault`]: fault injection (`KENSA_FAULT`) for the tests of failing loudly.
 //! - [`feedback`]: operator feedback about a frame (label, event id) and what became of it.
 //! - [`frame`]: a captured frame and its identity.
 //! - [`map`]: anomaly maps.
@@ -17,6 +18,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod fault;
 pub mod feedback;
 pub mod frame;
 pub mod grid;

@@ -260,6 +260,7 @@ pub async fn run(
     let mut delivered = None;
     let mut batched = None;
     let mut judged = false;
+    let mut delivery_failed = false;
     // A stage that ended by failing (a panic, the model gone): nothing is inspected any more,
     // so the daemon stops, not ready, and returns it (a supervisor restarts it).
     let mut failure: Option<DaemonError> = None;
@@ -301,6 +302,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         failure = Some(stage_failed("delivery", &e));
+                        delivery_failed = true;
                         break;
                     }
                 }
@@ -333,6 +335,8 @@ pub async fn run(
         }
         let summary = match delivered {
             Some(s) => s,
+            // Ended by failing: its handle is spent (and what it spooled stays in the outbox).
+            None if delivery_failed => delivery::Summary::default(),
             None => delivery.await.unwrap_or_default(),
         };
         (failed, batched, summary)

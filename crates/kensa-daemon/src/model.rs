@@ -18,6 +18,11 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
+/// Batches in a row whose scoring failed (a libtorch error) before the model stage gives up:
+/// one odd batch is dropped and counted (`scoring_failed`), a model that fails every batch
+/// stops the daemon.
+pub const FAILED_BATCHES_TO_STOP: usize = 3;
+
 /// Frames of one product, to score with its bank.
 pub struct Group {
     pub product: Arc<str>,
@@ -193,10 +198,26 @@ pub async fn start(
             };
             let _ = ready_tx.send(Ok(info));
             let mut learning = Learning::new(&cfg, &run_id);
+            let mut failed_in_a_row = 0;
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Score { groups, reply } => {
-                        let _ = reply.send(score(&engine, &mut banks, &mut learning, groups));
+                        let out = score(&engine, &mut banks, &mut learning, groups);
+                        let failed = out
+                            .iter()
+                            .any(|g| matches!(g, GroupResult::Dropped { reason: DropReason::ScoringFailed, .. }));
+                        failed_in_a_row = if failed { failed_in_a_row + 1 } else { 0 };
+                        let _ = reply.send(out);
+                        if failed_in_a_row >= FAILED_BATCHES_TO_STOP {
+                            // A model that fails batch after batch inspects nothing: the thread
+                            // ends, so the batcher's next call fails and the daemon stops (not
+                            // ready, exit 1) for its supervisor to restart it.
+                            tracing::error!(
+                                batches = failed_in_a_row,
+                                "the model failed every batch in a row: stopping the model stage"
+                            );
+                            return;
+                        }
                     }
                     Command::SwapBank { product, bank, reply } => {
                         let stale = banks.get(&product).is_some_and(|cur| {
@@ -264,7 +285,13 @@ fn score(
                 g.frames.iter().map(|f| (f.data.as_slice(), f.width, f.height)).collect();
             let t = Instant::now();
             let side = g.judge_features.then_some(kensa_lm::judge::MAP_SIDE);
-            let scored = engine.score_with(&views, bank, side);
+            let scored = if kensa_core::fault::injected(kensa_core::fault::Point::ModelError) {
+                Err(kensa_model::ModelError::Torch(tch::TchError::Torch(
+                    "injected fault (KENSA_FAULT=model-error)".into(),
+                )))
+            } else {
+                engine.score_with(&views, bank, side)
+            };
             metrics::histogram!(m::SCORE_LATENCY).record(t.elapsed().as_secs_f64());
             match scored {
                 Ok(maps) => {

@@ -297,7 +297,14 @@ impl Bank {
 /// applied to what is read (not only to what the file system says).
 fn read_bounded(path: &Path, limit: u64) -> std::result::Result<Vec<u8>, String> {
     use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e} (make one with `kensa enroll`)"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without blocking: opening a FIFO for reading would otherwise wait for a writer
+    // forever (and with it the file watch or the control command that named it).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e} (make one with `kensa enroll`)"))?;
     let md = f.metadata().map_err(|e| format!("cannot read: {e}"))?;
     if !md.is_file() {
         return Err("not a regular file".into());

@@ -117,3 +117,23 @@ fn impossible_metadata_is_refused_before_use() {
         assert!(e.to_string().contains("impossible metadata"), "{what}: {e}");
     }
 }
+
+#[test]
+fn a_fifo_or_a_device_named_as_a_bank_is_refused_without_waiting() {
+    let p = std::env::temp_dir().join(format!("kensa-fifo-{}.kbank", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    let made = std::process::Command::new("mkfifo").arg(&p).status().expect("mkfifo");
+    assert!(made.success());
+    // Without a writer, a blocking open would never return: the load runs on a thread so a
+    // regression fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let q = p.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(Bank::load_unchecked(&q, tch::Device::Cpu).err().map(|e| e.to_string()));
+    });
+    let e = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the load returns at once");
+    let _ = std::fs::remove_file(&p);
+    assert!(e.as_deref().is_some_and(|e| e.contains("not a regular file")), "{e:?}");
+    let e = Bank::load_unchecked(std::path::Path::new("/dev/zero"), tch::Device::Cpu).err().expect("refused");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}

@@ -133,18 +133,41 @@ pub async fn run(
     shared.report(&shared.lock());
     let input_done = CancellationToken::new();
     let give_up = CancellationToken::new();
-    let sender = tokio::spawn(send(shared.clone(), publisher.clone(), input_done.clone(), give_up.clone()));
-    let dropped = spool(&shared, scored, &s, &stopping).await;
+    let mut sender = tokio::spawn(send(shared.clone(), publisher.clone(), input_done.clone(), give_up.clone()));
+    // The sender ends only once the input is done, so an earlier end is a panic: it is raised
+    // here, which ends this stage with it and so the daemon (not ready, exit 1), rather than
+    // spooling on while nothing is sent.
+    let spooling = spool(&shared, scored, &s, &stopping);
+    tokio::pin!(spooling);
+    let dropped = tokio::select! {
+        d = &mut spooling => d,
+        r = &mut sender => {
+            raise_panic(r);
+            unreachable!("the sender ended before its input")
+        }
+    };
     input_done.cancel();
-    let mut sender = sender;
-    if tokio::time::timeout(s.drain, &mut sender).await.is_err() {
-        give_up.cancel();
-        let _ = sender.await;
+    match tokio::time::timeout(s.drain, &mut sender).await {
+        Ok(r) => raise_panic(r),
+        Err(_) => {
+            give_up.cancel();
+            raise_panic(sender.await);
+        }
     }
     let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
     let ob = shared.lock();
     shared.report(&ob);
     Summary { dropped, remaining: ob.pending() }
+}
+
+/// Raises the sender's panic in the caller (its cancellation never happens: nothing aborts it).
+fn raise_panic(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r {
+        if e.is_panic() {
+            tracing::error!("the sender failed: {e}");
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 /// The spooler: every scored event into the outbox, in batches of what has arrived (up to 64),
@@ -267,6 +290,10 @@ async fn send(shared: Arc<Shared>, publisher: Publisher, input_done: Cancellatio
                     break;
                 }
                 for (id, rec) in taken {
+                    assert!(
+                        !kensa_core::fault::injected(kensa_core::fault::Point::SenderPanic),
+                        "injected fault (KENSA_FAULT=sender-panic)"
+                    );
                     let seq = next;
                     next += 1;
                     for topic in &rec.topics {
