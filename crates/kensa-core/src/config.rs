@@ -406,11 +406,15 @@ pub struct LearnConfig {
     pub min_spacing_s: u64,
     /// Bank versions kept beside each bank file.
     pub keep_versions: usize,
+    /// The decision follows the bank: when a reference joins or leaves, the decision is scaled
+    /// by how the held normal frames' scores change (docs/learning.md). Off: it stays where
+    /// enrollment put it.
+    pub follow: bool,
 }
 
 impl Default for LearnConfig {
     fn default() -> Self {
-        Self { hold: 64, max_learned: 32, max_auto: 16, min_spacing_s: 600, keep_versions: 20 }
+        Self { hold: 64, max_learned: 32, max_auto: 16, min_spacing_s: 600, keep_versions: 20, follow: true }
     }
 }
 

@@ -38,6 +38,7 @@ impl Learning {
             max_auto: l.max_auto,
             hold: l.hold,
             budget: Budget { max_learned: l.max_learned, ..Budget::default() },
+            follow: l.follow,
             ..Guards::default()
         };
         let products = cfg

@@ -70,6 +70,10 @@ pub struct EvalArgs {
     /// Seconds between stream frames, for the spacing guard of learning `auto` (`--stream`).
     #[arg(long, default_value_t = 60)]
     pub interval_s: u64,
+    /// Learning (`--stream`): keep the decision where enrollment put it as references join,
+    /// instead of letting it follow the bank (the daemon's `[learn] follow`, on by default).
+    #[arg(long)]
+    pub no_follow: bool,
     /// How each run's bank is built (as `kensa enroll`).
     #[command(flatten)]
     pub recipe: RecipeArgs,

@@ -119,7 +119,11 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
                     meta: bank.meta.clone(),
                     layers: bank.layers.iter().map(tch::Tensor::shallow_clone).collect(),
                 };
-                let mut s = Stream { engine: &engine, bank, learner: Learner::new(mode, Guards::default()) };
+                let mut s = Stream {
+                    engine: &engine,
+                    bank,
+                    learner: Learner::new(mode, Guards { follow: !a.no_follow, ..Guards::default() }),
+                };
                 let (mut scores, mut labels, mut preds, mut maps, mut masks) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for (i, f) in stream.iter().enumerate() {

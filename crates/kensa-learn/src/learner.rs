@@ -27,13 +27,20 @@ pub struct Guards {
     /// Frames held for answers (a ring: the oldest goes first).
     pub hold: usize,
     pub budget: Budget,
+    /// The decision follows the bank as references join or leave ([`Learner`]'s `follow`).
+    pub follow: bool,
 }
 
 impl Default for Guards {
     fn default() -> Self {
-        Self { normal_quantile: 0.5, min_spacing: 600, max_auto: 16, hold: 64, budget: Budget::default() }
+        Self { normal_quantile: 0.5, min_spacing: 600, max_auto: 16, hold: 64, budget: Budget::default(), follow: true }
     }
 }
+
+/// Held frames scored against both banks when the decision follows a change (the newest).
+pub const FOLLOW_FRAMES: usize = 8;
+/// Fewer held normal frames than this: the decision stays (too little to measure the change).
+pub const FOLLOW_MIN: usize = 4;
 
 /// A frame still held for an answer.
 struct Held {
@@ -135,7 +142,45 @@ impl Learner {
         self.last_auto = Some(tick);
         self.stats.added_auto += 1;
         tracing::info!(frame, score, "a confident normal frame joins the bank (learn = auto)");
-        Ok(Some(update::add_reference(engine, bank, frame, &image, Source::Auto, &self.guards.budget)?))
+        let added = update::add_reference(engine, bank, frame, &image, Source::Auto, &self.guards.budget)?;
+        Ok(Some(self.follow(engine, bank, added, frame)?))
+    }
+
+    /// The decision follows the bank. A reference that joins lowers every score, the normal
+    /// parts' most (the bank now explains them better): a decision left where fewer references
+    /// put it misses more and more defects as the bank grows. So, with
+    /// [`Guards::follow`], the held frames judged normal before the change (the newest
+    /// `FOLLOW_FRAMES`, the changed frame aside) are scored against both banks, and the
+    /// decision (with the populations it was fitted on, and the base later re-fits start from)
+    /// is scaled by the ratio of their median scores, new over old. A reference that leaves
+    /// raises it back the same way.
+    fn follow(&self, engine: &Engine, old: &Bank, new: Bank, changed: &str) -> Result<Bank> {
+        if !self.guards.follow {
+            return Ok(new);
+        }
+        let t = old.meta.calibration.image_threshold;
+        let probe: Vec<&Held> =
+            self.held.iter().rev().filter(|h| h.frame != changed && h.score < t).take(FOLLOW_FRAMES).collect();
+        if probe.len() < FOLLOW_MIN {
+            return Ok(new);
+        }
+        let views: Vec<(&[u8], u32, u32)> =
+            probe.iter().map(|h| (h.image.as_raw().as_slice(), h.image.width(), h.image.height())).collect();
+        let median = |bank: &Bank| -> Result<f32> {
+            let mut v: Vec<f32> = engine.score(&views, bank)?.iter().map(kensa_core::AnomalyMap::max).collect();
+            v.sort_by(f32::total_cmp);
+            Ok(v[v.len() / 2])
+        };
+        let (before, after) = (median(old)?, median(&new)?);
+        if before <= 0.0 || !after.is_finite() {
+            return Ok(new);
+        }
+        let ratio = (after / before).clamp(0.5, 2.0);
+        if (ratio - 1.0).abs() < 1e-3 {
+            return Ok(new);
+        }
+        tracing::info!(ratio, before, after, frames = probe.len(), "the decision follows the bank");
+        Ok(update::rescale(&new, &old.meta, ratio))
     }
 
     /// An operator's answer for `frame`. The last answer wins: `defect` after `normal` takes
@@ -169,6 +214,7 @@ impl Learner {
             Label::Normal => {
                 self.stats.added_operator += 1;
                 let added = update::add_reference(engine, bank, frame, &image, Source::Operator, &self.guards.budget)?;
+                let added = self.follow(engine, bank, added, frame)?;
                 let change = Change::Added { frame: frame.to_string(), source: Source::Operator };
                 update::with_observation(&added, &bank.meta, obs, change)
             }
@@ -177,6 +223,7 @@ impl Learner {
                 match update::remove_reference(bank, frame, "answered defect") {
                     Some(removed) => {
                         self.stats.removed += 1;
+                        let removed = self.follow(engine, bank, removed, frame)?;
                         let change = Change::Removed { frame: frame.to_string(), reason: "answered defect".into() };
                         update::with_observation(&removed, &bank.meta, obs, change)
                     }

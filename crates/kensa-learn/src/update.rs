@@ -176,6 +176,26 @@ pub fn refit(cal: &kensa_verdict::Calibration, lineage: &Lineage) -> kensa_verdi
     out
 }
 
+/// `bank` (made from `parent`) with its decision scaled by `ratio`: the image and pixel levels,
+/// the logistic's scale, the populations they were fitted on, and the base later re-fits start
+/// from ([`Lineage::enrolled_threshold`]); stamped again (the calibration is part of the version).
+pub fn rescale(bank: &Bank, parent: &BankMeta, ratio: f32) -> Bank {
+    let mut meta = bank.meta.clone();
+    let c = &mut meta.calibration;
+    c.image_threshold *= ratio;
+    c.pixel_threshold *= ratio;
+    c.logistic_scale *= ratio;
+    c.normal_scores.iter_mut().for_each(|v| *v *= ratio);
+    c.anomaly_scores.iter_mut().for_each(|v| *v *= ratio);
+    let mut lineage = meta.lineage.take().unwrap_or_else(|| initial_lineage(&bank.meta, &bank.layers));
+    lineage.enrolled_threshold *= ratio;
+    let change = lineage.change.clone();
+    let layers: Vec<Tensor> = bank.layers.iter().map(Tensor::shallow_clone).collect();
+    let mut out = Bank::new(meta, layers);
+    stamp(&mut out, parent, change, lineage);
+    out
+}
+
 fn base_method(m: &str) -> &str {
     m.split(" (+").next().unwrap_or(m)
 }

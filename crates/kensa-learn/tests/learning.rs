@@ -187,3 +187,45 @@ fn versions_are_kept_listed_and_rolled_back() {
     assert_eq!(versions::log(&path).unwrap().len(), 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_decision_follows_the_bank_down_when_a_reference_joins_and_back_up_when_it_leaves() {
+    let Some(e) = engine() else { return };
+    let b0 = bank(&e);
+    let t0 = b0.meta.calibration.image_threshold;
+    let (mut follows, mut stays) = (
+        Learner::new(LearnMode::Feedback, Guards::default()),
+        Learner::new(LearnMode::Feedback, Guards { follow: false, ..Guards::default() }),
+    );
+    let mut below = 0;
+    for i in 1..=12 {
+        let img = Arc::new(line().normal(i).image);
+        let s = score(&e, &b0, &img);
+        below += usize::from(s < t0);
+        for l in [&mut follows, &mut stays] {
+            assert!(l.scored(&e, &b0, &format!("n{i}"), img.clone(), s, 0).unwrap().is_none());
+        }
+    }
+    assert!(below >= 4, "enough held frames judged normal to measure the change: {below}");
+    let img = Arc::new(line().normal(40).image);
+    let s = score(&e, &b0, &img);
+    for l in [&mut follows, &mut stays] {
+        l.scored(&e, &b0, "f", img.clone(), s, 0).unwrap();
+    }
+    // `normal`: a reference joins; the bank explains normal parts better and the decision follows.
+    let (_, b1) = follows.answer(&e, &b0, "f", Label::Normal).unwrap();
+    let b1 = b1.expect("a new version");
+    let t1 = b1.meta.calibration.image_threshold;
+    assert!(t1 < t0, "the decision falls with the normal scores: {t0} → {t1}");
+    let ratio = t1 / t0;
+    let lineage = b1.meta.lineage.as_ref().unwrap();
+    assert!((lineage.enrolled_threshold / t0 - ratio).abs() < 1e-4, "re-fits start from the followed decision");
+    let n0 = b0.meta.calibration.normal_scores[0];
+    assert!((b1.meta.calibration.normal_scores[0] / n0 - ratio).abs() < 1e-4, "the populations are scaled with it");
+    let (_, kept) = stays.answer(&e, &b0, "f", Label::Normal).unwrap();
+    assert_eq!(kept.unwrap().meta.calibration.image_threshold, t0, "with follow off the decision stays");
+    // `defect` after `normal`: the reference leaves and the decision rises back.
+    let (_, b2) = follows.answer(&e, &b1, "f", Label::Defect).unwrap();
+    let t2 = b2.expect("a new version").meta.calibration.image_threshold;
+    assert!(t2 > t1, "the decision rises when the reference leaves: {t1} → {t2}");
+}
