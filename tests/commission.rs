@@ -51,6 +51,7 @@ fn a_line_is_commissioned_live_from_capture_to_scoring() {
     let (cfg, text) = probed(dir.path(), &c);
     let cfg_s = cfg.to_str().unwrap();
     assert!(text.contains("camera cam: delivers 200x160 RGB"), "{text}");
+    assert!(text.contains("source caps: video/x-raw"), "the source's own caps are reported: {text}");
     assert!(text.contains("product disc: waiting for bank"), "{text}");
 
     // The daemon starts without the bank: the camera waits, nothing is scored, it is ready.
@@ -123,6 +124,7 @@ fn rtsp_cameras_in_h264_and_h265_are_probed_and_captured_through_their_pipelines
     let cfg_s = cfg.to_str().unwrap();
     assert!(text.contains("camera ipcam: delivers 160x120 RGB"), "{text}");
     assert!(text.contains("camera hevc: delivers 160x120 RGB"), "H.265: {text}");
+    assert_eq!(text.matches("source caps: video/x-raw").count(), 2, "the decoded streams' caps: {text}");
     let refs = dir.path().join("captured");
     let text = capture(cfg_s, "ipcam", 2, &refs, &[]);
     assert_eq!(std::fs::read_dir(&refs).unwrap().count(), 2, "{text}");
@@ -150,6 +152,8 @@ fn gige_cameras_negotiate_their_pixel_format_and_take_exposure_and_gain() {
     assert!(text.contains("camera auto: delivers 256x256 RGB"), "{text}");
     assert!(text.contains("GigE pixel format: Bayer, demosaiced"), "auto found the Bayer mosaic: {text}");
     assert!(text.contains("camera mono: delivers 256x256 RGB"), "{text}");
+    assert!(text.contains("source caps: video/x-bayer"), "auto's source sends Bayer: {text}");
+    assert!(text.contains("source caps: video/x-raw, format=(string)GRAY8"), "mono's source sends GRAY8: {text}");
     assert!(text.contains("format=GRAY8") && text.contains("exposure=5000") && text.contains("gain=2"), "{text}");
     let out = dir.path().join("mono-refs");
     let text = capture(cfg_s, "mono", 2, &out, &[]);

@@ -147,6 +147,9 @@ fn events_cross_tls_with_sasl_scram_and_the_password_stays_secret() {
         ("sasl.username", "kensa"),
         ("sasl.password", "${KENSA_TEST_KAFKA_PASSWORD}"),
         ("ssl.ca.location", "ca.pem"),
+        // Compressed as plants often ask (librdkafka built with zstd); the broker stores the
+        // batches as sent and the consumer decompresses them.
+        ("compression.type", "zstd"),
     ] {
         c.kafka.properties.insert(k.into(), v.into());
     }
@@ -170,10 +173,11 @@ fn events_cross_tls_with_sasl_scram_and_the_password_stays_secret() {
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), k.log_text());
     let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let seqs: std::collections::BTreeSet<u64> = events.iter().map(|e| e["frame"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (0..12).collect(), "every event crossed TLS + SASL:\n{text}");
+    assert_eq!(seqs, (0..12).collect(), "every event crossed TLS + SASL, zstd-compressed:\n{text}");
     assert_eq!(k.terminate(Duration::from_secs(60)), Some(0), "{}", k.log_text());
     let log = k.log_text();
     assert!(log.contains("security.protocol=SASL_SSL") && log.contains("sasl.password=<redacted>"), "{log}");
+    assert!(log.contains("compression.type=zstd"), "the producer compressed with zstd: {log}");
     assert!(!log.contains(PASSWORD), "the password never appears in the log");
 
     // Wrong settings fail, each clearly, within the tail's metadata timeout.

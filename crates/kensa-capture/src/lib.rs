@@ -280,6 +280,53 @@ impl Session {
     }
 }
 
+/// What each camera's source negotiated last (its own caps, before Kensa converts them to
+/// RGB), by camera id.
+fn source_caps_seen() -> &'static std::sync::Mutex<std::collections::HashMap<String, String>> {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+        std::sync::OnceLock::new();
+    SEEN.get_or_init(Default::default)
+}
+
+/// The caps camera `id`'s source negotiated last (`kensa check --probe` reports them), if it has
+/// negotiated any in this process.
+pub fn source_caps(id: &str) -> Option<String> {
+    source_caps_seen().lock().ok()?.get(id).cloned()
+}
+
+/// Records the caps the source negotiates: those of its static `src` pad, or, for sources
+/// whose pads come and go (rtspsrc, decodebin), the input of the first `videoconvert` (the
+/// decoded stream as the camera sends it).
+fn watch_source_caps(pipeline: &gst::Pipeline, id: &str) {
+    let is = |e: &gst::Element, name: &str| e.factory().is_some_and(|f| f.name() == name);
+    let pad = pipeline
+        .iterate_sources()
+        .into_iter()
+        .flatten()
+        .find(|e| !is(e, "rtspsrc") && !is(e, "filesrc"))
+        .and_then(|e| e.static_pad("src"))
+        .or_else(|| {
+            pipeline
+                .iterate_recurse()
+                .into_iter()
+                .flatten()
+                .filter(|e| is(e, "videoconvert"))
+                .last()
+                .and_then(|e| e.static_pad("sink"))
+        });
+    let Some(pad) = pad else { return };
+    let id = id.to_string();
+    pad.connect_notify(Some("caps"), move |pad, _| {
+        if let Some(caps) = pad.current_caps() {
+            let text = caps.to_string();
+            tracing::debug!(camera = %id, caps = %text, "source caps");
+            if let Ok(mut seen) = source_caps_seen().lock() {
+                seen.insert(id.clone(), text);
+            }
+        }
+    });
+}
+
 /// Builds a camera's pipeline, wires the appsink into `tx`, starts its feeder and sets it
 /// playing. `Build` errors (bad template, missing plugin) never fix themselves; the others may.
 fn open(
@@ -303,6 +350,7 @@ fn open(
         .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
         .ok_or_else(|| build_err("the template has no appsink named `sink`".into()))?;
     let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok());
+    watch_source_caps(&pipeline, &cam.id);
 
     let camera: Arc<str> = Arc::from(cam.id.as_str());
     let policy = cam.effective_policy();

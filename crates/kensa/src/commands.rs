@@ -142,11 +142,12 @@ pub fn check(a: &CheckArgs) -> Result<ExitCode> {
         if a.probe {
             match kensa_capture::commission::probe(cam, Duration::from_secs(a.probe_timeout_s)) {
                 Ok(p) => eprintln!(
-                    "camera {}: delivers {}x{} RGB, first frame after {} ms",
+                    "camera {}: delivers {}x{} RGB, first frame after {} ms; source caps: {}",
                     cam.id,
                     p.width,
                     p.height,
-                    p.first_frame.as_millis()
+                    p.first_frame.as_millis(),
+                    kensa_capture::source_caps(&cam.id).as_deref().unwrap_or("(not reported)")
                 ),
                 Err(e) => {
                     bad += 1;
