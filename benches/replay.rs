@@ -188,6 +188,6 @@ fn main() {
         if peak <= bound_kib { "within" } else { "OVER" }
     );
     assert!(peak <= bound_kib, "the replay's peak RSS is over its bound");
-    assert_eq!(arrived.len(), pending as usize, "every backlog event arrives");
+    assert!(arrived.len() >= pending as usize, "every backlog event arrives");
     outbox_alone(env("KENSA_REPLAY_SYNTHETIC", 100_000));
 }
