@@ -82,7 +82,7 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
         let _ = std::fs::remove_dir_all(&copy);
         std::fs::create_dir_all(&copy).unwrap();
         for e in std::fs::read_dir(&spool).unwrap().filter_map(Result::ok) {
-            if e.path().is_file() && e.file_name() != "lock" {
+            if e.path().is_file() && e.file_name() != ".lock" {
                 std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
             }
         }
@@ -98,9 +98,15 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
         if k == KILLS / 2 {
             let (seg, _) =
                 segment_sizes(&spool).into_iter().filter(|(_, len)| *len >= 64).max().expect("a segment with records");
+            // First cut the kill's own torn tail, if any (to the size the copy was truncated
+            // to), so the tear the next start meets is the planted one alone.
+            let whole = copy.join(seg.file_name().unwrap());
             let bytes = std::fs::read(&seg).unwrap();
-            let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-            std::io::Write::write_all(&mut f, &bytes[..bytes.len().min(64)]).unwrap();
+            let whole_len = std::fs::metadata(&whole).map_or(bytes.len() as u64, |m| m.len());
+            let bytes = &bytes[..usize::try_from(whole_len).unwrap().min(bytes.len())];
+            let mut planted = bytes.to_vec();
+            planted.extend_from_slice(&bytes[..bytes.len().min(64)]);
+            std::fs::write(&seg, planted).unwrap();
             torn_planted = true;
         }
         eprintln!(

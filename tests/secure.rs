@@ -177,7 +177,7 @@ fn events_cross_tls_with_sasl_scram_and_the_password_stays_secret() {
     assert_eq!(k.terminate(Duration::from_secs(60)), Some(0), "{}", k.log_text());
     let log = k.log_text();
     assert!(log.contains("security.protocol=SASL_SSL") && log.contains("sasl.password=<redacted>"), "{log}");
-    assert!(log.contains("compression.type=zstd"), "the producer compressed with zstd: {log}");
+    assert!(log.contains("compression.type=zstd"), "the producer is configured for zstd: {log}");
     assert!(!log.contains(PASSWORD), "the password never appears in the log");
 
     // Wrong settings fail, each clearly, within the tail's metadata timeout.

@@ -668,6 +668,9 @@ impl Forwarder {
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
         assert!(wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok()), "socat listens");
+        // Still running: a socat that could not bind (the port taken meanwhile) has exited.
+        let running = self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none());
+        assert!(running, "socat on port {} exited (port taken?)", self.port);
     }
 
     pub fn cut(&mut self) {

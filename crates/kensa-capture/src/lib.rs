@@ -295,8 +295,9 @@ pub fn source_caps(id: &str) -> Option<String> {
 }
 
 /// Records the caps the source negotiates: those of its static `src` pad, or, for sources
-/// whose pads come and go (rtspsrc, decodebin), the input of the first `videoconvert` (the
-/// decoded stream as the camera sends it).
+/// whose stream is decoded first (rtspsrc, filesrc ! decodebin), the input of the
+/// `videoconvert` nearest the source (a bin lists its children newest first, so the last one
+/// met): the decoded stream as the camera sends it.
 fn watch_source_caps(pipeline: &gst::Pipeline, id: &str) {
     let is = |e: &gst::Element, name: &str| e.factory().is_some_and(|f| f.name() == name);
     let pad = pipeline

@@ -407,8 +407,8 @@ pub struct LearnConfig {
     /// Bank versions kept beside each bank file.
     pub keep_versions: usize,
     /// The decision follows the bank: when a reference joins or leaves, the decision is scaled
-    /// by how the held normal frames' scores change (docs/learning.md). Off: it stays where
-    /// enrollment put it.
+    /// by how the held normal frames' scores change (docs/learning.md). Off: only confirmed
+    /// defects below it move it.
     pub follow: bool,
 }
 

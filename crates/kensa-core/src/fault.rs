@@ -29,10 +29,19 @@ fn parse(v: &str) -> Vec<Point> {
     v.split(',').filter_map(|w| all.into_iter().find(|p| p.as_str() == w.trim())).collect()
 }
 
-/// Whether `KENSA_FAULT` names `point`.
+/// Whether `KENSA_FAULT` names `point`. The first check that finds it set says so in the log
+/// (a stray variable would otherwise look like a real fault).
 pub fn injected(point: Point) -> bool {
     static POINTS: OnceLock<Vec<Point>> = OnceLock::new();
-    POINTS.get_or_init(|| std::env::var("KENSA_FAULT").map(|v| parse(&v)).unwrap_or_default()).contains(&point)
+    POINTS
+        .get_or_init(|| {
+            let points = std::env::var("KENSA_FAULT").map(|v| parse(&v)).unwrap_or_default();
+            if !points.is_empty() {
+                eprintln!("warning: KENSA_FAULT injects faults for tests: {points:?}");
+            }
+            points
+        })
+        .contains(&point)
 }
 
 #[cfg(test)]

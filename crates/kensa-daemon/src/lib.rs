@@ -119,7 +119,8 @@ pub async fn run(
     // Model first: a bad backbone or bank fails start-up. The run id is in every event id
     // (the learner holds frames by it).
     let run_id = format!("{:x}", kensa_publish::event::unix_nanos(SystemTime::now()));
-    let (model, info, model_thread) = model::start(&cfg, &run_id).await?;
+    let model_failed = CancellationToken::new();
+    let (model, info, model_thread) = model::start(&cfg, &run_id, model_failed.clone()).await?;
     tracing::info!(model = %info.description, "model loaded");
     metrics::gauge!(m::MODEL_INFO, "model" => info.description.clone()).set(1.0);
     for (product, b) in &info.banks {
@@ -269,6 +270,10 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => { tracing::info!("shutting down"); break; }
+            () = model_failed.cancelled() => {
+                failure = Some(DaemonError::Stage { stage: "model", msg: "the model stage failed (see above)".into() });
+                break;
+            }
             r = &mut verdicts, if !judged => {
                 // It ends before the shutdown when its input ended (every camera done), or when
                 // it panicked.
@@ -330,18 +335,25 @@ pub async fn run(
             None if failure.is_some() => Ok(()),
             None => batcher.await.unwrap_or_else(|e| Err(stage_failed("batcher", &e))),
         };
+        // A stage that fails while draining fails the run as much as one that fails before.
+        let mut late = None;
         if !judged {
-            let _ = verdicts.await;
+            if let Err(e) = verdicts.await {
+                late = Some(stage_failed("verdict", &e));
+            }
         }
         let summary = match delivered {
             Some(s) => s,
             // Ended by failing: its handle is spent (and what it spooled stays in the outbox).
             None if delivery_failed => delivery::Summary::default(),
-            None => delivery.await.unwrap_or_default(),
+            None => delivery.await.unwrap_or_else(|e| {
+                late = late.take().or_else(|| Some(stage_failed("delivery", &e)));
+                delivery::Summary::default()
+            }),
         };
-        (failed, batched, summary)
+        (failed, batched, summary, late)
     };
-    let Ok((failed, batched, delivered)) = tokio::time::timeout(opts.shutdown_deadline, drain).await else {
+    let Ok((failed, batched, delivered, late)) = tokio::time::timeout(opts.shutdown_deadline, drain).await else {
         tracing::error!("shutdown did not finish within {}s", opts.shutdown_deadline.as_secs());
         token.cancel();
         return match failure {
@@ -354,7 +366,10 @@ pub async fn run(
     // The listener waits for requests in flight (a question, a picture): not beyond a few seconds.
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
-    if let Some(e) = failure {
+    if let Some(e) = &late {
+        tracing::error!("{e}, while stopping");
+    }
+    if let Some(e) = failure.or(late) {
         return Err(e);
     }
     batched?;

@@ -158,9 +158,23 @@ fn view(bank: &Bank) -> BankView {
 
 /// Starts the model thread: loads the backbone and every product's bank (a bad one fails
 /// start-up), then serves commands until every handle is dropped.
+/// Cancelled when the model thread ends by failing (a panic, or [`FAILED_BATCHES_TO_STOP`]
+/// failed batches in a row), not when it ends because every handle was dropped: the daemon
+/// stops at once, even when no frame comes to find the model gone.
+struct FailureSignal(tokio_util::sync::CancellationToken);
+
+impl Drop for FailureSignal {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.cancel();
+        }
+    }
+}
+
 pub async fn start(
     cfg: &KensaConfig,
     run_id: &str,
+    failed: tokio_util::sync::CancellationToken,
 ) -> Result<(ModelHandle, ModelInfo, std::thread::JoinHandle<()>), DaemonError> {
     let (tx, mut rx) = mpsc::channel::<Command>(1);
     let (ready_tx, ready_rx) = oneshot::channel::<Result<ModelInfo, DaemonError>>();
@@ -169,6 +183,7 @@ pub async fn start(
     let thread = std::thread::Builder::new()
         .name("kensa-model".into())
         .spawn(move || {
+            let failure = FailureSignal(failed);
             let (engine, mut banks) = match load(&cfg) {
                 Ok(v) => v,
                 Err(e) => {
@@ -203,10 +218,18 @@ pub async fn start(
                 match cmd {
                     Command::Score { groups, reply } => {
                         let out = score(&engine, &mut banks, &mut learning, groups);
+                        // A batch counts as failed when none of its groups was scored and
+                        // one failed; a batch that scored anything resets the count, one of
+                        // products waiting for their bank leaves it as it was.
+                        let scored = out.iter().any(|g| matches!(g, GroupResult::Scored { .. }));
                         let failed = out
                             .iter()
                             .any(|g| matches!(g, GroupResult::Dropped { reason: DropReason::ScoringFailed, .. }));
-                        failed_in_a_row = if failed { failed_in_a_row + 1 } else { 0 };
+                        if scored {
+                            failed_in_a_row = 0;
+                        } else if failed {
+                            failed_in_a_row += 1;
+                        }
                         let _ = reply.send(out);
                         if failed_in_a_row >= FAILED_BATCHES_TO_STOP {
                             // A model that fails batch after batch inspects nothing: the thread
@@ -216,6 +239,7 @@ pub async fn start(
                                 batches = failed_in_a_row,
                                 "the model failed every batch in a row: stopping the model stage"
                             );
+                            failure.0.cancel();
                             return;
                         }
                     }

@@ -47,6 +47,9 @@ struct Held {
     frame: String,
     image: Arc<RgbImage>,
     score: f32,
+    /// The learner's [`Learner::scale`] when it was scored: its score on today's scale is
+    /// `score * scale_now / scale`.
+    scale: f32,
 }
 
 /// What an answer did.
@@ -83,12 +86,22 @@ pub struct Learner {
     held: VecDeque<Held>,
     answers: HashMap<String, Label>,
     last_auto: Option<u64>,
+    /// The product of every factor the decision followed the bank by so far.
+    scale: f32,
     pub stats: Stats,
 }
 
 impl Learner {
     pub fn new(mode: LearnMode, guards: Guards) -> Self {
-        Self { mode, guards, held: VecDeque::new(), answers: HashMap::new(), last_auto: None, stats: Stats::default() }
+        Self {
+            mode,
+            guards,
+            held: VecDeque::new(),
+            answers: HashMap::new(),
+            last_auto: None,
+            scale: 1.0,
+            stats: Stats::default(),
+        }
     }
 
     /// How many frames are held now.
@@ -116,7 +129,7 @@ impl Learner {
         if self.mode == LearnMode::Off {
             return Ok(None);
         }
-        self.held.push_back(Held { frame: frame.to_string(), image: image.clone(), score });
+        self.held.push_back(Held { frame: frame.to_string(), image: image.clone(), score, scale: self.scale });
         while self.held.len() > self.guards.hold.max(1) {
             if let Some(gone) = self.held.pop_front() {
                 self.answers.remove(&gone.frame);
@@ -143,26 +156,60 @@ impl Learner {
         self.stats.added_auto += 1;
         tracing::info!(frame, score, "a confident normal frame joins the bank (learn = auto)");
         let added = update::add_reference(engine, bank, frame, &image, Source::Auto, &self.guards.budget)?;
-        Ok(Some(self.follow(engine, bank, added, frame)?))
+        let (next, ratio) = self.follow(engine, bank, added, frame);
+        self.scale *= ratio;
+        Ok(Some(next))
     }
 
     /// The decision follows the bank. A reference that joins lowers every score, the normal
     /// parts' most (the bank now explains them better): a decision left where fewer references
-    /// put it misses more and more defects as the bank grows. So, with
-    /// [`Guards::follow`], the held frames judged normal before the change (the newest
-    /// `FOLLOW_FRAMES`, the changed frame aside) are scored against both banks, and the
-    /// decision (with the populations it was fitted on, and the base later re-fits start from)
-    /// is scaled by the ratio of their median scores, new over old. A reference that leaves
-    /// raises it back the same way.
-    fn follow(&self, engine: &Engine, old: &Bank, new: Bank, changed: &str) -> Result<Bank> {
+    /// put it misses more and more defects as the bank grows. So, with [`Guards::follow`], the
+    /// held frames judged normal before the change (the newest [`FOLLOW_FRAMES`]; not the
+    /// changed frame, not a frame answered `defect`, not a reference of either bank) are scored
+    /// against both banks, and the decision (with the populations it was fitted on, the base
+    /// later re-fits start from and the observations they compare with it) is scaled by the
+    /// ratio of their median scores, new over old. A learned reference answered `defect` leaves
+    /// with the ratio it brought divided out exactly. Never an error: a failed measurement
+    /// leaves the decision where it was (logged).
+    fn follow(&self, engine: &Engine, old: &Bank, new: Bank, changed: &str) -> (Bank, f32) {
         if !self.guards.follow {
-            return Ok(new);
+            return (new, 1.0);
         }
+        let joined = new.meta.lineage.as_ref().is_some_and(|l| l.learned.iter().any(|r| r.frame == changed));
+        let left = old.meta.lineage.as_ref().and_then(|l| l.learned.iter().find(|r| r.frame == changed));
+        let ratio = match (joined, left) {
+            (false, Some(r)) => 1.0 / r.follow_ratio,
+            _ => match self.measure(engine, old, &new, changed) {
+                Ok(Some(r)) => r,
+                Ok(None) => return (new, 1.0),
+                Err(e) => {
+                    tracing::warn!(frame = changed, "the decision cannot follow the bank ({e}); it stays");
+                    return (new, 1.0);
+                }
+            },
+        };
+        if !ratio.is_finite() || (ratio - 1.0).abs() < 1e-3 {
+            return (new, 1.0);
+        }
+        tracing::info!(ratio, frame = changed, "the decision follows the bank");
+        (update::rescale(&new, &old.meta, ratio, joined.then_some(changed)), ratio)
+    }
+
+    /// The ratio of the probe frames' median scores, `new` over `old` (None: too few frames,
+    /// or scores that cannot be compared).
+    fn measure(&self, engine: &Engine, old: &Bank, new: &Bank, changed: &str) -> Result<Option<f32>> {
         let t = old.meta.calibration.image_threshold;
-        let probe: Vec<&Held> =
-            self.held.iter().rev().filter(|h| h.frame != changed && h.score < t).take(FOLLOW_FRAMES).collect();
+        let is_ref = |f: &str| old.meta.reference_files.iter().chain(&new.meta.reference_files).any(|r| r == f);
+        let probe: Vec<&Held> = self
+            .held
+            .iter()
+            .rev()
+            .filter(|h| h.frame != changed && h.score < t)
+            .filter(|h| self.answers.get(&h.frame) != Some(&Label::Defect) && !is_ref(&h.frame))
+            .take(FOLLOW_FRAMES)
+            .collect();
         if probe.len() < FOLLOW_MIN {
-            return Ok(new);
+            return Ok(None);
         }
         let views: Vec<(&[u8], u32, u32)> =
             probe.iter().map(|h| (h.image.as_raw().as_slice(), h.image.width(), h.image.height())).collect();
@@ -171,16 +218,11 @@ impl Learner {
             v.sort_by(f32::total_cmp);
             Ok(v[v.len() / 2])
         };
-        let (before, after) = (median(old)?, median(&new)?);
-        if before <= 0.0 || !after.is_finite() {
-            return Ok(new);
+        let (before, after) = (median(old)?, median(new)?);
+        if !(before.is_finite() && after.is_finite() && before > 0.0 && after > 0.0) {
+            return Ok(None);
         }
-        let ratio = (after / before).clamp(0.5, 2.0);
-        if (ratio - 1.0).abs() < 1e-3 {
-            return Ok(new);
-        }
-        tracing::info!(ratio, before, after, frames = probe.len(), "the decision follows the bank");
-        Ok(update::rescale(&new, &old.meta, ratio))
+        Ok(Some((after / before).clamp(0.5, 2.0)))
     }
 
     /// An operator's answer for `frame`. The last answer wins: `defect` after `normal` takes
@@ -200,7 +242,7 @@ impl Learner {
             tracing::warn!(frame, "an answer for a frame no longer held is ignored (raise learn.hold to keep more)");
             return Ok((Answer::NotHeld, None));
         };
-        let (image, score) = (held.image.clone(), held.score);
+        let (image, score, scored_at) = (held.image.clone(), held.score, held.scale);
         match self.answers.insert(frame.to_string(), label) {
             Some(prev) if prev == label => {
                 self.stats.duplicate += 1;
@@ -209,12 +251,14 @@ impl Learner {
             Some(_) => self.stats.conflicting += 1,
             None => {}
         }
-        let obs = Observation { frame: frame.to_string(), score, label, source: Source::Operator };
+        let mut obs = Observation { frame: frame.to_string(), score, label, source: Source::Operator };
         let next = match label {
             Label::Normal => {
                 self.stats.added_operator += 1;
                 let added = update::add_reference(engine, bank, frame, &image, Source::Operator, &self.guards.budget)?;
-                let added = self.follow(engine, bank, added, frame)?;
+                let (added, ratio) = self.follow(engine, bank, added, frame);
+                self.scale *= ratio;
+                obs.score *= self.scale / scored_at;
                 let change = Change::Added { frame: frame.to_string(), source: Source::Operator };
                 update::with_observation(&added, &bank.meta, obs, change)
             }
@@ -223,11 +267,16 @@ impl Learner {
                 match update::remove_reference(bank, frame, "answered defect") {
                     Some(removed) => {
                         self.stats.removed += 1;
-                        let removed = self.follow(engine, bank, removed, frame)?;
+                        let (removed, ratio) = self.follow(engine, bank, removed, frame);
+                        self.scale *= ratio;
+                        obs.score *= self.scale / scored_at;
                         let change = Change::Removed { frame: frame.to_string(), reason: "answered defect".into() };
                         update::with_observation(&removed, &bank.meta, obs, change)
                     }
-                    None => update::observe(bank, obs),
+                    None => {
+                        obs.score *= self.scale / scored_at;
+                        update::observe(bank, obs)
+                    }
                 }
             }
         };

@@ -64,7 +64,7 @@ pub fn add_reference(
         rows.push(kept.size()[0]);
         layers.push(Tensor::cat(&[b.shallow_clone(), kept.to_device(b.device())], 0));
     }
-    lineage.learned.push(LearnedRef { frame: frame.to_string(), source, rows });
+    lineage.learned.push(LearnedRef { frame: frame.to_string(), source, rows, follow_ratio: 1.0 });
     let mut meta = bank.meta.clone();
     meta.references += 1;
     meta.reference_files.push(frame.to_string());
@@ -177,9 +177,11 @@ pub fn refit(cal: &kensa_verdict::Calibration, lineage: &Lineage) -> kensa_verdi
 }
 
 /// `bank` (made from `parent`) with its decision scaled by `ratio`: the image and pixel levels,
-/// the logistic's scale, the populations they were fitted on, and the base later re-fits start
-/// from ([`Lineage::enrolled_threshold`]); stamped again (the calibration is part of the version).
-pub fn rescale(bank: &Bank, parent: &BankMeta, ratio: f32) -> Bank {
+/// the logistic's scale, the populations they were fitted on, the base later re-fits start
+/// from ([`Lineage::enrolled_threshold`]) and the observations they compare with it; stamped
+/// again (the calibration is part of the version). `joined`: the learned reference whose
+/// arrival this follows (it keeps the ratio, to divide it out when it leaves).
+pub fn rescale(bank: &Bank, parent: &BankMeta, ratio: f32, joined: Option<&str>) -> Bank {
     let mut meta = bank.meta.clone();
     let c = &mut meta.calibration;
     c.image_threshold *= ratio;
@@ -189,6 +191,10 @@ pub fn rescale(bank: &Bank, parent: &BankMeta, ratio: f32) -> Bank {
     c.anomaly_scores.iter_mut().for_each(|v| *v *= ratio);
     let mut lineage = meta.lineage.take().unwrap_or_else(|| initial_lineage(&bank.meta, &bank.layers));
     lineage.enrolled_threshold *= ratio;
+    lineage.observations.iter_mut().for_each(|o| o.score *= ratio);
+    if let Some(r) = joined.and_then(|f| lineage.learned.iter_mut().find(|r| r.frame == f)) {
+        r.follow_ratio = ratio;
+    }
     let change = lineage.change.clone();
     let layers: Vec<Tensor> = bank.layers.iter().map(Tensor::shallow_clone).collect();
     let mut out = Bank::new(meta, layers);

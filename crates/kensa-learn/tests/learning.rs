@@ -226,6 +226,13 @@ fn the_decision_follows_the_bank_down_when_a_reference_joins_and_back_up_when_it
     assert_eq!(kept.unwrap().meta.calibration.image_threshold, t0, "with follow off the decision stays");
     // `defect` after `normal`: the reference leaves and the decision rises back.
     let (_, b2) = follows.answer(&e, &b1, "f", Label::Defect).unwrap();
-    let t2 = b2.expect("a new version").meta.calibration.image_threshold;
-    assert!(t2 > t1, "the decision rises when the reference leaves: {t1} → {t2}");
+    let b2 = b2.expect("a new version");
+    let base = b2.meta.lineage.as_ref().unwrap().enrolled_threshold;
+    assert!((base - t0).abs() < 1e-5, "the ratio it brought is divided out exactly: {t0} → {t1} → {base}");
+    assert!((b2.meta.calibration.normal_scores[0] - n0).abs() < 1e-5, "the populations are back on the enrolled scale");
+    // Back and forth again: no drift.
+    let (_, b3) = follows.answer(&e, &b2, "f", Label::Normal).unwrap();
+    let (_, b4) = follows.answer(&e, &b3.unwrap(), "f", Label::Defect).unwrap();
+    let base = b4.unwrap().meta.lineage.as_ref().unwrap().enrolled_threshold;
+    assert!((base - t0).abs() < 1e-5, "no drift after two round trips: {base} against {t0}");
 }

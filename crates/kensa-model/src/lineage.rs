@@ -32,6 +32,14 @@ pub struct LearnedRef {
     pub frame: String,
     pub source: Source,
     pub rows: Vec<i64>,
+    /// The factor the decision was scaled by when this reference joined (`[learn] follow`);
+    /// divided out again, exactly, when it is answered `defect` and leaves.
+    #[serde(default = "unscaled")]
+    pub follow_ratio: f32,
+}
+
+fn unscaled() -> f32 {
+    1.0
 }
 
 /// The change that made a bank version.

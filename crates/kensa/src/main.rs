@@ -133,7 +133,7 @@ fn main() -> ExitCode {
     })
 }
 
-/// `kensa run`. Exit codes: 0 clean, 1 start-up error, 2 a camera failed or events were
+/// `kensa run`. Exit codes: 0 clean, 1 start-up error or a stage that cannot go on, 2 a camera failed or events were
 /// dropped, 3 the shutdown deadline passed, 4 a second SIGTERM/SIGINT forced the exit.
 fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = kensa_core::config::KensaConfig::load(&a.config)?;
