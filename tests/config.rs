@@ -135,6 +135,13 @@ fn cli_errors_are_json_with_log_format_json_and_the_default_config_path_is_named
         .unwrap_or_else(|e| panic!("not JSON ({e}): {err}"));
     assert_eq!(line["level"], "ERROR", "{line}");
     assert!(line["fields"]["error"].as_str().unwrap_or_default().contains("/nonexistent/kensa.toml"), "{line}");
+    // A command line clap refuses is one JSON line too (exit 2), naming what it refused.
+    let out = kensa(&["--log-format", "json", "check", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(err.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {err}"));
+    assert!(line["fields"]["error"].as_str().unwrap_or_default().contains("--no-such-flag"), "{line}");
     // Without --config or KENSA_CONFIG: the default path, named in the error.
     let out = std::process::Command::new(kensa_bin()).arg("check").env_remove("KENSA_CONFIG").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("/etc/kensa/kensa.toml"), "{out:?}");

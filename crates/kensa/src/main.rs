@@ -99,9 +99,29 @@ fn init_logging(format: &str) {
     }
 }
 
+/// A command line clap refuses: help and version as clap prints them; an error as one JSON log
+/// line when the arguments ask for `--log-format json` (log shippers parse every line), else
+/// clap's text. Exit 2, as clap's own.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.windows(2).any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
+    if json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        init_logging("json");
+        tracing::error!(error = %e.render().to_string().trim(), "invalid command line");
+        return ExitCode::from(2);
+    }
+    let _ = e.print();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 fn main() -> ExitCode {
     kensa_model::tune_allocator();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging(&cli.log_format);
     let json = cli.log_format == "json";
     let result = match cli.cmd {
