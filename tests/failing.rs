@@ -37,12 +37,7 @@ fn a_sender_that_panics_stops_the_daemon_and_its_events_wait_for_the_next_start(
     // from a copy, as Kensa reads it, so the next start meets it untouched.
     let spool = dir.path().join("kensa-outbox");
     let copy = dir.path().join("spool-copy");
-    std::fs::create_dir_all(&copy).unwrap();
-    for e in std::fs::read_dir(&spool).unwrap().filter_map(Result::ok) {
-        if e.path().is_file() && e.file_name() != ".lock" {
-            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
-        }
-    }
+    copy_spool(&spool, &copy);
     let mut ob = kensa_publish::outbox::Outbox::open(&copy, c.outbox.max_bytes).unwrap();
     let spooled: BTreeSet<String> = ob.take(usize::MAX, usize::MAX).into_iter().map(|(_, r)| r.event_id).collect();
     drop(ob);

@@ -79,13 +79,7 @@ fn ten_kills_at_random_moments_lose_no_spooled_event() {
         // torn last record, a kill during an append, is truncated away: the segments shrink),
         // from a copy, so the daemon's own recovery meets the folder exactly as the kill left it.
         let copy = dir.path().join("spool-copy");
-        let _ = std::fs::remove_dir_all(&copy);
-        std::fs::create_dir_all(&copy).unwrap();
-        for e in std::fs::read_dir(&spool).unwrap().filter_map(Result::ok) {
-            if e.path().is_file() && e.file_name() != ".lock" {
-                std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
-            }
-        }
+        copy_spool(&spool, &copy);
         let before = segment_sizes(&copy);
         let mut ob = Outbox::open(&copy, c.outbox.max_bytes).expect("the outbox opens after a kill");
         let pending = ob.take(usize::MAX, usize::MAX);

@@ -923,3 +923,15 @@ fn webdriver(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result
         }
     }
 }
+
+/// Copies an outbox folder's files (not its `.lock`) into `to`, emptied first: the spool can
+/// then be read as Kensa reads it while the real folder stays exactly as a crash left it.
+pub fn copy_spool(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().filter_map(std::result::Result::ok) {
+        if e.path().is_file() && e.file_name() != ".lock" {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
