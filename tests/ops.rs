@@ -52,6 +52,13 @@ fn bank_swap_while_frames_flow_loses_no_frame_and_a_bad_bank_is_rejected() {
     let after = consume_until(&brokers(), &topic, Duration::from_secs(60), |r| r.len() >= n_before + 10).unwrap();
     assert!(after[n_before..].iter().all(|x| x.event.bank_version == v2), "frames after the bad bank still use {v2}");
     let m = d.scrape();
+    // precision = "auto" (the default): bf16 on a CPU with AMX when its export exists.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let native =
+        flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "amx_bf16"));
+    let exported = std::env::var("KENSA_BACKBONE_BF16").is_ok_and(|p| std::path::Path::new(&p).is_file());
+    let want = if native && exported { "bf16" } else { "fp32" };
+    assert_eq!(metric(&m, "kensa_model_info", &[("precision", want)]), Some(1.0), "{m}");
     assert_eq!(metric(&m, "kensa_bank_info", &[("product", "disc"), ("version", &v2)]), Some(1.0), "{m}");
     assert_eq!(metric(&m, "kensa_bank_info", &[("product", "disc"), ("version", &v1)]), Some(0.0), "{m}");
     assert_eq!(metric(&m, "kensa_bank_reloads_total", &[("result", "ok")]), Some(1.0), "{m}");

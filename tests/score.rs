@@ -1,7 +1,7 @@
 //! `kensa synth`, `kensa enroll` and `kensa score` as a user runs them.
 
 use kensa_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn score_writes_exact_json_and_a_map_at_image_resolution() {
@@ -32,7 +32,7 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
     let bank = dir.path().join("line.kbank");
     enroll("line", &data.join("train/good"), &bank, &[]);
     let out = dir.path().join("out");
-    let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", out.to_str().unwrap(), "--maps", "full"];
     let test_dirs: Vec<String> =
         std::fs::read_dir(data.join("test")).unwrap().map(|d| d.unwrap().path().display().to_string()).collect();
     args.extend(test_dirs.iter().map(|s| s.as_str()));
@@ -85,6 +85,32 @@ fn score_writes_exact_json_and_a_map_at_image_resolution() {
         let image = std::path::Path::new(row.split(',').next().unwrap());
         let j = read_json(&out.join(format!("{}.json", image.file_stem().unwrap().to_str().unwrap())));
         assert_eq!(row.split(',').nth(2), Some(j["anomalous"].to_string().as_str()), "{row}");
+    }
+    // Maps only when asked: by default none; `--maps feature` writes the model's grid (the
+    // bank's input size, 320²), whose peak is at least the score (the image's map is resized
+    // from it).
+    for (maps, sub) in [(None, "out-none"), (Some("feature"), "out-feature")] {
+        let o = dir.path().join(sub);
+        let mut args = vec!["score", "--bank", bank.to_str().unwrap(), "--out", o.to_str().unwrap()];
+        if let Some(m) = maps {
+            args.extend(["--maps", m]);
+        }
+        args.extend(test_dirs.iter().map(|s| s.as_str()));
+        kensa_ok(&args);
+        let npys: Vec<PathBuf> = std::fs::read_dir(&o)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with("_map.npy"))
+            .collect();
+        assert_eq!(npys.len(), if maps.is_some() { 16 } else { 0 }, "{sub}");
+        for np in npys {
+            let (rows, cols, map) = kensa_core::npy::read_f32_2d(std::fs::File::open(&np).unwrap()).unwrap();
+            assert_eq!((rows, cols), (320, 320), "the model's grid");
+            let stem = np.file_name().unwrap().to_string_lossy().trim_end_matches("_map.npy").to_string();
+            let score = read_json(&o.join(format!("{stem}.json")))["score"].as_f64().unwrap() as f32;
+            let max = map.iter().copied().fold(f32::MIN, f32::max);
+            assert!(max >= score - 1e-4, "{stem}: grid peak {max} below the score {score}");
+        }
     }
 }
 
@@ -156,9 +182,11 @@ fn real_bottle_images_one_shot() {
     assert!(acc >= 0.85, "verdict accuracy {acc}");
 }
 
-/// The reduced-precision path (the one a GPU runs in fp16/bf16): a bf16 export of the same
-/// backbone, with the bank cast to bf16, gives the same verdicts and scores within 0.02 of fp32;
-/// asking a frozen fp32 export for bf16 is a clear error naming the file and the fix.
+/// The reduced-precision path (the one a GPU runs in fp16/bf16, and `precision = "auto"` on a
+/// CPU with native bf16): a bf16 export of the same backbone, with the bank cast to bf16, gives
+/// the same verdicts and scores within 0.02 of fp32; `--precision bf16` takes the bf16 export
+/// beside the default one; asking a frozen fp32 export of the user's for bf16 is a clear error
+/// naming the file and the fix.
 #[test]
 fn bf16_backbone_agrees_with_fp32() {
     let bf16 = std::env::var("KENSA_BACKBONE_BF16").unwrap_or_default();
@@ -193,18 +221,22 @@ fn bf16_backbone_agrees_with_fp32() {
             })
             .collect()
     };
-    let full = run("fp32", &[]);
+    let full = run("fp32", &["--precision", "fp32"]);
     let half = run("bf16", &["--backbone", &bf16]);
     assert_eq!(full.len(), 24);
     assert_eq!(full.keys().collect::<Vec<_>>(), half.keys().collect::<Vec<_>>());
+    assert_eq!(run("bf16-asked", &["--precision", "bf16"]), half, "--precision bf16 takes the bf16 export");
     let max_diff = full.iter().map(|(k, v)| (v.0 - half[k].0).abs()).fold(0.0, f64::max);
     let agree = full.iter().filter(|(k, v)| v.1 == half[*k].1).count();
     eprintln!("bf16 vs fp32: max |Δscore| {max_diff:.4}, verdicts agree on {agree}/24");
     assert!(max_diff < 0.02, "bf16 scores differ from fp32 by {max_diff}");
     assert!(agree >= 23, "bf16 verdicts agree with fp32 on only {agree}/24");
     // The fp32 export is frozen: asking it for bf16 names the file and the export flag.
+    let fp32 = bf16.replace("-bf16.pt", ".pt");
     let o = kensa(&[
         "score",
+        "--backbone",
+        &fp32,
         "--precision",
         "bf16",
         "--bank",
@@ -293,6 +325,8 @@ fn bank_recipe_is_recorded_and_followed() {
         let out = dir.path().join(format!("out-{}", bank.file_stem().unwrap().to_str().unwrap()));
         kensa_ok(&[
             "score",
+            "--maps",
+            "full",
             "--bank",
             bank.to_str().unwrap(),
             "--out",
@@ -321,6 +355,8 @@ fn bank_recipe_is_recorded_and_followed() {
         let out = dir.path().join(format!("out-{}", bank.file_stem().unwrap().to_str().unwrap()));
         kensa_ok(&[
             "score",
+            "--maps",
+            "full",
             "--bank",
             bank.to_str().unwrap(),
             "--out",
@@ -356,6 +392,8 @@ fn bank_recipe_is_recorded_and_followed() {
     let out = dir.path().join("out-crop");
     kensa_ok(&[
         "score",
+        "--maps",
+        "full",
         "--bank",
         cropped.to_str().unwrap(),
         "--out",

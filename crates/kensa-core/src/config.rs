@@ -95,7 +95,8 @@ pub enum Device {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// The backbone file's own dtype.
+    /// The default backbone: bf16 on a CPU with AMX when its bf16 export exists (faster
+    /// there), fp32 elsewhere; a backbone file of the user's: its own dtype.
     #[default]
     Auto,
     Fp32,
@@ -115,6 +116,18 @@ impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         parse_choice(s, "device", &[("auto", Device::Auto), ("cpu", Device::Cpu), ("cuda", Device::Cuda)])
+    }
+}
+
+impl Precision {
+    /// The name the config uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
     }
 }
 

@@ -239,7 +239,7 @@ pub const DESCRIPTIONS: &[(&str, &str, &str)] = &[
         "Items waiting in each stage's queue: capture (frames), scored (batches), publish (events).",
         "count",
     ),
-    (MODEL_INFO, "The loaded backbone and device.", "info"),
+    (MODEL_INFO, "The loaded backbone and device; label precision: what it runs in (fp32, bf16, fp16).", "info"),
     (BANK_INFO, "Bank version per product: 1 for the active one.", "info"),
     (BANK_RELOADS, "Bank reloads by product and result (ok, rejected).", "count"),
     (CONTROL_ERRORS, "Rejected reloads and changeover commands, by reason.", "count"),

@@ -122,7 +122,7 @@ pub async fn run(
     let model_failed = CancellationToken::new();
     let (model, info, model_thread) = model::start(&cfg, &run_id, model_failed.clone()).await?;
     tracing::info!(model = %info.description, "model loaded");
-    metrics::gauge!(m::MODEL_INFO, "model" => info.description.clone()).set(1.0);
+    metrics::gauge!(m::MODEL_INFO, "model" => info.description.clone(), "precision" => info.precision).set(1.0);
     for (product, b) in &info.banks {
         tracing::info!(product = %product, bank_version = %b.version, "bank loaded");
         metrics::gauge!(m::BANK_INFO, "product" => product.clone(), "version" => b.version.clone()).set(1.0);

@@ -89,6 +89,8 @@ pub struct ModelInfo {
     pub model_id: String,
     /// Human description with device and precision, for the log and `kensa_model_info`.
     pub description: String,
+    /// The precision the backbone runs in (fp32, bf16, fp16): `kensa_model_info{precision}`.
+    pub precision: &'static str,
     pub device: tch::Device,
     /// Width of the pooled features the language-model judge reads.
     pub feature_dim: i64,
@@ -201,6 +203,7 @@ pub async fn start(
                     engine.device(),
                     engine.backbone.kind
                 ),
+                precision: kensa_model::backbone::dtype_name(engine.backbone.kind),
                 device: engine.device(),
                 feature_dim: meta.channels.iter().map(|&c| i64::from(c)).sum(),
                 banks: banks.iter().map(|(k, b)| (k.clone(), view(b))).collect(),

@@ -8,7 +8,9 @@ use crate::{io_err, EvalError, Result};
 use kensa_capture::images;
 use kensa_capture::mvtec::{classes, load_mask, test_images, TestImage};
 use kensa_core::regions::mask_cells;
-use kensa_lm::judging::{judge_input, load_lm, map_scale, synth_examples, TRAIN_EPOCHS, TRAIN_EXAMPLES, TRAIN_LR};
+use kensa_lm::judging::{
+    judge_input, load_lm, map_scale, synth_examples, TRAIN_BATCH, TRAIN_EPOCHS, TRAIN_EXAMPLES, TRAIN_LR,
+};
 use kensa_model::cli::{ModelArgs, RecipeArgs};
 use kensa_model::enroll::enroll;
 use rand::seq::SliceRandom;
@@ -92,6 +94,9 @@ struct RunResult {
     pro: Option<f64>,
     verdict_accuracy: f64,
     verdict_f1: f64,
+    /// Accuracy of the best threshold on this run's image scores, chosen with the test labels
+    /// ([`metrics::best_threshold_accuracy`]): what a judge that reads the score could reach.
+    best_threshold_accuracy: Option<f64>,
     images_per_second: f64,
     images: usize,
     /// Per judge: verdict accuracy, precision, recall and location accuracy.
@@ -276,7 +281,7 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
                 let mut j = kensa_lm::judge::LmJudge::new(model, tok, dim, "", scale);
                 let ref_imgs: Vec<image::RgbImage> = refs.iter().map(|r| r.1.clone()).collect();
                 let data = synth_examples(&engine, &bank, &ref_imgs, a.judge_examples, a.seed ^ run as u64, || {})?;
-                j.train(&data, TRAIN_EPOCHS, TRAIN_LR, |_, _, _| {})?;
+                j.train(&data, TRAIN_EPOCHS, TRAIN_BATCH, TRAIN_LR, |_, _, _| {})?;
                 Some(j)
             }
             None => None,
@@ -338,6 +343,7 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
             pro: metrics::pro(&mref, &kref, &widths, 0.3, 10_000),
             verdict_accuracy: acc,
             verdict_f1: f1,
+            best_threshold_accuracy: metrics::best_threshold_accuracy(&scores, &labels),
             images_per_second: tests.len() as f64 / secs.max(1e-9),
             images: tests.len(),
             judges: std::iter::once(calibrated.finish()).chain(lm_judge.is_some().then(|| language.finish())).collect(),
@@ -405,6 +411,7 @@ fn summary(results: &[RunResult]) -> Vec<serde_json::Value> {
                 "pro": mean(rs.iter().map(|r| r.pro)),
                 "verdict_accuracy": mean(rs.iter().map(|r| Some(r.verdict_accuracy))),
                 "verdict_f1": mean(rs.iter().map(|r| Some(r.verdict_f1))),
+                "best_threshold_accuracy": mean(rs.iter().map(|r| r.best_threshold_accuracy)),
                 "images_per_second": mean(rs.iter().map(|r| Some(r.images_per_second))),
             })
         })
@@ -484,7 +491,7 @@ fn print_type_table(results: &[RunResult]) {
 
 /// One summary row as printed: class, shots, runs, the five metrics (3 decimals, "-" when
 /// undefined) and images per second (1 decimal).
-fn summary_cells(r: &serde_json::Value) -> [String; 9] {
+fn summary_cells(r: &serde_json::Value) -> [String; 10] {
     let f = |v: &serde_json::Value| fmt3(v.as_f64());
     [
         r["class"].as_str().unwrap_or("").to_string(),
@@ -495,21 +502,22 @@ fn summary_cells(r: &serde_json::Value) -> [String; 9] {
         f(&r["pro"]),
         f(&r["verdict_accuracy"]),
         f(&r["verdict_f1"]),
+        f(&r["best_threshold_accuracy"]),
         format!("{:.1}", r["images_per_second"].as_f64().unwrap_or(0.0)),
     ]
 }
 
 fn print_main_table(results: &[RunResult]) {
     println!(
-        "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7}",
-        "class", "shots", "runs", "img_AUROC", "pix_AUROC", "PRO", "accuracy", "F1", "img/s"
+        "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>8} {:>7}",
+        "class", "shots", "runs", "img_AUROC", "pix_AUROC", "PRO", "accuracy", "F1", "best_acc", "img/s"
     );
     let rows = summary(results);
     for r in &rows {
         let c = summary_cells(r);
         println!(
-            "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>7}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+            "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>8} {:>7}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
         );
     }
     let shots: std::collections::BTreeSet<u64> = rows.iter().filter_map(|r| r["shots"].as_u64()).collect();
@@ -518,7 +526,7 @@ fn print_main_table(results: &[RunResult]) {
             let rs: Vec<&serde_json::Value> = rows.iter().filter(|r| r["shots"].as_u64() == Some(k)).collect();
             let m = |key: &str| fmt3(mean(rs.iter().map(|r| r[key].as_f64())));
             println!(
-                "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6}",
+                "{:<22} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>6} {:>8}",
                 "mean",
                 k,
                 "",
@@ -526,7 +534,8 @@ fn print_main_table(results: &[RunResult]) {
                 m("pixel_auroc"),
                 m("pro"),
                 m("verdict_accuracy"),
-                m("verdict_f1")
+                m("verdict_f1"),
+                m("best_threshold_accuracy")
             );
         }
     }
@@ -794,7 +803,7 @@ fn report_html(results: &[RunResult], sections: &[Section], a: &EvalArgs) -> Str
         a.recipe.coreset,
         if a.recipe.no_self_match { "off" } else { "on" }
     ));
-    html.push_str("<table><tr><th>class</th><th>shots</th><th>runs</th><th>image AUROC</th><th>pixel AUROC</th><th>PRO</th><th>verdict accuracy</th><th>F1</th><th>img/s</th></tr>");
+    html.push_str("<table><tr><th>class</th><th>shots</th><th>runs</th><th>image AUROC</th><th>pixel AUROC</th><th>PRO</th><th>verdict accuracy</th><th>F1</th><th>best-threshold accuracy</th><th>img/s</th></tr>");
     for r in summary(results) {
         let cells: String = summary_cells(&r).iter().map(|c| format!("<td>{}</td>", esc(c))).collect();
         html.push_str(&format!("<tr>{cells}</tr>"));

@@ -9,7 +9,7 @@
 //!   enrollment, scoring, the calibrated and language-model judges), the printed tables, the
 //!   `--json` file and the `--report` HTML page.
 //! - [`score`]: `kensa score` — its options ([`ScoreArgs`]) and the scorer that writes
-//!   `<stem>.json`, `<stem>_map.npy` and, with `--overlay`, `<stem>_overlay.png` per image.
+//!   `<stem>.json`, with `--maps full|feature` `<stem>_map.npy` and, with `--overlay`, `<stem>_overlay.png` per image.
 //! - [`ask`]: `kensa ask` — the verdict on an image, then questions about it answered by the
 //!   instruction model (`kensa_lm::ask`).
 //! - [`replay`]: `kensa replay` — images as one camera's stream with the daemon's learning

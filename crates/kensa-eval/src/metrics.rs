@@ -173,9 +173,45 @@ pub fn accuracy_f1(pred: &[bool], truth: &[bool]) -> (f64, f64) {
     (c.accuracy(), c.f1())
 }
 
+/// The verdict accuracy of the best threshold on the image scores (`score > threshold` is
+/// anomalous), chosen with the labels themselves: an upper bound for any judge that decides
+/// from the image score alone, which no judge can reach without the test labels. `None`
+/// without scores.
+pub fn best_threshold_accuracy(scores: &[f32], labels: &[bool]) -> Option<f64> {
+    if scores.is_empty() {
+        return None;
+    }
+    let mut s: Vec<(f32, bool)> = scores.iter().copied().zip(labels.iter().copied()).collect();
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Threshold below every score: everything anomalous.
+    let mut right = s.iter().filter(|x| x.1).count();
+    let mut best = right;
+    for (i, &(score, anomalous)) in s.iter().enumerate() {
+        // Moving the threshold to this score makes it normal.
+        right = if anomalous { right - 1 } else { right + 1 };
+        // Only between distinct scores (equal scores cannot be split).
+        if s.get(i + 1).is_none_or(|n| n.0 > score) {
+            best = best.max(right);
+        }
+    }
+    Some(best as f64 / s.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_threshold_accuracy_splits_only_between_distinct_scores() {
+        assert_eq!(best_threshold_accuracy(&[], &[]), None);
+        assert_eq!(best_threshold_accuracy(&[0.1, 0.2, 0.3, 0.4], &[false, false, true, true]), Some(1.0));
+        // One good part above one defect: 3 of 4 at best.
+        assert_eq!(best_threshold_accuracy(&[0.1, 0.3, 0.2, 0.4], &[false, false, true, true]), Some(0.75));
+        // Tied scores with different labels cannot be split.
+        assert_eq!(best_threshold_accuracy(&[0.2, 0.2], &[false, true]), Some(0.5));
+        // All normal: a threshold above everything.
+        assert_eq!(best_threshold_accuracy(&[0.5, 0.9], &[false, false]), Some(1.0));
+    }
 
     #[test]
     fn auroc_matches_known_values() {

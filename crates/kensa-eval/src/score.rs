@@ -1,7 +1,8 @@
 //! `kensa score`: still images scored against a bank. Per image it writes `<stem>.json` (the
 //! calibrated verdict: `score`, `anomalous`, `answer`, `locations`, `confidence`, and
 //! `regions` with their cell, bounding box, area and peak, as anomalib's predictions carry
-//! boxes), `<stem>_map.npy` (the anomaly map, float32, height × width) and, with `--overlay`,
+//! boxes), with `--maps full` or `--maps feature` `<stem>_map.npy` (the anomaly map, float32,
+//! height × width, at the image's resolution or on the model's grid) and, with `--overlay`,
 //! `<stem>_overlay.png` (image | heat overlay); per call, `summary.csv` (one row per image).
 //! Images that cannot be read are reported and skipped; the outcome counts them (exit status 2).
 
@@ -23,15 +24,32 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// Which anomaly map `kensa score` writes per image (`--maps`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MapOutput {
+    /// None: the verdict files only (a full-resolution float32 map is 4 bytes a pixel).
+    #[default]
+    None,
+    /// On the model's grid (the bank's input size squared, e.g. 320 × 320: the image as the
+    /// model saw it, squashed to a square), before it is resized to the image.
+    Feature,
+    /// At the image's own resolution, as the verdict's regions and boxes are measured.
+    Full,
+}
+
 /// The options of `kensa score` (the binary uses them as the subcommand's arguments).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ScoreArgs {
     /// Bank made by `kensa enroll`.
     #[arg(long)]
     pub bank: PathBuf,
-    /// Output folder for <stem>.json, <stem>_map.npy and summary.csv.
+    /// Output folder for <stem>.json, summary.csv and the maps asked for.
     #[arg(long)]
     pub out: PathBuf,
+    /// Which anomaly map to write as <stem>_map.npy: none, feature (on the model's grid) or
+    /// full (at the image's resolution).
+    #[arg(long, value_enum, default_value_t = MapOutput::None)]
+    pub maps: MapOutput,
     /// Images, or folders of images.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -136,8 +154,8 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
         }
         let views: Vec<(&[u8], u32, u32)> =
             loaded.iter().map(|(_, i)| (i.as_raw().as_slice(), i.width(), i.height())).collect();
-        let maps = engine.score(&views, &bank)?;
-        for ((p, img), map) in loaded.iter().zip(maps) {
+        let scored_batch = engine.score_all(&views, &bank, None, a.maps == MapOutput::Feature)?;
+        for ((p, img), kensa_model::engine::Scored { map, grid, .. }) in loaded.iter().zip(scored_batch) {
             let (v, _) = kensa_verdict::judge(&map, &bank.meta.calibration);
             let stem = &names[p];
             if a.overlay {
@@ -161,7 +179,12 @@ pub fn run(a: &ScoreArgs) -> Result<ScoreOutcome> {
             .map_err(io_err("write", &csv_path))?;
             let jp = a.out.join(format!("{stem}.json"));
             std::fs::write(&jp, serde_json::to_string_pretty(&json)? + "\n").map_err(io_err("write", &jp))?;
-            write_map(&a.out.join(format!("{stem}_map.npy")), &map)?;
+            let mp = a.out.join(format!("{stem}_map.npy"));
+            match (a.maps, &grid) {
+                (MapOutput::Full, _) => write_map(&mp, &map)?,
+                (MapOutput::Feature, Some(g)) => write_map(&mp, g)?,
+                _ => {}
+            }
             scored += 1;
             bar.inc(1);
         }

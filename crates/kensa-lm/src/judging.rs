@@ -27,6 +27,8 @@ use tch::Tensor;
 pub const TRAIN_EXAMPLES: usize = 480;
 pub const TRAIN_EPOCHS: usize = 6;
 pub const TRAIN_LR: f64 = 0.002;
+/// Examples per training step.
+pub const TRAIN_BATCH: usize = 8;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainJudgeArgs {
@@ -55,6 +57,9 @@ pub struct TrainJudgeArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = TRAIN_LR)]
     pub lr: f64,
+    /// Examples per training step (run through the model together).
+    #[arg(long, default_value_t = TRAIN_BATCH)]
+    pub train_batch: usize,
     /// Optional product description spliced into the prompt.
     #[arg(long, default_value = "")]
     pub description: String,
@@ -368,7 +373,7 @@ pub fn train_judge(a: &TrainJudgeArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("training {bar:30} {pos}/{len} loss {msg} ({elapsed}, eta {eta})")
             .expect("template"),
     );
-    judge.train(train, a.epochs, a.lr, |step, _, loss| {
+    judge.train(train, a.epochs, a.train_batch, a.lr, |step, _, loss| {
         bar.set_position(step as u64);
         bar.set_message(format!("{loss:.3}"));
     })?;

@@ -66,7 +66,8 @@ pub struct Llama {
     sin: Tensor,
 }
 
-/// Keys and values of every position seen so far, per layer: `[n_kv_heads, len, head_size]`.
+/// Keys and values of every position seen so far, per layer: `[batch, n_kv_heads, len,
+/// head_size]` (batch 1 for single sequences).
 pub struct KvCache {
     k: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
@@ -77,6 +78,13 @@ impl KvCache {
     pub fn new(config: &Config) -> Self {
         let n = config.n_layers as usize;
         Self { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect(), len: 0 }
+    }
+
+    /// The same keys and values seen by `batch` sequences (a view, no copy): a constant
+    /// prefix computed once for a batch that continues it.
+    pub fn expand(&self, batch: i64) -> Self {
+        let ex = |t: &Option<Tensor>| t.as_ref().map(|t| t.expand([batch, -1, -1, -1], false));
+        Self { k: self.k.iter().map(ex).collect(), v: self.v.iter().map(ex).collect(), len: self.len }
     }
 }
 
@@ -408,38 +416,54 @@ impl Llama {
         (xf * (ms + self.config.norm_eps).rsqrt()).to_kind(self.kind) * w
     }
 
-    /// Interleaved rotary embedding of `x: [T, heads, head_size]` at positions `start..start+T`.
+    /// Interleaved rotary embedding of `x: [B, T, heads, head_size]` at positions
+    /// `start..start+T`.
     fn rope(&self, x: &Tensor, start: i64) -> Tensor {
-        let (t, h, hs) = x.size3().expect("[T, heads, head_size]");
+        let (b, t, h, hs) = x.size4().expect("[B, T, heads, head_size]");
         let cos = self.cos.narrow(0, start, t).view([t, 1, hs / 2]);
         let sin = self.sin.narrow(0, start, t).view([t, 1, hs / 2]);
-        let xf = x.to_kind(Kind::Float).view([t, h, hs / 2, 2]);
-        let x0 = xf.select(3, 0);
-        let x1 = xf.select(3, 1);
+        let xf = x.to_kind(Kind::Float).view([b, t, h, hs / 2, 2]);
+        let x0 = xf.select(4, 0);
+        let x1 = xf.select(4, 1);
         let r0 = &x0 * &cos - &x1 * &sin;
         let r1 = &x0 * &sin + &x1 * &cos;
-        Tensor::stack(&[r0, r1], 3).view([t, h, hs]).to_kind(self.kind)
+        Tensor::stack(&[r0, r1], 4).view([b, t, h, hs]).to_kind(self.kind)
     }
 
     /// Runs `embeds: [T, dim]` at positions `cache.len..cache.len+T`, appending to the cache.
     /// Returns the logits of every position, `[T, vocab]` (fp32).
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        self.forward_inner(embeds, cache)
+        let h = self.hidden(&embeds.unsqueeze(0), cache)?.squeeze_dim(0);
+        Ok(self.logits(&h, None))
     }
 
-    /// A whole sequence from position 0 with gradients flowing to `embeds` (the weights stay
-    /// frozen: they do not require gradients). For training prompt embeddings.
-    pub fn forward_embeds_grad(&self, embeds: &Tensor) -> Result<Tensor> {
-        let mut cache = KvCache::new(&self.config);
-        self.forward_inner(embeds, &mut cache)
+    /// The final (normed) hidden states `[B, T, dim]` of a batch of sequences `embeds: [B, T,
+    /// dim]` at positions `cache.len..cache.len+T`, appending to the cache (whose batch must be
+    /// `B`, or empty). Gradients flow to `embeds` unless called under `no_grad`. Sequences of
+    /// different lengths are right-padded: a position never sees the ones after it.
+    pub fn hidden(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.layers_forward(embeds, cache)?;
+        Ok(self.rms(&x, &self.norm))
+    }
+
+    /// Logits (fp32) of hidden states `h: [.., dim]`: over the whole vocabulary, or over
+    /// `only` these token ids (in that order), which is much cheaper when few are allowed.
+    pub fn logits(&self, h: &Tensor, only: Option<&[i64]>) -> Tensor {
+        match only {
+            None => h.matmul(&self.classifier.tr()).to_kind(Kind::Float),
+            Some(ids) => {
+                let rows = self.classifier.index_select(0, &Tensor::from_slice(ids).to_device(self.device));
+                h.matmul(&rows.tr()).to_kind(Kind::Float)
+            }
+        }
     }
 
     // `x = x + ...` on purpose: `+=` on a tch tensor is an in-place add (see below).
     #[allow(clippy::assign_op_pattern)]
-    fn forward_inner(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn layers_forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
-        let t = embeds.size()[0];
+        let (b, t, _) = embeds.size3().map_err(|e| LmError::Decode(format!("embeddings must be [B, T, dim]: {e}")))?;
         let start = cache.len;
         if start + t > c.seq_len {
             return Err(LmError::Decode(format!("sequence of {} tokens exceeds the model's {}", start + t, c.seq_len)));
@@ -455,24 +479,24 @@ impl Llama {
         let scale = 1.0 / (hs as f64).sqrt();
         for (i, l) in self.layers.iter().enumerate() {
             let xb = self.rms(&x, &l.attn_norm);
-            let q = self.rope(&xb.matmul(&l.wq.tr()).view([t, nh, hs]), start);
-            let k = self.rope(&xb.matmul(&l.wk.tr()).view([t, nkv, hs]), start);
-            let v = xb.matmul(&l.wv.tr()).view([t, nkv, hs]);
-            let (k, v) = (k.transpose(0, 1), v.transpose(0, 1)); // [nkv, T, hs]
+            let q = self.rope(&xb.matmul(&l.wq.tr()).view([b, t, nh, hs]), start);
+            let k = self.rope(&xb.matmul(&l.wk.tr()).view([b, t, nkv, hs]), start);
+            let v = xb.matmul(&l.wv.tr()).view([b, t, nkv, hs]);
+            let (k, v) = (k.transpose(1, 2), v.transpose(1, 2)); // [B, nkv, T, hs]
             let k_all = match cache.k[i].take() {
-                Some(prev) => Tensor::cat(&[prev, k], 1),
+                Some(prev) => Tensor::cat(&[prev, k], 2),
                 None => k,
             };
             let v_all = match cache.v[i].take() {
-                Some(prev) => Tensor::cat(&[prev, v], 1),
+                Some(prev) => Tensor::cat(&[prev, v], 2),
                 None => v,
             };
-            let kq = k_all.repeat_interleave_self_int(group, Some(0), None::<i64>); // [nh, total, hs]
-            let vq = v_all.repeat_interleave_self_int(group, Some(0), None::<i64>);
-            let qh = q.transpose(0, 1); // [nh, T, hs]
-            let scores = qh.to_kind(Kind::Float).matmul(&kq.to_kind(Kind::Float).transpose(1, 2)) * scale;
-            let att = scores.masked_fill(&mask.unsqueeze(0), f64::NEG_INFINITY).softmax(-1, Kind::Float);
-            let out = att.to_kind(self.kind).matmul(&vq).transpose(0, 1).reshape([t, c.dim]);
+            let kq = k_all.repeat_interleave_self_int(group, Some(1), None::<i64>); // [B, nh, total, hs]
+            let vq = v_all.repeat_interleave_self_int(group, Some(1), None::<i64>);
+            let qh = q.transpose(1, 2); // [B, nh, T, hs]
+            let scores = qh.to_kind(Kind::Float).matmul(&kq.to_kind(Kind::Float).transpose(2, 3)) * scale;
+            let att = scores.masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+            let out = att.to_kind(self.kind).matmul(&vq).transpose(1, 2).reshape([b, t, c.dim]);
             // Not `+=`: on a tch tensor that is an in-place add, which breaks the autograd graph
             // the judge's training backpropagates through.
             x = x + out.matmul(&l.wo.tr());
@@ -483,8 +507,7 @@ impl Llama {
             cache.v[i] = Some(v_all);
         }
         cache.len = total;
-        let x = self.rms(&x, &self.norm);
-        Ok(x.matmul(&self.classifier.tr()).to_kind(Kind::Float))
+        Ok(x)
     }
 
     /// Runs `tokens` (see [`Llama::forward_embeds`]).

@@ -194,3 +194,58 @@ fn judge_decoding_matches_step_by_step_decoding() {
         "a \"Yes\" answer (branching) must be among them"
     );
 }
+
+/// The judge's training loss: a batch (right-padded, the constant prefix from its cache) gives
+/// the mean of its examples' losses alone, so padding never leaks into an example; and the
+/// loss of the normal answer is the decoder's own probability of "No" among the allowed tokens
+/// at its one choice (every other token of it is forced).
+#[test]
+fn judge_training_loss_is_the_constrained_decoders_and_batching_does_not_change_it() {
+    use kensa_core::grid::Cell;
+    use kensa_lm::judge::{JudgeInput, LmJudge};
+    use kensa_lm::tokenizer::LmTokenizer;
+    let Some(dir) = model_dir() else {
+        eprintln!("SKIP judge_training_loss_is_the_constrained_decoders_and_batching_does_not_change_it: ../shared/models/stories260K is absent");
+        return;
+    };
+    let m = Llama::load_llama2c(&dir.join("stories260K.bin"), Device::Cpu).unwrap();
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), m.config.vocab_size as usize).unwrap();
+    tch::manual_seed(5);
+    let judge = LmJudge::new(m, LmTokenizer::Llama2c(tok), 16, "", 1.0);
+    let inputs: Vec<JudgeInput> = (0..3)
+        .map(|s| {
+            tch::manual_seed(s);
+            JudgeInput {
+                map: Tensor::rand([48, 48], (Kind::Float, Device::Cpu)) * (s as f64 + 0.5),
+                image: Tensor::randn([16], (Kind::Float, Device::Cpu)),
+            }
+        })
+        .collect();
+    // Answers of different lengths: normal, one cell, three cells.
+    let answers: Vec<Vec<Cell>> =
+        vec![vec![], vec![Cell::Center], vec![Cell::TopLeft, Cell::Center, Cell::BottomRight]];
+    let _g = tch::no_grad_guard();
+    let single: Vec<f64> = inputs
+        .iter()
+        .zip(&answers)
+        .map(|(x, c)| judge.batch_loss(&[(x, c.as_slice())]).unwrap().double_value(&[]))
+        .collect();
+    let batch: Vec<(&JudgeInput, &[Cell])> = inputs.iter().zip(&answers).map(|(x, c)| (x, c.as_slice())).collect();
+    let together = judge.batch_loss(&batch).unwrap().double_value(&[]);
+    let mean = single.iter().sum::<f64>() / 3.0;
+    eprintln!("losses alone {single:?}, mean {mean:.6}, as one batch {together:.6}");
+    assert!((together - mean).abs() < 1e-4 * mean.abs().max(1.0), "batch {together} vs mean of singles {mean}");
+    // The normal answer: -ln p("No" among the allowed tokens at its one choice) from a plain
+    // forward pass over the prompt and the forced tokens before it.
+    let ids = judge.answers.ids_of(&[]).to_vec();
+    let j = (0..ids.len()).find(|&j| judge.answers.allowed(&ids[..j]).len() > 1).expect("a choice");
+    let allowed = judge.answers.allowed(&ids[..j]);
+    let seq = Tensor::cat(&[judge.prompt(&inputs[0]), judge.lm.embed_tokens(&ids[..j]).to_kind(judge.lm.kind)], 0);
+    let mut cache = KvCache::new(&judge.lm.config);
+    let logits = judge.lm.forward_embeds(&seq, &mut cache).unwrap();
+    let p = logits.get(logits.size()[0] - 1).index_select(0, &Tensor::from_slice(&allowed)).softmax(0, Kind::Float);
+    let want = -p.double_value(&[allowed.iter().position(|&t| t == ids[j]).unwrap() as i64]).ln();
+    // Later tokens of the normal answer are forced: nothing else is counted.
+    assert!((j + 1..ids.len()).all(|k| judge.answers.allowed(&ids[..k]).len() == 1));
+    assert!((single[0] - want).abs() < 1e-4, "normal answer's loss {} vs -ln p(No) {want}", single[0]);
+}

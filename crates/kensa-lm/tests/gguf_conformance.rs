@@ -186,6 +186,10 @@ fn judge_answers_along_the_grammar_on_smollm2() {
         let text = tok.decode_ids(ids);
         assert_eq!(parse_answer(text.trim()).as_deref(), Some(cells.as_slice()), "{text:?}");
     }
+    // The verdict is the first token, " No" or " Yes": the judge's first and weightiest choice.
+    let first = set.allowed(&[]);
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(tok.decode_ids(&first[..1]).trim().len() + tok.decode_ids(&first[1..]).trim().len(), 5, "No + Yes");
     tch::manual_seed(0);
     let judge = LmJudge::new(lm, tok, 32, "", 1.0);
     let x = JudgeInput {

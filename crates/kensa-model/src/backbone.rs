@@ -53,7 +53,8 @@ fn slow_on_this_cpu(kind: Kind, cpuinfo: &str) -> bool {
     !native.iter().any(|n| flags.contains(n))
 }
 
-fn dtype_name(k: Kind) -> &'static str {
+/// The name of a backbone dtype as the config and the sidecar write it.
+pub fn dtype_name(k: Kind) -> &'static str {
     match k {
         Kind::Half => "fp16",
         Kind::BFloat16 => "bf16",

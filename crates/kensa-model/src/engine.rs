@@ -173,6 +173,20 @@ impl Engine {
         bank: &Bank,
         judge_side: Option<i64>,
     ) -> Result<Vec<(AnomalyMap, Option<JudgeFeatures>)>> {
+        Ok(self.score_all(images, bank, judge_side, false)?.into_iter().map(|s| (s.map, s.judge)).collect())
+    }
+
+    /// Everything one forward pass gives of each image: its map at the image's resolution,
+    /// with `judge_side = Some(n)` the judge's features, and with `grid` the map on the
+    /// model's grid (the bank's input size squared, inside the crop if the bank has one),
+    /// which is what the engine computes before it resizes the map to the image.
+    pub fn score_all(
+        &self,
+        images: &[(&[u8], u32, u32)],
+        bank: &Bank,
+        judge_side: Option<i64>,
+        grid: bool,
+    ) -> Result<Vec<Scored>> {
         let _g = tch::no_grad_guard();
         let size = i64::from(bank.meta.input_size);
         let cropped: Vec<Option<([u32; 4], Vec<u8>)>> =
@@ -203,10 +217,21 @@ impl Engine {
                     None => to_map(&m, w, h),
                     Some(r) => paste(&to_map(&m, r[2], r[3]), *r, w, h),
                 };
-                (map, judge.as_mut().and_then(Iterator::next))
+                let grid = grid.then(|| to_map(&m, size as u32, size as u32));
+                Scored { map, judge: judge.as_mut().and_then(Iterator::next), grid }
             })
             .collect())
     }
+}
+
+/// One image as [`Engine::score_all`] gives it.
+pub struct Scored {
+    /// The anomaly map at the image's own resolution (0 outside the bank's crop).
+    pub map: AnomalyMap,
+    /// What the language-model judge reads, when asked for.
+    pub judge: Option<JudgeFeatures>,
+    /// The map on the model's grid, when asked for.
+    pub grid: Option<AnomalyMap>,
 }
 
 /// What the language-model judge reads of one frame, computed in the engine's forward pass

@@ -103,19 +103,94 @@ pub fn torch_device(device: Device) -> Result<tch::Device> {
 
 /// The backbone as the commands and the daemon choose it: `path` (default: $KENSA_BACKBONE,
 /// else the one scripts/setup.sh exports) on `device` in `precision`, with a warning when that
-/// precision is emulated on this CPU.
+/// precision is emulated on this CPU. Without a path of the user's, the precision picks the
+/// export [`default_backbone_for`] names: with `auto`, bf16 on a CPU with AMX, fp32
+/// elsewhere. The choice is logged, and shown in `kensa_model_info`.
 pub fn load_backbone(
     path: Option<&std::path::Path>,
     device: Device,
     precision: Precision,
 ) -> Result<backbone::Backbone> {
     let device = torch_device(device)?;
-    let path = path.map_or_else(default_backbone_path, std::path::Path::to_path_buf);
+    let (path, precision) = match path {
+        Some(p) => (p.to_path_buf(), precision),
+        None => {
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let (p, chosen, why) = default_backbone_for(precision, device, &cpuinfo);
+            if precision == Precision::Auto {
+                tracing::info!(backbone = %p.display(), precision = chosen.as_str(), "model.precision = auto: {why}");
+            }
+            (p, chosen)
+        }
+    };
     let backbone = backbone::Backbone::load(&path, device)?.with_precision(precision_kind(precision))?;
     if let Some(w) = backbone.precision_warning() {
         tracing::warn!("{w}");
     }
     Ok(backbone)
+}
+
+/// The CPU flag (`/proc/cpuinfo`) under which `precision = "auto"` takes the bf16 export: AMX,
+/// where the bf16 export scored 162 bottle images in 3.09 s against 3.96 s in fp32 (issue #24).
+/// Not AVX-512 BF16 alone: on an Intel Xeon with it and without AMX (family 6, model 207) the
+/// bf16 export is slower than fp32, 37-39 against 43-48 img/s (`kensa score`, 181 images,
+/// 2026-12-08, docs/performance.md).
+const AUTO_BF16_FLAG: &str = "amx_bf16";
+
+/// The default backbone export for a precision, and the precision it runs in: the fp32
+/// export ([`default_backbone_path`]) or its `-bf16`/`-fp16` sibling (which
+/// `scripts/setup.sh` makes; a frozen export cannot be cast). `auto` takes the bf16 export
+/// on a CPU whose `cpuinfo` flags show AMX ([`AUTO_BF16_FLAG`]) when that file exists, and
+/// fp32 everywhere else (GPUs included: their reduced precisions are chosen with
+/// `model.precision`). Also returns why, for the log.
+pub fn default_backbone_for(precision: Precision, device: tch::Device, cpuinfo: &str) -> (PathBuf, Precision, String) {
+    backbone_for(default_backbone_path(), precision, device, cpuinfo)
+}
+
+/// [`default_backbone_for`] with the fp32 export at `fp32`.
+fn backbone_for(
+    fp32: PathBuf,
+    precision: Precision,
+    device: tch::Device,
+    cpuinfo: &str,
+) -> (PathBuf, Precision, String) {
+    let stem = fp32.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    let dir = fp32.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let sibling = |tag: &str| dir.join(format!("{stem}-{tag}.pt"));
+    match precision {
+        Precision::Fp32 => (fp32, precision, "fp32 asked".into()),
+        Precision::Bf16 if sibling("bf16").is_file() => (sibling("bf16"), precision, "bf16 asked".into()),
+        Precision::Fp16 if sibling("fp16").is_file() => (sibling("fp16"), precision, "fp16 asked".into()),
+        // No export in that precision: the fp32 one, cast (an error if it is frozen, which says what to do).
+        Precision::Bf16 | Precision::Fp16 => (fp32, precision, "no export in that precision".into()),
+        Precision::Auto => {
+            if device != tch::Device::Cpu {
+                return (fp32, Precision::Fp32, "fp32 on a GPU (set model.precision to bf16 or fp16)".into());
+            }
+            let flags: Vec<&str> = cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("flags"))
+                .flat_map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace())
+                .collect();
+            let amx = flags.contains(&AUTO_BF16_FLAG);
+            match (amx, sibling("bf16").is_file()) {
+                (true, true) => (sibling("bf16"), Precision::Bf16, format!("bf16, as this CPU has {AUTO_BF16_FLAG}")),
+                (true, false) => (
+                    fp32,
+                    Precision::Fp32,
+                    format!(
+                        "fp32: this CPU has {AUTO_BF16_FLAG} but {} is missing (run scripts/setup.sh)",
+                        sibling("bf16").display()
+                    ),
+                ),
+                (false, _) => (
+                    fp32,
+                    Precision::Fp32,
+                    format!("fp32, as this CPU has no {AUTO_BF16_FLAG} (bf16 is faster only with AMX)"),
+                ),
+            }
+        }
+    }
 }
 
 /// Where the default backbone lives: `$KENSA_BACKBONE`, else
@@ -131,4 +206,37 @@ pub fn default_backbone_path() -> PathBuf {
         PathBuf::from,
     );
     cache.join("models/efficientnet-lite0.pt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_precision_follows_the_cpu_and_the_exports_at_hand() {
+        let dir = std::env::temp_dir().join(format!("kensa-precision-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fp32 = dir.join("bb.pt");
+        let bf16 = dir.join("bb-bf16.pt");
+        let (avx512, amx, plain) =
+            ("flags\t: fpu avx512f avx512_bf16", "flags\t: fpu amx_bf16 amx_tile", "flags\t: fpu avx2");
+        let cpu = tch::Device::Cpu;
+        let pick = |p, dev, info| {
+            let (path, prec, _) = backbone_for(fp32.clone(), p, dev, info);
+            (path, prec)
+        };
+        // No bf16 export yet: fp32 whatever the CPU.
+        assert_eq!(pick(Precision::Auto, cpu, amx), (fp32.clone(), Precision::Fp32));
+        std::fs::write(&bf16, b"").unwrap();
+        assert_eq!(pick(Precision::Auto, cpu, amx), (bf16.clone(), Precision::Bf16));
+        // AVX-512 BF16 without AMX: measured slower than fp32, so fp32.
+        assert_eq!(pick(Precision::Auto, cpu, avx512), (fp32.clone(), Precision::Fp32));
+        assert_eq!(pick(Precision::Auto, cpu, plain), (fp32.clone(), Precision::Fp32));
+        assert_eq!(pick(Precision::Auto, tch::Device::Cuda(0), avx512), (fp32.clone(), Precision::Fp32));
+        // Asked for: the export in that precision, or the fp32 one to cast.
+        assert_eq!(pick(Precision::Fp32, cpu, avx512), (fp32.clone(), Precision::Fp32));
+        assert_eq!(pick(Precision::Bf16, cpu, plain), (bf16.clone(), Precision::Bf16));
+        assert_eq!(pick(Precision::Fp16, cpu, plain), (fp32.clone(), Precision::Fp16));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

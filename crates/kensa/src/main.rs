@@ -25,7 +25,7 @@ enum Cmd {
     Run(RunArgs),
     /// Build a product's memory bank from a handful of normal images.
     Enroll(commands::EnrollArgs),
-    /// Score still images against a bank; writes <stem>.json and <stem>_map.npy per image.
+    /// Score still images against a bank; writes <stem>.json per image (and <stem>_map.npy with --maps).
     Score(kensa_eval::score::ScoreArgs),
     /// Ask about an image: the verdict first, then each --question answered by the instruction
     /// model from the facts the anomaly map gives.
