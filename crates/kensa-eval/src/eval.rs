@@ -274,7 +274,7 @@ pub fn run(a: &EvalArgs) -> Result<EvalOutcome> {
         let tests = test_images(&dir)?;
         let lm_judge = match &a.lm {
             Some(lm) => {
-                let (model, tok) = load_lm(lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
+                let (model, tok) = load_lm(lm, a.tokenizer.as_deref(), engine.backbone.device)?;
                 let dim = kensa_lm::judging::image_dim(&engine);
                 let scale = map_scale(&bank.meta.calibration);
                 tch::manual_seed((a.seed ^ run as u64) as i64);

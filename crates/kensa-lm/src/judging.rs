@@ -351,7 +351,8 @@ pub fn train_judge(a: &TrainJudgeArgs) -> Result<()> {
                 .map_err(|e| LmError::Model(format!("reference {n} of {} (in --images): {e}", a.bank.display())))
         })
         .collect::<Result<_>>()?;
-    let (lm, tok) = load_lm(&a.lm, a.tokenizer.as_deref(), tch::Device::Cpu)?;
+    // The language model trains where the backbone runs (`--device`): bf16 on a GPU.
+    let (lm, tok) = load_lm(&a.lm, a.tokenizer.as_deref(), engine.backbone.device)?;
     let image_dim: i64 = engine.backbone.meta.channels.iter().map(|&c| c as i64).sum();
     let scale = map_scale(&bank.meta.calibration);
     tch::manual_seed(a.seed as i64);
