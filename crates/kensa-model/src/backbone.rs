@@ -45,12 +45,17 @@ fn slow_on_this_cpu(kind: Kind, cpuinfo: &str) -> bool {
         Kind::Half => &["avx512_fp16", "amx_fp16"],
         _ => return false,
     };
-    let flags: Vec<&str> = cpuinfo
+    let flags = cpu_flags(cpuinfo);
+    !native.iter().any(|n| flags.contains(n))
+}
+
+/// The instruction-set flags of `/proc/cpuinfo` text (its `flags` lines).
+pub(crate) fn cpu_flags(cpuinfo: &str) -> Vec<&str> {
+    cpuinfo
         .lines()
         .filter(|l| l.starts_with("flags"))
         .flat_map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace())
-        .collect();
-    !native.iter().any(|n| flags.contains(n))
+        .collect()
 }
 
 /// The name of a backbone dtype as the config and the sidecar write it.

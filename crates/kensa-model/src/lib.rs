@@ -167,12 +167,7 @@ fn backbone_for(
             if device != tch::Device::Cpu {
                 return (fp32, Precision::Fp32, "fp32 on a GPU (set model.precision to bf16 or fp16)".into());
             }
-            let flags: Vec<&str> = cpuinfo
-                .lines()
-                .filter(|l| l.starts_with("flags"))
-                .flat_map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace())
-                .collect();
-            let amx = flags.contains(&AUTO_BF16_FLAG);
+            let amx = backbone::cpu_flags(cpuinfo).contains(&AUTO_BF16_FLAG);
             match (amx, sibling("bf16").is_file()) {
                 (true, true) => (sibling("bf16"), Precision::Bf16, format!("bf16, as this CPU has {AUTO_BF16_FLAG}")),
                 (true, false) => (
